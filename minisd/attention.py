@@ -1,0 +1,139 @@
+"""Attention: the one attention class, the spatial transformer around it, and the side door (hooks).
+
+Every attention layer knows its name (its checkpoint path, e.g.
+`model.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2`) and, at each call, the height and width of
+the image-shaped map its queries come from. When no hook wants a layer it takes the fast path
+(`scaled_dot_product_attention`). When a hook wants it, it takes the explicit path: logits in float32, softmax in
+float32, then `probs @ v`, and the hooks see (and may change) the logits and the probabilities on the way.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class AttentionHook:
+    """Base of attention observers and editors.
+
+    The pipeline calls `begin_step` before each UNet call; `cond` says which rows of the batch are the
+    conditional half under classifier-free guidance (editors must leave the other rows alone).
+    Tensors given to the hooks are float32 and shaped (batch, heads, queries, keys).
+    """
+    step = 0
+    cond = slice(None)
+
+    def begin_step(self, step, cond=slice(None)):
+        self.step, self.cond = step, cond
+
+    def wants(self, layer):
+        """Whether `layer` must take the explicit path at this call."""
+        return False
+
+    def edit_logits(self, layer, logits):
+        """Change the pre-softmax logits; return the tensor to take the softmax of."""
+        return logits
+
+    def edit_probs(self, layer, logits, probs):
+        """See the probabilities (softmax of the edited logits) and return those to multiply V with.
+        `logits` are the unedited ones."""
+        return probs
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.is_cross = context_dim is not None
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.name = ""          # set by StableDiffusion: the checkpoint path of this module
+        self.hooks = []         # shared list, set by StableDiffusion.set_hooks
+        self.hw = None          # (h, w) of the query map at the current call
+
+    def forward(self, x, context=None, hw=None):
+        self.hw = hw
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # (b, n, heads*d) -> (b, heads, n, d)
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        active = [h for h in self.hooks if h.wants(self)]
+        if not active:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            logits = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+            edited = logits
+            for h in active:
+                edited = h.edit_logits(self, edited)
+            probs = edited.softmax(-1)
+            for h in active:
+                probs = h.edit_probs(self, logits, probs)
+            out = probs.to(v.dtype) @ v
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, context_dim):
+        super().__init__()
+        self.attn1 = Attention(dim, None, heads, dim_head)          # self-attention over the image
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads, dim_head)   # cross-attention to the text
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context, hw):
+        x = self.attn1(self.norm1(x), hw=hw) + x
+        x = self.attn2(self.norm2(x), context, hw=hw) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Image features -> tokens -> transformer blocks -> image features, with a residual around it all.
+    SD 1.x projects in and out with 1x1 convolutions, SD 2.x with Linear layers."""
+
+    def __init__(self, channels, heads, dim_head, depth, context_dim, use_linear, groups=32):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.use_linear:
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)  # (b, c, h, w) -> (b, h*w, c)
+        if self.use_linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context, (h, w))
+        if self.use_linear:
+            y = self.proj_out(y)
+        y = y.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            y = self.proj_out(y)
+        return x + y

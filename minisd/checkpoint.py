@@ -1,0 +1,334 @@
+"""Reading and writing weights.
+
+Official single-file checkpoints load with no rename table: the module paths of `StableDiffusion` are their keys.
+Three rules cover what differs:
+  1. Training state is dropped: every key outside `model.diffusion_model.`, `first_stage_model.` and
+     `cond_stage_model.` (`model_ema.*`, `betas`, `alphas_cumprod`, optimizer state ...), the VAE's training loss
+     (`first_stage_model.loss.*`), CLIP's contrastive head (`text_projection`, `logit_scale`) and the
+     `position_ids` buffer.
+  2. SD 2.x stores OpenCLIP's text tower (`cond_stage_model.model.*`, fused `in_proj`): `openclip_to_hf` maps it
+     onto CLIPTextModel's names.
+  3. diffusers folders (`unet/`, `vae/`, `text_encoder/`): `diffusers_to_official` renames block by block, rules
+     derived from the folder's config; the VAE's mid-block attention is Linear there, 1x1 conv here.
+Whatever remains must match the model exactly: missing keys, unexpected keys and wrong shapes are all named in one
+error, never a partial load.
+"""
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2
+from .model import StableDiffusion
+
+PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+TEXT = "cond_stage_model.transformer.text_model."
+OPENCLIP = "cond_stage_model.model."
+
+
+class CheckpointError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- reading files
+
+def read_safetensors(path):
+    """-> (tensors, metadata). Checks the header first so a wrong or cut file says so instead of crashing."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n <= 0 or n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path} is not a safetensors file (no valid header)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")
+    return load_file(str(path)), header.get("__metadata__") or {}
+
+
+def read_checkpoint(path, allow_pickle=False):
+    """A single file: safetensors, or (only when the caller opts in) a pickle .ckpt read with weights_only=True."""
+    path = Path(path)
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if not allow_pickle:
+            raise CheckpointError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
+                                  f"safetensors, or opt in with allow_pickle=True (--allow-pickle)")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj.get("state_dict", obj), {}
+    return read_safetensors(path)
+
+
+def inference_keys(state):
+    """Rule 1: keep what inference uses, drop training state."""
+    def keep(k):
+        return (k.startswith(PREFIXES) and not k.startswith("first_stage_model.loss.")
+                and not k.endswith((".position_ids", "text_projection", "logit_scale")))
+    return {k: v for k, v in state.items() if keep(k)}
+
+
+def openclip_to_hf(state):
+    """Rule 2: OpenCLIP's text tower -> CLIPTextModel names. The fused in_proj is split into q, k, v."""
+    names = {"token_embedding.weight": "embeddings.token_embedding.weight",
+             "positional_embedding": "embeddings.position_embedding.weight",
+             "ln_final.": "final_layer_norm.", "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
+             "attn.out_proj.": "self_attn.out_proj.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2.",
+             "transformer.resblocks.": "encoder.layers."}
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(OPENCLIP):
+            out[k] = v
+            continue
+        rest = k[len(OPENCLIP):]
+        for a, b in names.items():
+            rest = rest.replace(a, b)
+        if ".attn.in_proj_" in rest:
+            stem, kind = rest.split(".attn.in_proj_")
+            assert v.shape[0] % 3 == 0, f"{k}: fused q/k/v of shape {tuple(v.shape)}"
+            for name, part in zip("qkv", v.chunk(3, dim=0)):
+                out[f"{TEXT}{stem}.self_attn.{name}_proj.{kind}"] = part
+        else:
+            out[TEXT + rest] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ version detection
+
+def detect_config(state, metadata=None, path=None, prediction=None):
+    """Our own checkpoints carry their config in the metadata; official ones are told apart by the width of the
+    text embedding the UNet's cross-attention reads (768: SD 1.x with CLIP ViT-L, 1024: SD 2.x with OpenCLIP).
+    Prediction type: `prediction` if given, else the stored config, else v for SD 2.x files whose name says 768 or
+    `-v` (the 768 px SD 2 models predict v), else epsilon."""
+    metadata = metadata or {}
+    if "minisd_config" in metadata:
+        cfg = ModelConfig.from_json(metadata["minisd_config"])
+    else:
+        key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        width = state[key].shape[1] if key in state else None
+        if width == 768 and any(k.startswith(TEXT) for k in state):
+            cfg = sd1()
+        elif width == 1024 and any(k.startswith(OPENCLIP) for k in state):
+            name = Path(path).name.lower() if path else ""
+            cfg = sd2(v_prediction="768" in name or "-v" in name)
+        else:
+            raise CheckpointError(
+                f"unknown architecture{f' in {path}' if path else ''}: not SD 1.x or 2.x (cross-attention width "
+                f"{width}, {len(state)} keys) and no minisd_config in its metadata")
+    if prediction:
+        if prediction not in ("epsilon", "v"):
+            raise CheckpointError(f"prediction must be 'epsilon' or 'v', not {prediction!r}")
+        cfg.prediction = prediction
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ diffusers folders
+
+def _unet_renames(cfg):
+    """(official prefix, diffusers prefix) pairs for the UNet: levels and blocks are numbered differently."""
+    nrb, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    r = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+         ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
+         ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+         ("middle_block.2.", "mid_block.resnets.1.")]
+    for i in range(levels):
+        for j in range(nrb):
+            n = 1 + i * (nrb + 1) + j
+            r += [(f"input_blocks.{n}.0.", f"down_blocks.{i}.resnets.{j}."),
+                  (f"input_blocks.{n}.1.", f"down_blocks.{i}.attentions.{j}.")]
+        if i < levels - 1:
+            r.append((f"input_blocks.{(i + 1) * (nrb + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+        for j in range(nrb + 1):
+            n = i * (nrb + 1) + j
+            r += [(f"output_blocks.{n}.0.", f"up_blocks.{i}.resnets.{j}."),
+                  (f"output_blocks.{n}.1.conv.", f"up_blocks.{i}.upsamplers.0.conv."),
+                  (f"output_blocks.{n}.2.conv.", f"up_blocks.{i}.upsamplers.0.conv."),
+                  (f"output_blocks.{n}.1.", f"up_blocks.{i}.attentions.{j}.")]
+    inner = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+             ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
+    return r, inner
+
+
+def _vae_renames(cfg):
+    levels = len(cfg.ch_mult)
+    r = []
+    for part in ("encoder", "decoder"):
+        r += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."), (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
+              (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."), (f"{part}.norm_out.", f"{part}.conv_norm_out.")]
+    for i in range(levels):
+        r += [(f"encoder.down.{i}.block.", f"encoder.down_blocks.{i}.resnets."),
+              (f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."),
+              (f"decoder.up.{i}.block.", f"decoder.up_blocks.{levels - 1 - i}.resnets."),
+              (f"decoder.up.{i}.upsample.", f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0.")]
+    inner = [("nin_shortcut.", "conv_shortcut."), ("attentions.0.norm.", "attentions.0.group_norm."),
+             ("attentions.0.q.", "attentions.0.to_q."), ("attentions.0.k.", "attentions.0.to_k."),
+             ("attentions.0.v.", "attentions.0.to_v."), ("attentions.0.proj_out.", "attentions.0.to_out.0.")]
+    return r, inner
+
+
+def _rename(key, prefixes, inner):
+    for a, b in prefixes:
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    for a, b in inner:
+        key = key.replace(a, b)
+    return key
+
+
+def _folder_file(folder, name):
+    for fn in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / name / fn).is_file():
+            return folder / name / fn
+    raise CheckpointError(f"{folder / name}: no diffusion_pytorch_model.safetensors or model.safetensors "
+                          f"(pickle .bin weights are not read from folders)")
+
+
+def _json(path):
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    return json.loads(path.read_text())
+
+
+def config_from_diffusers(folder):
+    folder = Path(folder)
+    u, v, t = (_json(folder / n / "config.json") for n in ("unet", "vae", "text_encoder"))
+    boc, heads = u["block_out_channels"], u.get("attention_head_dim", 8)
+    unet = UNetConfig(in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=boc[0],
+                      channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
+                      attention_resolutions=tuple(2 ** i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+                      context_dim=u["cross_attention_dim"], use_linear_in_transformer=u.get("use_linear_projection", False),
+                      groups=u.get("norm_num_groups", 32), transformer_depth=u.get("transformer_layers_per_block", 1))
+    if isinstance(heads, int):  # diffusers calls the head count of SD 1.x "attention_head_dim"
+        unet.num_heads = heads
+    else:
+        dims = {c // h for c, h in zip(boc, heads)}
+        if len(dims) != 1:
+            raise CheckpointError(f"unsupported attention_head_dim {heads} for block_out_channels {boc}")
+        unet.num_head_channels = dims.pop()
+    vboc = v["block_out_channels"]
+    vae = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
+                    z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3), out_ch=v.get("out_channels", 3),
+                    groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
+    pad = "<|endoftext|>"
+    stm = folder / "tokenizer" / "special_tokens_map.json"
+    if stm.is_file():
+        p = json.loads(stm.read_text()).get("pad_token", pad)
+        pad = p["content"] if isinstance(p, dict) else p
+    # diffusers' SD 2 folders store the text tower already cut where SD reads it, so read its last layer
+    text = TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                      num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                      max_position_embeddings=t.get("max_position_embeddings", 77), hidden_act=t.get("hidden_act", "quick_gelu"),
+                      layer_norm_eps=t.get("layer_norm_eps", 1e-5), penultimate=False, pad_with_eot=pad == "<|endoftext|>")
+    cfg = ModelConfig(name=f"diffusers:{folder.name}", unet=unet, vae=vae, text=text,
+                      image_size=u.get("sample_size", 64) * 2 ** (len(vboc) - 1), regulate_blocks=None)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        s = json.loads(sched.read_text())
+        cfg.prediction = "v" if s.get("prediction_type") == "v_prediction" else "epsilon"
+        cfg.beta_start, cfg.beta_end = s.get("beta_start", cfg.beta_start), s.get("beta_end", cfg.beta_end)
+    return cfg
+
+
+def diffusers_to_official(folder, cfg):
+    """Rule 3: read a diffusers folder and rename its keys to the official ones, for the model built from cfg."""
+    folder = Path(folder)
+    with torch.device("meta"):
+        want = StableDiffusion(cfg).state_dict()
+    sources = {"model.diffusion_model.": ("unet", *_unet_renames(cfg.unet)),
+               "first_stage_model.": ("vae", *_vae_renames(cfg.vae)),
+               "cond_stage_model.transformer.": ("text_encoder", [], [])}
+    state, missing, unexpected = {}, [], []
+    for prefix, (sub, prefixes, inner) in sources.items():
+        tensors, _ = read_safetensors(_folder_file(folder, sub))
+        used = set()
+        for key in (k for k in want if k.startswith(prefix)):
+            src = _rename(key[len(prefix):], prefixes, inner)
+            if src not in tensors:
+                missing.append(f"{sub}/{src} (for {key})")
+                continue
+            t = tensors[src]
+            if t.ndim == 2 and want[key].ndim == 4:  # the VAE mid-block attention: Linear there, 1x1 conv here
+                assert want[key].shape[2:] == (1, 1), key
+                t = t[:, :, None, None]
+            state[key], _ = t, used.add(src)
+        unexpected += [f"{sub}/{k}" for k in tensors if k not in used and not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise CheckpointError(_mismatch_message(folder, missing, unexpected, []))
+    return state
+
+
+# ------------------------------------------------------------------------------------------ loading the model
+
+def _mismatch_message(path, missing, unexpected, shapes):
+    parts = [f"{path} does not match the model:"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
+        if items:
+            parts.append(f"  {len(items)} {title}:\n" + "\n".join(f"    {x}" for x in items))
+    return "\n".join(parts)
+
+
+def check_state(want, state, path=""):
+    """Every key the model has, no other key, every shape right; all problems named in one error."""
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(want[k].shape)}"
+              for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
+
+
+def load_state(path, allow_pickle=False, prediction=None):
+    """A checkpoint file or diffusers folder -> (config, state with official keys, metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise CheckpointError(f"{path} is a folder but not a diffusers Stable Diffusion folder (no unet/)")
+        cfg = config_from_diffusers(path)
+        if prediction:
+            cfg.prediction = prediction
+        return cfg, diffusers_to_official(path, cfg), {}
+    raw, metadata = read_checkpoint(path, allow_pickle)
+    state = inference_keys(raw)
+    cfg = detect_config(state, metadata, path, prediction)
+    if cfg.text.key_layout == "openclip":
+        state = openclip_to_hf(state)
+    return cfg, state, metadata
+
+
+def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
+    """Build Stable Diffusion for the checkpoint at `path` and load it, strictly."""
+    cfg, state, metadata = load_state(path, allow_pickle, prediction)
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    check_state(model.state_dict(), state, path)
+    model.load_state_dict(state, strict=True, assign=True)
+    emb = model.cond_stage_model.text_model.embeddings  # a non-persistent buffer, still on meta
+    emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
+    model.metadata = metadata
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def build_model(cfg, device="cpu", dtype=torch.float32, seed=0):
+    """A randomly initialised model (for tests and for training from scratch)."""
+    torch.manual_seed(seed)
+    return StableDiffusion(cfg).to(device=device, dtype=dtype)
+
+
+def save_checkpoint(model, path, metadata=None):
+    """Write the official single-file layout; our config goes into the metadata so it loads without guessing."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    meta = {"minisd_config": model.cfg.to_json(), **(metadata or {})}
+    tmp = Path(str(path) + ".partial")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # never leave a half-written checkpoint under the real name

@@ -1,0 +1,131 @@
+"""One plain config object per model family. No YAML: a checkpoint's family is detected from its keys
+and shapes (checkpoint.py), or read from the config that our own checkpoints store in their metadata."""
+from dataclasses import dataclass, field, asdict, fields
+import json
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (4, 2, 1)  # downsampling factors (1, 2, 4 = levels 0..2) that hold a transformer
+    num_heads: int = 8                         # used when num_head_channels == -1 (SD 1.x)
+    num_head_channels: int = -1                # SD 2.x: fixed 64-dim heads
+    context_dim: int = 768
+    transformer_depth: int = 1
+    use_linear_in_transformer: bool = False    # SD 2.x: Linear instead of 1x1 conv around the transformer
+    groups: int = 32                           # GroupNorm groups
+
+    def heads_at(self, ch):
+        if self.num_head_channels == -1:
+            return self.num_heads, ch // self.num_heads
+        return ch // self.num_head_channels, self.num_head_channels
+
+
+@dataclass
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+    groups: int = 32
+    scale_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    penultimate: bool = False   # SD 2.x reads the layer before the last one, then the final LayerNorm
+    pad_with_eot: bool = True   # SD 1.x pads with end-of-text; SD 2.x (OpenCLIP) pads with "!" (id 0)
+    key_layout: str = "hf"      # "hf": cond_stage_model.transformer.text_model.*; "openclip": cond_stage_model.model.*
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sd1"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    prediction: str = "epsilon"        # "epsilon" or "v"
+    image_size: int = 512              # default generation size in pixels
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # Blocks whose cross-attention is regulated by default: SD's are the ones at 1/32 of the image side.
+    # None means "the deepest UNet level that has attention", which is that same set for SD.
+    regulate_blocks: tuple = ("input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4",
+                              "output_blocks.5")
+
+    def to_json(self):
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(s):
+        d = json.loads(s) if isinstance(s, str) else dict(s)
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+        kw = {}
+        for f in fields(ModelConfig):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            if f.name in sub:
+                known = {g.name for g in fields(sub[f.name])}
+                v = sub[f.name](**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in known})
+            elif isinstance(v, list):
+                v = tuple(v)
+            kw[f.name] = v
+        return ModelConfig(**kw)
+
+
+def sd1():
+    """Stable Diffusion 1.x: CLIP ViT-L/14 text encoder, last layer, 8 heads everywhere."""
+    return ModelConfig(name="sd1")
+
+
+def sd2(v_prediction=False):
+    """Stable Diffusion 2.x: OpenCLIP ViT-H/14 text tower at the penultimate layer, 64-dim heads, linear
+    projections in the spatial transformers. The 768 px models predict v."""
+    return ModelConfig(
+        name="sd2-v" if v_prediction else "sd2",
+        unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
+        text=TextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        hidden_act="gelu", penultimate=True, pad_with_eot=False, key_layout="openclip"),
+        prediction="v" if v_prediction else "epsilon",
+        image_size=768 if v_prediction else 512,
+    )
+
+
+def tiny(sd2_layout=False, image_size=64):
+    """A tiny family for tests: the same code paths, seconds to run. With a 2-level VAE (factor 2) and a
+    3-level UNet, the regulated layers are the ones at the lowest UNet resolution."""
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+                      num_heads=2, context_dim=32, groups=8)
+    text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    if sd2_layout:
+        unet.num_head_channels, unet.use_linear_in_transformer = 8, True
+        text.hidden_act, text.penultimate, text.pad_with_eot, text.key_layout = "gelu", True, False, "openclip"
+        text.num_hidden_layers = 3
+    return ModelConfig(
+        name="tiny-sd2" if sd2_layout else "tiny", unet=unet,
+        vae=VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, groups=8), text=text, image_size=image_size,
+        regulate_blocks=None,
+    )
+
+
+FAMILIES = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2(True), "tiny": tiny, "tiny-sd2": lambda: tiny(True)}
