@@ -9,6 +9,10 @@ The vocabulary ships with the package (assets/bpe_simple_vocab_16e6.txt.gz, Open
 offline. A diffusers tokenizer folder (vocab.json + merges.txt) loads with `Tokenizer.from_folder`.
 The ids equal those of transformers' CLIPTokenizer (checked in tests/test_tokenizer.py). As that tokenizer does,
 we do not run ftfy's mojibake repair; prompts are only NFC-normalised, whitespace-collapsed and lowercased.
+Known differences, all rare: the literal text "<|endoftext|>" in a prompt is tokenized as text (transformers
+turns it into the special token); characters newer than Python's Unicode tables (unicodedata) count as
+punctuation; and transformers with pad_token "!" (SD 2.x folders) makes "!" special, so "!!!" differs
+(OpenCLIP, which SD 2.x was trained with, tokenizes it as text, as here).
 """
 import gzip
 import json
@@ -103,16 +107,18 @@ class Tokenizer:
     token "!" (SD 2.x, OpenCLIP): after the first <|endoftext|> every position is 0."""
 
     def __init__(self, vocab_path=None, pad_with_eot=True, max_length=77):
-        lines = gzip.open(vocab_path or DEFAULT_VOCAB, "rt", encoding="utf-8").read().split("\n")
+        with gzip.open(vocab_path or DEFAULT_VOCAB, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
         byte_tokens = list(bytes_to_unicode().values())
         vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m) for m in merges] + [BOS, EOS]
         self._setup({t: i for i, t in enumerate(vocab)}, merges, pad_with_eot, max_length)
 
     @classmethod
-    def from_folder(cls, path, max_length=77):
+    def from_folder(cls, path, pad_with_eot=None, max_length=77):
         """A diffusers/transformers tokenizer folder: vocab.json, merges.txt and, if present,
-        special_tokens_map.json, whose pad token says how to pad ("!" = SD 2.x, <|endoftext|> = SD 1.x)."""
+        special_tokens_map.json, whose pad token says how to pad ("!" = SD 2.x, <|endoftext|> = SD 1.x)
+        unless pad_with_eot is given."""
         path = Path(path)
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
@@ -128,7 +134,7 @@ class Tokenizer:
         if pad not in (EOS, "!"):
             raise ValueError(f"unsupported pad token {pad!r} in {special}: expected {EOS!r} or '!'")
         tok = cls.__new__(cls)
-        tok._setup(vocab, merges, pad == EOS, max_length)
+        tok._setup(vocab, merges, pad == EOS if pad_with_eot is None else pad_with_eot, max_length)
         return tok
 
     def _setup(self, vocab, merges, pad_with_eot, max_length):
@@ -193,9 +199,11 @@ class Tokenizer:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
         if self.eos_id in ids:
             ids = ids[:ids.index(self.eos_id)]
-        text = "".join(self.decoder[i] for i in ids if i != self.bos_id)
-        text = bytes(self.byte_decoder[c] for c in text.replace("</w>", " ")).decode("utf-8", errors="replace")
-        return text.strip()
+        out = bytearray()
+        for t in (self.decoder[i] for i in ids if i != self.bos_id):
+            end = t.endswith("</w>")
+            out += bytes(self.byte_decoder[c] for c in (t[:-4] if end else t)) + (b" " if end else b"")
+        return out.decode("utf-8", errors="replace").strip()
 
     def ids(self, prompt):
         """One prompt -> the max_length ids the model sees (a list), cut with a warning if too long."""
