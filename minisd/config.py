@@ -72,6 +72,20 @@ class ModelConfig:
     regulate_blocks: tuple = ("input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4",
                               "output_blocks.5")
 
+    default_steps: int = 50
+    default_guidance: float = 7.5
+
+    def default_blocks(self):
+        """The blocks whose cross-attention is regulated (and shown) by default: `regulate_blocks`, or when that is
+        None the blocks of the deepest UNet level that has attention (for SD: input_blocks.7/8, output_blocks.3/4/5)."""
+        if self.regulate_blocks is not None:
+            return tuple(self.regulate_blocks)
+        u, nrb = self.unet, self.unet.num_res_blocks
+        d = max(level for level in range(len(u.channel_mult)) if 2 ** level in u.attention_resolutions)
+        up = len(u.channel_mult) - 1 - d
+        return tuple([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)] +
+                     [f"output_blocks.{up * (nrb + 1) + j}" for j in range(nrb + 1)])
+
     def to_json(self):
         return json.dumps(asdict(self))
 

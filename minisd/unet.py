@@ -20,7 +20,8 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32: half-precision statistics over large maps drift."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 class ResBlock(nn.Module):
