@@ -34,6 +34,8 @@ Every sampler has one signature, `sampler(model, x, schedule, steps, *, generato
   x: unit-variance starting noise; the sampler scales it by its initial noise level where it needs to.
   generator: a torch.Generator, or a list with one per batch row (row r's noise then comes from generator r alone).
       Only stochastic sampling (ddim with eta > 0) draws noise.
+  edit(x_in, t, i) -> x_in: optional, changes the latents at the start of each step (Attend-and-Excite's update),
+      in the model-input view.
   callback(dict(i, t, x, denoised)) after each step: x = the sampler's latents after the step (for euler these are
       scaled by sqrt(sigma^2 + 1) as diffusers holds them), denoised = the predicted x0 of that step.
 Samplers compute in float32 and return float32 latents.
@@ -146,6 +148,14 @@ def _noise(like, generator):
     return torch.randn(like.shape, generator=g, device=device, dtype=like.dtype).to(like.device)
 
 
+def _edit(edit, x, t, i, scale=1.0):
+    """A latent edit before a step's model call (Attend-and-Excite moves the latents here). The edit sees and
+    returns latents as the model sees them (for euler, divided by sqrt(sigma^2 + 1))."""
+    if edit is None:
+        return x
+    return edit(x / scale, float(t), i).float() * scale
+
+
 def _report(callback, i, t, x, denoised):
     if callback is not None:
         callback(dict(i=i, t=float(t), x=x, denoised=denoised))
@@ -153,7 +163,7 @@ def _report(callback, i, t, x, denoised):
 
 # ---------------------------------------------------------------------------------------------------- samplers
 
-def ddim(model, x, schedule, steps, *, generator=None, callback=None, eta=0.0):
+def ddim(model, x, schedule, steps, *, generator=None, callback=None, edit=None, eta=0.0):
     """DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16).
 
     Each step re-noises the model's x0 guess to the next level with the model's own eps guess, so with eta = 0 the
@@ -166,6 +176,7 @@ def ddim(model, x, schedule, steps, *, generator=None, callback=None, eta=0.0):
     abar = schedule.alphas_cumprod
     jump = schedule.num_train_timesteps // steps
     for i, t in enumerate(_discrete(schedule, steps)):
+        x = _edit(edit, x, t, i)
         out = _predict(model, x, t, i)
         eps, x0 = _eps_and_x0(schedule, out, x, abar[t])
         # diffusers steps to t - T // steps, which is the next visited timestep except under linspace spacing or
@@ -181,7 +192,7 @@ def ddim(model, x, schedule, steps, *, generator=None, callback=None, eta=0.0):
     return x
 
 
-def euler(model, x, schedule, steps, *, generator=None, callback=None):
+def euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma, in the form of Karras et al.
     2022, "Elucidating the Design Space of Diffusion-Based Generative Models" (their Algorithm 1 without the
     second-order correction); here x = x_t / sqrt(abar_t), whose noise level is sigma.
@@ -197,6 +208,7 @@ def euler(model, x, schedule, steps, *, generator=None, callback=None):
     x = x * (sigmas[0] if schedule.spacing in ("linspace", "trailing") else (sigmas[0] ** 2 + 1) ** 0.5)
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x = _edit(edit, x, t, i, (sigma ** 2 + 1) ** 0.5)
         out = _predict(model, x / (sigma ** 2 + 1) ** 0.5, t, i)
         if schedule.prediction == "epsilon":
             x0 = x - sigma * out
@@ -207,7 +219,7 @@ def euler(model, x, schedule, steps, *, generator=None, callback=None):
     return x
 
 
-def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None):
+def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models", Algorithm 2).
 
@@ -227,6 +239,7 @@ def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None):
     abar = schedule.alphas_cumprod
     x0_old = h_old = None
     for i, t in enumerate(ts):
+        x = _edit(edit, x, t, i)
         out = _predict(model, x, t, i)
         _, x0 = _eps_and_x0(schedule, out, x, abar[t])
         if i == len(ts) - 1:
@@ -242,7 +255,7 @@ def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None):
     return x
 
 
-def plms(model, x, schedule, steps, *, generator=None, callback=None):
+def plms(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
     """PLMS, the pseudo linear multistep method (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
     Manifolds", eq. 9 and 12) as the original SD release ran it (no Runge-Kutta warm-up).
 
@@ -264,6 +277,7 @@ def plms(model, x, schedule, steps, *, generator=None, callback=None):
     # raw model outputs of the steps so far: like diffusers we combine v predictions raw, then convert at the current x
     outs = []
     for i, t in enumerate(ts):
+        x = _edit(edit, x, t, i)
         out = _predict(model, x, t, i)
         if i == 0 and steps > 1:
             x_provisional, _ = jump_to(x, out, t, t - jump)

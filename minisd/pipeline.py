@@ -1,0 +1,147 @@
+"""Load once, generate many: prompts -> token ids -> text embeddings -> (noise -> UNet x steps under a sampler,
+with classifier-free guidance) -> latents -> VAE (or TAESD) -> images.
+
+The pipeline knows nothing of regulation: it takes attention hooks (observers and editors, see attention.py),
+tells them the step index and which batch rows are conditional before each UNet call, and removes them after.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .checkpoint import load_model
+from .samplers import SAMPLERS, Schedule
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Result:
+    images: list                      # PIL images, prompt-major: prompt p, image j -> index p * n + j
+    seeds: list
+    latents: torch.Tensor = None      # final latents, on request
+    extras: dict = field(default_factory=dict)
+
+
+def to_pil(images):
+    """(b, 3, h, w) in [0, 1] -> PIL images."""
+    arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+class Pipeline:
+    def __init__(self, model, tokenizer=None, decoder=None):
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer or Tokenizer(pad_with_eot=self.cfg.text.pad_with_eot)
+        self.decoder = decoder  # None: the model's VAE; else a callable scaled latents -> images in [0, 1]
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
+        model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
+        tok = None
+        if (tok_dir := __import__("pathlib").Path(path) / "tokenizer").is_dir():
+            tok = Tokenizer.from_folder(tok_dir)
+        return cls(model, tok)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts):
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.model.encode_text(ids)
+
+    def initial_latents(self, generators, height, width):
+        """One generator per image, so image i of a batch equals the same seed run alone."""
+        f = self.cfg.vae.downsample
+        shape = (1, self.cfg.unet.in_channels, height // f, width // f)
+        return torch.cat([torch.randn(shape, generator=g) for g in generators])
+
+    def __call__(self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
+                 n=1, sampler="dpmpp_2m", spacing="leading", latents=None, hooks=(), return_latents=False,
+                 callback=None, progress=False, decode=True, grad=False, **sampler_options):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = steps or self.cfg.default_steps
+        guidance = self.cfg.default_guidance if guidance is None else guidance
+        height, width = height or self.cfg.image_size, width or self.cfg.image_size
+        f = self.cfg.vae.downsample * 2 ** (len(self.cfg.unet.channel_mult) - 1)
+        if height % 8 or width % 8 or height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {max(8, f)}, got {height}x{width}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        b = len(prompts) * n
+        seeds = [seed + i for i in range(b)]
+        # the same generators then feed any noise the sampler draws (DDIM with eta > 0), as in diffusers
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if latents is None:
+            latents = self.initial_latents(generators, height, width)
+        latents = latents.to(self.device, torch.float32)
+
+        cond = self.encode_prompts([p for p in prompts for _ in range(n)])
+        cfg_on = guidance > 1.0
+        if cfg_on:
+            neg = [negative_prompt] * b if isinstance(negative_prompt, str) else [x for x in negative_prompt for _ in range(n)]
+            context = torch.cat([self.encode_prompts(neg), cond])
+            rows = slice(b, 2 * b)
+        else:
+            context, rows = cond, slice(None)
+        unet, hooks = self.model.unet, list(hooks)
+
+        def model_fn(x, t, i):
+            for h in hooks:
+                h.begin_step(i, rows)
+            x_in = torch.cat([x, x]) if cfg_on else x
+            with torch.set_grad_enabled(grad):
+                out = unet(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context).float()
+            if cfg_on:
+                uncond, c = out.chunk(2)
+                out = uncond + guidance * (c - uncond)
+            return out
+
+        # Hooks that also move the latents (Attend-and-Excite) get, at the start of each step, a conditional UNet
+        # pass they can differentiate through; every row of that pass is conditional.
+        movers = [h for h in hooks if hasattr(h, "edit_latents")]
+
+        def cond_unet(x, t):
+            return unet(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond).float()
+
+        def edit(x, t, i):
+            for h in hooks:
+                h.begin_step(i, slice(None))
+            for h in movers:
+                x = h.edit_latents(x, t, i, cond_unet)
+            return x
+
+        bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
+
+        def on_step(info):
+            bar.update(1)
+            if callback:
+                callback(info)
+
+        schedule = Schedule.for_model(self.cfg, spacing)
+        self.model.set_hooks(hooks)
+        try:
+            final = SAMPLERS[sampler](model_fn, latents, schedule, steps, generator=generators, callback=on_step,
+                                      edit=edit if movers else None, **sampler_options)
+        finally:
+            self.model.set_hooks([])
+            bar.close()
+        result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
+        if decode:
+            result.images = to_pil(self.decode(final))
+        return result
+
+    @torch.no_grad()
+    def decode(self, latents):
+        latents = latents.to(self.device, self.dtype)
+        if self.decoder is not None:
+            return self.decoder(latents)
+        return self.model.decode_latents(latents)
