@@ -202,6 +202,20 @@ class ShapesJudge:
 # ----------------------------------------------------------------------------------------------------------
 # measuring the judge itself
 
+class ColourJudge:
+    """A lenient judge: an object counts as present when a blob of its colour is there, whatever its shape. A model
+    that draws rough shapes (the tiny shipped one) is then still judged on object neglect: a named object whose
+    colour is missing altogether was neglected."""
+
+    def __init__(self, cfg=JudgeConfig()):
+        self.cfg = cfg
+
+    def __call__(self, image, objects):
+        _check_objects(objects)
+        colours = {d.colour for d in detect(image, self.cfg)}
+        return [c in colours for c, _ in objects]
+
+
 def degrade(image, rng, blur=1.0, jpeg_quality=40, noise=3.0):
     """Gaussian blur, a JPEG round trip and a little noise: a stand-in for a lossy autoencoder's smudging."""
     img = ndimage.gaussian_filter(image.astype(np.float32), sigma=(blur, blur, 0))
