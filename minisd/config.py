@@ -80,11 +80,7 @@ class ModelConfig:
         None the blocks of the deepest UNet level that has attention (for SD: input_blocks.7/8, output_blocks.3/4/5)."""
         if self.regulate_blocks is not None:
             return tuple(self.regulate_blocks)
-        u, nrb = self.unet, self.unet.num_res_blocks
-        d = max(level for level in range(len(u.channel_mult)) if 2 ** level in u.attention_resolutions)
-        up = len(u.channel_mult) - 1 - d
-        return tuple([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)] +
-                     [f"output_blocks.{up * (nrb + 1) + j}" for j in range(nrb + 1)])
+        return deepest_attention_blocks(self.unet)
 
     def to_json(self):
         return json.dumps(asdict(self))
@@ -105,6 +101,18 @@ class ModelConfig:
                 v = tuple(v)
             kw[f.name] = v
         return ModelConfig(**kw)
+
+
+def deepest_attention_blocks(unet):
+    """The input and output blocks of the deepest UNet level d that has attention (2**d in attention_resolutions),
+    counted as the UNet numbers its blocks (unet.py): input block 1 + d*(nrb+1) + j, output block
+    (levels-1-d)*(nrb+1) + j."""
+    levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions]
+    if not levels:
+        raise ValueError("this UNet has no attention level")
+    d, nrb, up = max(levels), unet.num_res_blocks, len(unet.channel_mult) - 1 - max(levels)
+    return tuple([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)] +
+                 [f"output_blocks.{up * (nrb + 1) + j}" for j in range(nrb + 1)])
 
 
 def sd1():

@@ -5,6 +5,7 @@ The pipeline knows nothing of regulation: it takes attention hooks (observers an
 tells them the step index and which batch rows are conditional before each UNet call, and removes them after.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class Pipeline:
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
         model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
         tok = None
-        if (tok_dir := __import__("pathlib").Path(path) / "tokenizer").is_dir():
+        if (tok_dir := Path(path) / "tokenizer").is_dir():  # a diffusers folder brings its own tokenizer
             tok = Tokenizer.from_folder(tok_dir)
         return cls(model, tok)
 

@@ -14,6 +14,8 @@ of the deepest UNet level that has attention, which is that same set for SD.
 """
 import re
 
+from minisd.config import deepest_attention_blocks
+
 PREFIX = "model.diffusion_model."
 
 
@@ -33,12 +35,7 @@ def attention_blocks(unet):
 
 def default_blocks(unet):
     """The blocks of the deepest level d with attention (2**d in attention_resolutions), middle block excluded."""
-    levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions]
-    if not levels:
-        raise ValueError("this UNet has no attention level to regulate")
-    d, nrb = max(levels), unet.num_res_blocks
-    return ([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)]
-            + [f"output_blocks.{(len(unet.channel_mult) - 1 - d) * (nrb + 1) + j}" for j in range(nrb + 1)])
+    return list(deepest_attention_blocks(unet))
 
 
 def diffusers_to_checkpoint(spec, unet):
@@ -82,7 +79,7 @@ class LayerSelector:
     def __init__(self, specs, model_config):
         unet = model_config.unet
         if specs is None:
-            specs = model_config.regulate_blocks or default_blocks(unet)
+            specs = model_config.default_blocks()
         if isinstance(specs, (str, int)):
             specs = str(specs).replace(",", " ").split()
         specs = [str(s) for s in specs]

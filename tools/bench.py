@@ -8,6 +8,8 @@ reference (tests/reference_regulation.py) on the tensors of one SD 1.5 layer at 
 steadier one on a shared machine), their ratio, and how far apart their outputs are in float32 and float64.
 """
 import argparse
+import importlib
+import sys
 import os
 import statistics
 import time
@@ -70,8 +72,20 @@ COMMANDS = {
 }
 
 
+# Benchmarks with their own options live in their own modules: `python -m tools.bench unet --help`.
+MODULES = {
+    "unet": ("tools.bench_unet", "one UNet call of the full SD 1.5 architecture, minisd against diffusers"),
+    "generate": ("tools.bench_generate", "a whole generation, minisd against diffusers"),
+    "methods": ("tools.bench_methods", "the overhead of Attention Regulation and Attend-and-Excite over plain"),
+}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in MODULES:
+        return importlib.import_module(MODULES[argv[0]][0]).main(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
+                                     epilog="also: " + "; ".join(f"{k}: {v[1]}" for k, v in MODULES.items()))
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_text) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text))
