@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2
 from .model import StableDiffusion
+from .tokenizer import folder_pad_token
 
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 TEXT = "cond_stage_model.transformer.text_model."
@@ -220,11 +221,7 @@ def config_from_diffusers(folder):
     vae = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
                     z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3), out_ch=v.get("out_channels", 3),
                     groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
-    pad = "<|endoftext|>"
-    stm = folder / "tokenizer" / "special_tokens_map.json"
-    if stm.is_file():
-        p = json.loads(stm.read_text()).get("pad_token", pad)
-        pad = p["content"] if isinstance(p, dict) else p
+    pad = folder_pad_token(folder / "tokenizer")
     # diffusers' SD 2 folders store the text tower already cut where SD reads it, so read its last layer
     text = TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
                       num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
@@ -251,6 +248,8 @@ def diffusers_to_official(folder, cfg):
     state, missing, unexpected = {}, [], []
     for prefix, (sub, prefixes, inner) in sources.items():
         tensors, _ = read_safetensors(_folder_file(folder, sub))
+        if sub == "text_encoder" and not any(k.startswith("text_model.") for k in tensors):
+            tensors = {f"text_model.{k}": v for k, v in tensors.items()}  # transformers 5 saves without that level
         used = set()
         for key in (k for k in want if k.startswith(prefix)):
             src = _rename(key[len(prefix):], prefixes, inner)
@@ -316,6 +315,7 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
     emb = model.cond_stage_model.text_model.embeddings  # a non-persistent buffer, still on meta
     emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata
+    model.requires_grad_(False)  # inference: a gradient through the UNet (Attend-and-Excite) must not keep weight grads
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -29,7 +29,9 @@ class AttentionMaps(AttentionHook):
         self.maps, self._count = {}, {}
 
     def wants(self, layer):
-        return layer.is_cross and self.step in self.steps and block_of(layer.name) in self.blocks
+        # passes with gradient are an editor's own (Attend-and-Excite's conditional pass), not the sampling step
+        return (layer.is_cross and self.step in self.steps and block_of(layer.name) in self.blocks
+                and not torch.is_grad_enabled())
 
     def edit_probs(self, layer, logits, probs):
         h, w = layer.hw

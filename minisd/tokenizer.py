@@ -33,6 +33,18 @@ WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2
                        "\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 
 
+def folder_pad_token(path):
+    """The pad token a tokenizer folder declares (special_tokens_map.json, else tokenizer_config.json);
+    end-of-text when it declares none."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        f = Path(path) / name
+        if f.is_file():
+            pad = json.loads(f.read_text(encoding="utf-8")).get("pad_token")
+            if pad is not None:
+                return pad["content"] if isinstance(pad, dict) else pad
+    return EOS
+
+
 class PromptTruncatedWarning(UserWarning):
     """The prompt had more tokens than the text encoder's 77 positions; the tail was dropped."""
 
@@ -116,23 +128,23 @@ class Tokenizer:
 
     @classmethod
     def from_folder(cls, path, pad_with_eot=None, max_length=77):
-        """A diffusers/transformers tokenizer folder: vocab.json, merges.txt and, if present,
-        special_tokens_map.json, whose pad token says how to pad ("!" = SD 2.x, <|endoftext|> = SD 1.x)
-        unless pad_with_eot is given."""
+        """A diffusers/transformers tokenizer folder: vocab.json + merges.txt (the Hub's layout) or tokenizer.json
+        (what transformers 5 writes); the pad token ("!" = SD 2.x, <|endoftext|> = SD 1.x, see folder_pad_token)
+        says how to pad unless pad_with_eot is given."""
         path = Path(path)
-        for name in ("vocab.json", "merges.txt"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {path} has no {name}")
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        merges = [tuple(line.split()) for line in (path / "merges.txt").read_text(encoding="utf-8").split("\n")
-                  if line and not line.startswith("#version")]
-        pad = EOS
-        special = path / "special_tokens_map.json"
-        if special.is_file():
-            pad = json.loads(special.read_text(encoding="utf-8")).get("pad_token", EOS)
-            pad = pad["content"] if isinstance(pad, dict) else pad
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+            merges = [tuple(line.split()) for line in (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+                      if line and not line.startswith("#version")]
+        elif (path / "tokenizer.json").is_file():
+            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        else:
+            raise FileNotFoundError(f"tokenizer folder {path} has neither vocab.json + merges.txt nor tokenizer.json")
+        pad = folder_pad_token(path)
         if pad not in (EOS, "!"):
-            raise ValueError(f"unsupported pad token {pad!r} in {special}: expected {EOS!r} or '!'")
+            raise ValueError(f"unsupported pad token {pad!r} in {path}: expected {EOS!r} or '!'")
         tok = cls.__new__(cls)
         tok._setup(vocab, merges, pad == EOS if pad_with_eot is None else pad_with_eot, max_length)
         return tok

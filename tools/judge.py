@@ -240,10 +240,25 @@ def _negatives(present, rng):
     return sorted(negs)
 
 
-def measure(n=500, seed=10_000, size=128, degraded=False, judge_fn=None):
+def vae_roundtrip(checkpoint):
+    """image uint8 -> the same image encoded and decoded by the checkpoint's VAE (posterior mean)."""
+    import torch
+    from minisd.checkpoint import load_model
+    model = load_model(checkpoint)
+
+    @torch.no_grad()
+    def roundtrip(image):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        z = model.first_stage_model.encode(x * 2 - 1).mean * model.cfg.vae.scale_factor
+        return (model.decode_latents(z)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return roundtrip
+
+
+def measure(n=500, seed=10_000, size=128, degraded=False, judge_fn=None, transform=None):
     """Judge n fresh scenes with known contents: dict(accuracy, false_positive_rate, per_shape accuracy).
 
-    Scenes may hold held-out pairs (the benchmark renders them); seed should differ from training seeds."""
+    Scenes may hold held-out pairs (the benchmark renders them); seed should differ from training seeds.
+    transform: applied to each render first (e.g. vae_roundtrip(checkpoint))."""
     judge_fn = judge_fn or ShapesJudge()
     rng = np.random.default_rng(seed)
     hits, total, fps, negs_total = 0, 0, 0, 0
@@ -251,6 +266,8 @@ def measure(n=500, seed=10_000, size=128, degraded=False, judge_fn=None):
     for _ in range(n):
         scene = shapes.sample_scene(rng, exclude_held_out=False)
         image = shapes.render(scene, size)
+        if transform is not None:
+            image = transform(image)
         if degraded:
             image = degrade(image, rng)
         present = [o.key for o in scene.objects]
@@ -275,10 +292,15 @@ def main(argv=None):
     pm.add_argument("--seed", type=int, default=10_000, help="keep it apart from the training seeds")
     pm.add_argument("--size", type=int, default=128)
     pm.add_argument("--degrade", action="store_true", help="also measure on blurred + JPEG-compressed renders")
+    pm.add_argument("--vae", metavar="CHECKPOINT", help="also measure on renders encoded and decoded by this VAE")
+    pm.add_argument("--colour", action="store_true", help="measure the lenient ColourJudge instead")
     args = p.parse_args(argv)
-    for degraded in (False, True) if args.degrade else (False,):
-        r = measure(args.n, args.seed, args.size, degraded)
-        name = "degraded" if degraded else "clean"
+    judge_fn = ColourJudge() if args.colour else ShapesJudge()
+    runs = [("clean", False, None)] + ([("degraded", True, None)] if args.degrade else [])
+    if args.vae:
+        runs.append(("vae", False, vae_roundtrip(args.vae)))
+    for name, degraded, transform in runs:
+        r = measure(args.n, args.seed, args.size, degraded, judge_fn, transform)
         print(f"{name:8s} per-object accuracy {r['accuracy']:.3f} ({r['objects']} objects), "
               f"false-positive rate {r['false_positive_rate']:.3f} ({r['negatives']} absent objects asked)")
         print("         per shape: " + ", ".join(f"{s} {a:.3f}" for s, a in r["per_shape"].items()))

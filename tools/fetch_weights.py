@@ -1,0 +1,88 @@
+"""Download the official Stable Diffusion weights, one safetensors file each, into weights/.
+
+    python -m tools.fetch_weights sd15            # Stable Diffusion 1.5, about 4.3 GB
+    python -m tools.fetch_weights sd21 --dest /data/weights
+
+The files come from the Hugging Face Hub through huggingface_hub (pip install huggingface_hub). These
+repositories have moved before (SD 1.5 left runwayml/) and may move again: if a download says the repository is
+not found, look the file up on the Hub and pass it with --repo and --file. Some repositories ask you to accept a
+licence first; then log in with `hf auth login`. minisd loads the file as is:
+python -m minisd.sample --checkpoint weights/<file>.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors",
+             "Stable Diffusion 1.5, EMA weights, 512 px"),
+    "sd21": ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors",
+             "Stable Diffusion 2.1 base, EMA weights, 512 px"),
+}
+
+
+class FetchError(Exception):
+    pass
+
+
+def explain(e, repo, filename):
+    """One line for each way a download fails. Errors are told apart by class name, so that this works across
+    huggingface_hub versions (the classes have moved between modules)."""
+    kinds = {c.__name__ for c in type(e).__mro__}
+    where = f"{filename} from {repo}"
+    if "GatedRepoError" in kinds:
+        return f"{repo} asks you to accept its licence on the Hub and to log in (hf auth login) first"
+    if "RepositoryNotFoundError" in kinds:
+        return f"repository {repo} not found on the Hub (it may have moved: pass --repo)"
+    if kinds & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        return (f"cannot download {where}: the Hugging Face Hub is not reachable (no internet, or HF_HUB_OFFLINE "
+                f"is set) and the file is not in the local cache")
+    if "EntryNotFoundError" in kinds:
+        return f"{repo} has no file {filename} (it may have moved: pass --file)"
+    text = str(e).strip()
+    return f"cannot download {where}: {type(e).__name__}: {text.splitlines()[0] if text else 'no message'}"
+
+
+def fetch(repo, filename, dest):
+    """Download `filename` of `repo` into `dest` (nothing happens if it is already there) -> its path.
+    Every way it can fail becomes a FetchError with a one-line message."""
+    dest = Path(dest)
+    if (dest / filename).is_file():
+        return dest / filename
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise FetchError("huggingface_hub is not installed: pip install huggingface_hub") from None
+    from huggingface_hub.utils import logging
+    logging.set_verbosity_error()  # its retry warnings would bury the one line that says what went wrong
+    dest.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {filename} from {repo} into {dest}", flush=True)
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, local_dir=dest))
+    except Exception as e:  # the Hub's errors and the network library's own (a lost connection): never a traceback
+        raise FetchError(explain(e, repo, filename)) from None
+
+
+def main(argv=None):
+    models = "\n".join(f"  {k}  {d}\n        {r}, file {f}" for k, (r, f, d) in MODELS.items())
+    ap = argparse.ArgumentParser(prog="python -m tools.fetch_weights", description=__doc__,
+                                 epilog=f"models (these repositories may move):\n{models}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=list(MODELS), help="which model (see below)")
+    ap.add_argument("--dest", default=str(ROOT / "weights"), help="folder to write into (default: weights/)")
+    ap.add_argument("--repo", default=None, help="another Hub repository (if the official one has moved)")
+    ap.add_argument("--file", default=None, help="another file name in the repository")
+    args = ap.parse_args(argv)
+    repo, filename, _ = MODELS[args.model]
+    try:
+        path = fetch(args.repo or repo, args.file or filename, args.dest)
+    except FetchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()
