@@ -51,6 +51,9 @@ def read_safetensors(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict) or not all(isinstance(v, dict) and "data_offsets" in v
+                                               for k, v in header.items() if k != "__metadata__"):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not a table of tensors)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")

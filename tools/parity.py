@@ -1,0 +1,275 @@
+"""Does minisd compute what the reference implementations compute, at full size?
+
+Builds Stable Diffusion 1.5 and 2.1 with random weights *in the reference code*: the original `ldm` UNetModel,
+Encoder and Decoder with the hyper-parameters of the official v1/v2-inference.yaml, transformers' CLIPTextModel
+(CLIP ViT-L/14's text tower) for SD 1, and for SD 2 an OpenCLIP ViT-H/14 text tower in OpenCLIP's own layout, whose
+reference is the CLIPTextModel that diffusers' converter makes of it. Each family is written as one official
+single-file checkpoint with the references' own key names and no minisd metadata, so minisd must also recognise
+it from its keys. minisd loads it with `load_model`, and the table shows the largest differences of one UNet call
+at 512 px, one VAE decode of a 64x64 latent and the text embeddings of a prompt.
+
+    python -m tools.parity                   # both families: a few minutes on CPU, about 10 GB of memory
+    python -m tools.parity --family sd2
+
+tests/test_parity.py runs the same builders on tiny configs.
+"""
+import argparse
+import contextlib
+import gc
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer.text_model."   # SD 1.x: transformers' names under `text_model`
+OPENCLIP = "cond_stage_model.model."                # SD 2.x: OpenCLIP's names
+
+# The hyper-parameters of the official configs (configs/stable-diffusion/v1-inference.yaml, v2-inference.yaml),
+# written out here rather than taken from minisd.config, so that a wrong minisd config cannot agree with itself.
+SD1_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                transformer_depth=1, context_dim=768, legacy=False)
+SD2_UNET = dict(SD1_UNET, num_heads=-1, num_head_channels=64, use_linear_in_transformer=True, context_dim=1024)
+SD_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+SD_VAE_EMBED_DIM = 4
+# CLIP ViT-L/14 (openai/clip-vit-large-patch14) text tower.
+SD1_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# OpenCLIP ViT-H/14 text tower (width 1024, 16 heads, 24 layers, GELU); SD 2 reads the output of layer 23.
+SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
+PROMPT = "a red cube on top of a blue sphere, studio photo"
+
+
+# -------------------------------------------------------------------------------------------- the references
+
+def perturb(module, std=0.02, seed=0):
+    """Add noise to every parameter: the references zero-initialise the last layer of each residual branch, and a
+    zero layer would hide any mistake in the layers it silences."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def quiet():
+    """ldm prints a line for each attention block it makes."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def ldm_unet(params):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    with quiet():
+        return UNetModel(**params, use_checkpoint=False)
+
+
+class LdmVAE(torch.nn.Module):
+    """The parts of ldm's AutoencoderKL that inference uses, under the same names (its class itself needs
+    pytorch-lightning and a loss)."""
+
+    def __init__(self, params, embed_dim):
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+        super().__init__()
+        with quiet():
+            self.encoder, self.decoder = Encoder(**params), Decoder(**params)
+        z = params["z_channels"]
+        self.quant_conv = torch.nn.Conv2d(2 * z, 2 * embed_dim, 1)
+        self.post_quant_conv = torch.nn.Conv2d(embed_dim, z, 1)
+
+    def encode_mean(self, x):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x))).mean
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+def clip_text(params):
+    return CLIPTextModel(CLIPTextConfig(**params)).eval()
+
+
+def clip_state(clip):
+    """transformers 5 has no `text_model` level in CLIPTextModel; the official files (and transformers 4) do."""
+    tower = getattr(clip, "text_model", clip)
+    return {CLIP + k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
+
+
+def openclip_text_shapes(params):
+    """Key -> shape of an OpenCLIP text tower in OpenCLIP's layout: fused q/k/v `in_proj`, `c_fc`/`c_proj`,
+    `ln_final`, and a text projection and logit scale that SD does not use."""
+    w, mlp = params["hidden_size"], params["intermediate_size"]
+    s = {"token_embedding.weight": (params["vocab_size"], w),
+         "positional_embedding": (params["max_position_embeddings"], w),
+         "ln_final.weight": (w,), "ln_final.bias": (w,), "text_projection": (w, w), "logit_scale": ()}
+    for i in range(params["num_hidden_layers"]):
+        b = f"transformer.resblocks.{i}."
+        s.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "attn.in_proj_weight": (3 * w, w),
+                  b + "attn.in_proj_bias": (3 * w,), b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
+                  b + "ln_2.weight": (w,), b + "ln_2.bias": (w,), b + "mlp.c_fc.weight": (mlp, w),
+                  b + "mlp.c_fc.bias": (mlp,), b + "mlp.c_proj.weight": (w, mlp), b + "mlp.c_proj.bias": (w,)})
+    return {OPENCLIP + k: v for k, v in s.items()}
+
+
+def openclip_text_state(params, seed=0):
+    """Random weights for an OpenCLIP text tower: LayerNorms near 1, matrices scaled by 1/sqrt(fan-in)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in openclip_text_shapes(params).items():
+        r = torch.randn(shape, generator=g)
+        if k.endswith("logit_scale"):
+            r = torch.tensor(4.6)
+        elif ".ln_" in k:
+            r = r * 0.1 + (1.0 if k.endswith("weight") else 0.0)
+        elif len(shape) == 2 and "embedding" not in k:
+            r = r * shape[1] ** -0.5
+        else:  # embeddings and biases
+            r = r * 0.02
+        state[k] = r
+    return state
+
+
+def clip_from_openclip(state, params):
+    """The SD 2 reference: what diffusers ships for SD 2 (a CLIPTextModel cut after the penultimate layer, whose
+    last_hidden_state is that layer through the final LayerNorm), filled by diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    last = params["num_hidden_layers"] - 1
+    clip = clip_text(dict(params, num_hidden_layers=last))
+    converted = convert_open_clip_checkpoint(clip, state, prefix=OPENCLIP)
+    # diffusers drops layer 23 by name (the ViT-H tower); drop the last layer of any depth the same way
+    keep = {k.removeprefix("text_model."): v for k, v in converted.items()
+            if not k.startswith((f"text_model.encoder.layers.{last}.", "text_projection"))}
+    clip.load_state_dict(keep, strict=True)
+    return clip
+
+
+def reference_ids(prompt, pad_with_eot):
+    """Token ids as the references build them: CLIP pads with <|endoftext|>, open_clip.tokenize with 0."""
+    from minisd.tokenizer import Tokenizer
+    ids = Tokenizer(pad_with_eot=True)([prompt])
+    if not pad_with_eot:
+        eot = ids[0].tolist().index(ids[0, -1].item())
+        ids[0, eot + 1:] = 0
+    return ids
+
+
+def diffusers_unet_config(c):
+    """A diffusers UNet2DConditionModel config for a minisd UNetConfig. diffusers calls SD 1's head *count*
+    attention_head_dim (an int); SD 2's fixed 64-dim heads are a per-level list of head counts."""
+    levels = range(len(c.channel_mult))
+    boc = [c.model_channels * m for m in c.channel_mult]
+    attn = [2 ** i in c.attention_resolutions for i in levels]
+    heads = c.num_heads if c.num_head_channels == -1 else [b // c.num_head_channels for b in boc]
+    return dict(in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=boc,
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                layers_per_block=c.num_res_blocks, cross_attention_dim=c.context_dim, attention_head_dim=heads,
+                use_linear_projection=c.use_linear_in_transformer, norm_num_groups=c.groups,
+                transformer_layers_per_block=c.transformer_depth, sample_size=64)
+
+
+def save_official(path, state, cfg=None):
+    """One safetensors file, written by safetensors itself (not minisd's writer); `cfg` only for tiny models,
+    which no key-based detection can recognise."""
+    meta = {"minisd_config": cfg.to_json()} if cfg is not None else None
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+
+def difference(ref, out):
+    """(max |ref - out|, the same over the output scale max(1, max |ref|))."""
+    d = (ref.float() - out.float()).abs().max().item()
+    return d, d / max(1.0, ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------- one family, full size
+
+def family_parity(name, tmp, px=512):
+    """Build the references of one family, keep their outputs, write the checkpoint, load it into minisd and
+    compare. One reference lives at a time; their weights wait in `state` until the file is written."""
+    from minisd.checkpoint import load_model
+    sd2 = name == "sd2"
+    g = torch.Generator().manual_seed(0)
+    lat = px // 8
+    x = torch.randn(1, 4, lat, lat, generator=g)
+    t = torch.tensor([421])
+    ctx_dim = 1024 if sd2 else 768
+    ctx = torch.randn(1, 77, ctx_dim, generator=g)
+    z = torch.randn(1, 4, 64, 64, generator=g)
+    ids = reference_ids(PROMPT, pad_with_eot=not sd2)
+    ref, state, times = {}, {}, {}
+
+    start = time.perf_counter()
+    unet = perturb(ldm_unet(SD2_UNET if sd2 else SD1_UNET), seed=1)
+    with torch.no_grad():
+        ref["unet"] = unet(x, t, context=ctx)
+    state.update({UNET + k: v for k, v in unet.state_dict().items()})
+    del unet
+    vae = perturb(LdmVAE(SD_VAE, SD_VAE_EMBED_DIM), seed=2)
+    with torch.no_grad():
+        ref["vae"] = vae.decode(z)
+    state.update({VAE + k: v for k, v in vae.state_dict().items()})
+    del vae
+    if sd2:
+        text = openclip_text_state(SD2_TEXT, seed=3)
+        clip = clip_from_openclip(text, SD2_TEXT)
+        state.update(text)
+    else:
+        clip = perturb(clip_text(SD1_TEXT), std=0.01, seed=3)
+        state.update(clip_state(clip))
+    with torch.no_grad():
+        ref["text"] = clip(input_ids=ids).last_hidden_state
+    del clip
+    path = Path(tmp) / f"{name}-random.safetensors"
+    save_official(path, state)
+    del state
+    gc.collect()
+    times["reference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    from minisd.tokenizer import Tokenizer
+    model = load_model(path)
+    path.unlink()
+    out = {}
+    with torch.no_grad():
+        out["unet"] = model.unet(x, t, ctx)
+        out["vae"] = model.vae.decode(z)
+        mine = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)([PROMPT])
+        assert torch.equal(mine, ids), "minisd's tokenizer pads differently from the reference"
+        out["text"] = model.encode_text(mine)
+    times["minisd"] = time.perf_counter() - start
+    del model
+    gc.collect()
+    what = {"unet": f"UNet, {px} px, t=421", "vae": "VAE decode, 64x64 latent", "text": "text embeddings (77 tokens)"}
+    return [(name, what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=["sd1", "sd2", "both"], default="both")
+    ap.add_argument("--px", type=int, default=512, help="image side of the UNet call (latent side = px / 8)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (["sd1", "sd2"] if args.family == "both" else [args.family]):
+            r, times = family_parity(name, tmp, args.px)
+            rows += r
+            print(f"{name}: references {times['reference']:.0f} s, minisd {times['minisd']:.0f} s", flush=True)
+    print("\n| family | output | max abs diff | relative | max abs ref |\n|---|---|---|---|---|")
+    for fam, what, d, rel, scale in rows:
+        print(f"| {fam} | {what} | {d:.2e} | {rel:.2e} | {scale:.3g} |")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
