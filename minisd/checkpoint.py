@@ -15,6 +15,7 @@ error, never a partial load.
 """
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -69,7 +70,12 @@ def read_checkpoint(path, allow_pickle=False):
         if not allow_pickle:
             raise CheckpointError(f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
                                   f"safetensors, or opt in with allow_pickle=True (--allow-pickle)")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise CheckpointError(f"{path} could not be read as a weights-only pickle: {str(e).splitlines()[0]}") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         return obj.get("state_dict", obj), {}
     return read_safetensors(path)
 
@@ -113,7 +119,7 @@ def detect_config(state, metadata=None, path=None, prediction=None):
     """Our own checkpoints carry their config in the metadata; official ones are told apart by the width of the
     text embedding the UNet's cross-attention reads (768: SD 1.x with CLIP ViT-L, 1024: SD 2.x with OpenCLIP).
     Prediction type: `prediction` if given, else the stored config, else v for SD 2.x files whose name says 768 or
-    `-v` (the 768 px SD 2 models predict v), else epsilon."""
+    `-v` as a word (the 768 px SD 2 models predict v), else epsilon."""
     metadata = metadata or {}
     if "minisd_config" in metadata:
         cfg = ModelConfig.from_json(metadata["minisd_config"])
@@ -123,8 +129,8 @@ def detect_config(state, metadata=None, path=None, prediction=None):
         if width == 768 and any(k.startswith(TEXT) for k in state):
             cfg = sd1()
         elif width == 1024 and any(k.startswith(OPENCLIP) for k in state):
-            name = Path(path).name.lower() if path else ""
-            cfg = sd2(v_prediction="768" in name or "-v" in name)
+            stem = Path(path).stem.lower() if path else ""
+            cfg = sd2(v_prediction="768" in stem or re.search(r"(^|[-_])v([-_.]|$)", stem) is not None)
         else:
             raise CheckpointError(
                 f"unknown architecture{f' in {path}' if path else ''}: not SD 1.x or 2.x (cross-attention width "
