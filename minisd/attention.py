@@ -6,7 +6,6 @@ the image-shaped map its queries come from. When no hook wants a layer it takes 
 (`scaled_dot_product_attention`). When a hook wants it, it takes the explicit path: logits in float32, softmax in
 float32, then `probs @ v`, and the hooks see (and may change) the logits and the probabilities on the way.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

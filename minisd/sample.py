@@ -114,7 +114,7 @@ def build_parser():
 
 
 def run(args, log=print):
-    from .pipeline import Pipeline, to_pil
+    from .pipeline import Pipeline
     from .maps import AttentionMaps, grid, word_maps
 
     if args.n < 1:
