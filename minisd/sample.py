@@ -149,18 +149,20 @@ def run(args, log=print):
     for w in caught:
         log(f"warning: {w.message}")
 
-    targets, settings_extra = None, {}
+    targets = None
     if args.regulate or args.save_attention:
         from regulation.editors import choose_targets, make_editor
         targets = choose_targets(pipe.tokenizer, args.prompt, args.targets.split() if args.targets else None, log=log)
+        # built before sampling, so that a bad --regulate-layers is an error before any work
+        editors = [make_editor(args.method, pipe, args.prompt, targets, steps, seed=seed, layers=args.regulate_layers,
+                               edit_steps=args.edit_steps) for seed in seeds] if args.regulate else []
+    settings_extra = {}
     if args.regulate:
-        method = args.method
-        probe = make_editor(method, pipe, args.prompt, targets, steps, layers=args.regulate_layers,
-                            edit_steps=args.edit_steps)
-        settings_extra = {"Regulation": "Attention Regulation" if method == "regulate" else "Attend-and-Excite",
+        e = editors[0]
+        settings_extra = {"Regulation": "Attention Regulation" if args.method == "regulate" else "Attend-and-Excite",
                           "Regulation targets": " ".join(t.word for t in targets),
-                          "Regulation layers": " ".join(probe.select.specs) if hasattr(probe.select, "specs") else None,
-                          "Regulation edit steps": getattr(probe, "edit_steps", None)}
+                          "Regulation layers": " ".join(e.select.specs) if hasattr(e.select, "specs") else None,
+                          "Regulation edit steps": getattr(e, "edit_steps", None)}
     model_hash = file_hash(ckpt)
     positions = [p for t in targets for p in t.positions] if targets else []
     groups, k = [], 0
@@ -168,6 +170,9 @@ def run(args, log=print):
         groups.append((t.word, list(range(k, k + len(t.positions)))))
         k += len(t.positions)
     show_steps = sorted({0, steps // 4, steps // 2, steps - 1})
+
+    def observer():
+        return AttentionMaps(positions, show_steps, pipe.cfg.default_blocks()) if args.save_attention else None
 
     bar = tqdm(total=args.n * steps, desc="sampling", disable=not sys.stderr.isatty())
     for i, (seed, path) in enumerate(zip(seeds, paths)):
@@ -177,17 +182,15 @@ def run(args, log=print):
                         height=size[0], width=size[1], sampler=args.sampler, spacing=args.spacing, hooks=hooks,
                         callback=lambda info: bar.update(1), **({"eta": args.eta} if args.sampler == "ddim" else {}))
         if args.regulate:
-            editor = make_editor(args.method, pipe, args.prompt, targets, steps, seed=seed,
-                                 layers=args.regulate_layers, edit_steps=args.edit_steps)
-            observer = AttentionMaps(positions, show_steps, pipe.cfg.default_blocks()) if args.save_attention else None
-            result = generate([editor] + ([observer] if observer else []))
-            if observer:
-                runs.append(("regulated", result.images[0], first_image(word_maps(observer.result(), groups))))
+            maps = observer()
+            result = generate([editors[i]] + ([maps] if maps else []))
+            if maps:
+                runs.append(("regulated", result.images[0], first_image(word_maps(maps.result(), groups))))
         if args.save_attention or not args.regulate:
-            observer = AttentionMaps(positions, show_steps, pipe.cfg.default_blocks()) if args.save_attention else None
-            plain = generate([observer] if observer else [])
-            if observer:
-                runs.insert(0, ("plain", plain.images[0], first_image(word_maps(observer.result(), groups))))
+            maps = observer()
+            plain = generate([maps] if maps else [])
+            if maps:
+                runs.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
             if not args.regulate:
                 result = plain
         image = result.images[0]
