@@ -25,6 +25,17 @@ class Result:
     extras: dict = field(default_factory=dict)
 
 
+class NonFiniteError(ValueError):
+    """The latents (or the decoded pixels) stopped being finite numbers: an overflow, usually of float16, or a
+    guidance scale so large that the guided prediction overflows."""
+
+
+def size_unit(cfg):
+    """Image sides must be multiples of this: the VAE's factor times the UNet's 2 ** (levels - 1) downsamplings,
+    so that every UNet level's map has a whole size (SD: 8 x 8 = 64; the shipped model: 8 x 4 = 32)."""
+    return cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
 def to_pil(images):
     """(b, 3, h, w) in [0, 1] -> PIL images."""
     arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
@@ -72,9 +83,11 @@ class Pipeline:
         steps = steps or self.cfg.default_steps
         guidance = self.cfg.default_guidance if guidance is None else guidance
         height, width = height or self.cfg.image_size, width or self.cfg.image_size
-        f = self.cfg.vae.downsample * 2 ** (len(self.cfg.unet.channel_mult) - 1)
-        if height % 8 or width % 8 or height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {max(8, f)}, got {height}x{width}")
+        f = size_unit(self.cfg)
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {f} for this model (VAE factor "
+                             f"{self.cfg.vae.downsample} x {f // self.cfg.vae.downsample} for the UNet's "
+                             f"downsamplings), got {height}x{width}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         b = len(prompts) * n
@@ -94,6 +107,9 @@ class Pipeline:
         else:
             context, rows = cond, slice(None)
         unet, hooks = self.model.unet, list(hooks)
+        for h in hooks:  # hooks that draw random numbers take one generator per image (see begin_run there)
+            if hasattr(h, "begin_run"):
+                h.begin_run(seeds)
 
         def model_fn(x, t, i):
             for h in hooks:
@@ -123,6 +139,12 @@ class Pipeline:
         bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
 
         def on_step(info):
+            # checked every step (one reduction), so a run that overflowed stops there instead of computing on
+            # and writing a black image
+            if not torch.isfinite(info["x"]).all():
+                raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {steps} "
+                                     f"(dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}): "
+                                     f"use float32 or bfloat16, or a smaller guidance scale")
             bar.update(1)
             if callback:
                 callback(info)
@@ -137,7 +159,11 @@ class Pipeline:
             bar.close()
         result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
         if decode:
-            result.images = to_pil(self.decode(final))
+            pixels = self.decode(final)
+            if not torch.isfinite(pixels).all():
+                raise NonFiniteError(f"the decoder gave non-finite pixels from finite latents (dtype "
+                                     f"{str(self.dtype).removeprefix('torch.')}): decode in float32 or bfloat16")
+            result.images = to_pil(pixels)
         return result
 
     @torch.no_grad()

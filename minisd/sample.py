@@ -6,26 +6,38 @@ Without --checkpoint it uses the tiny model shipped in weights/ (trained here on
 """
 import argparse
 import hashlib
+import math
+import os
+import pickle
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError
+from .pipeline import NonFiniteError, size_unit
 from .samplers import SAMPLERS
+from .tokenizer import PromptTruncatedWarning
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "minisd-shapes.safetensors"
 SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "plms": "PLMS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}   # --out FILE: by its extension
 
 
 class UsageError(Exception):
     pass
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def file_hash(path):
@@ -51,118 +63,382 @@ def parameters_text(prompt, negative, settings):
     return "\n".join(lines)
 
 
+# --- where the images go: checked before any work, written whole or not at all -----------------------------------
+
+def nearest_existing(path):
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_writable(folder, flag):
+    """`folder` (there already, or to be made) can take new files: probe its nearest existing ancestor."""
+    base = nearest_existing(folder)
+    if not base.is_dir():
+        raise UsageError(f"{flag} {folder}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".minisd-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot write in {base} ({e.strerror})") from None
+
+
 def output_paths(out, count, seeds, overwrite):
-    """A folder gets numbered files after the highest number already there, so nothing is ever replaced; a
-    `.png` path is taken as given and refused if it exists (unless --overwrite)."""
+    """A folder gets numbered PNGs after the highest number already there, so nothing is ever replaced; a path
+    ending in .png, .jpg/.jpeg or .webp is one image in that format, refused if it exists (unless --overwrite).
+    Checks that the files can be written; makes no folder (save_image does, when there is something to save)."""
     out = Path(out)
-    if out.suffix.lower() == ".png":
+    suffix = out.suffix.lower()
+    if suffix in FORMATS and not out.is_dir():
         if count != 1:
             raise UsageError(f"--out {out} names one file but {count} images were asked for; give a folder")
         if out.exists() and not overwrite:
             raise UsageError(f"{out} exists; choose another path or pass --overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(out.parent, "--out")
         return [out]
-    out.mkdir(parents=True, exist_ok=True)
-    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    if suffix and suffix in Image.registered_extensions() and not out.is_dir():
+        raise UsageError(f"--out {out}: images are written as {', '.join(FORMATS)} (by the file's extension), "
+                         f"or as numbered PNGs into a folder; not as {suffix}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; name a .png/.jpg/.webp file or a folder")
+    check_writable(out, "--out")
+    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))] if out.is_dir() else []
     start = max(used, default=-1) + 1
     return [out / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
-def first_image(maps):
-    return {s: m[0] for s, m in maps.items()}
+def make_dirs(folder, made):
+    """mkdir -p that remembers what it made (in `made`), so that a failed run can take its empty folders back."""
+    missing, p = [], Path(folder)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir()
+        made.append(d)
 
 
-def build_parser():
-    ap = argparse.ArgumentParser(prog="python -m minisd.sample", description=__doc__,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--prompt", required=True, help="what to draw")
-    ap.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
-    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                    help="single-file .safetensors (SD 1.x/2.x or minisd) or a diffusers folder")
-    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50)")
-    ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of image 1; image i uses seed + i - 1")
-    ap.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    ap.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    ap.add_argument("--n", type=int, default=1, help="number of images")
-    ap.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"], help="timestep spacing")
-    ap.add_argument("--prediction", default=None, choices=["epsilon", "v"], help="override the model's prediction type")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    ap.add_argument("--out", default="outputs", help="folder for numbered PNGs, or one .png path")
-    ap.add_argument("--overwrite", action="store_true", help="allow --out FILE.png to replace an existing file")
-    ap.add_argument("--decoder", default="vae", choices=["vae", "taesd"], help="latents -> pixels")
-    ap.add_argument("--taesd", default=None, help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="allow a pickle .ckpt checkpoint (loaded with torch.load(weights_only=True))")
-    g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024)")
-    g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words")
-    g.add_argument("--method", default="regulate", choices=["regulate", "attend-excite"],
-                   help="with --regulate: Attention Regulation, or Attend-and-Excite (Chefer et al. 2023) for comparison")
-    g.add_argument("--targets", default=None,
-                   help='target words, e.g. "cat dog" or "dog#2" for the second dog (default: the nouns of the prompt)')
-    g.add_argument("--regulate-layers", default=None,
-                   help="layers: checkpoint names (input_blocks.7), diffusers names (down_blocks.2) or map sizes (16x16); "
-                        "default: the model's (SD: the 1/32-side layers)")
-    g.add_argument("--edit-steps", type=int, default=None, help="regulate the first N steps (default: half of --steps)")
-    g.add_argument("--save-attention", default=None, metavar="DIR",
-                   help="write a PNG grid of each target word's cross-attention map per image (with --regulate: "
-                        "plain and regulated side by side)")
-    return ap
+def remove_empty(made):
+    for d in reversed(made):
+        try:
+            d.rmdir()
+        except OSError:   # not empty: it holds what this run finished
+            pass
 
 
-def run(args, log=print):
-    from .pipeline import Pipeline
-    from .maps import AttentionMaps, grid, word_maps
+def save_image(image, path, text, made):
+    """Write `image` in the format of `path`'s extension with the settings text: a PNG `parameters` chunk, or for
+    JPEG/WebP the EXIF UserComment (where AUTOMATIC1111 puts it). Written under a temporary name and renamed, so a
+    file is there whole or not at all."""
+    fmt = FORMATS.get(path.suffix.lower(), "PNG")
+    make_dirs(path.parent, made)
+    if fmt == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", text)
+        options = {"pnginfo": info}
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")   # Exif IFD, UserComment
+        options = {"exif": exif, "quality": 95}
+    part = path.with_name(f".{path.name}.part")
+    try:
+        image.convert("RGB").save(part, format=fmt, **options)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
+
+# --- checks that need only the arguments, or the model's config -----------------------------------------------
+
+def check_device(name):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this torch cannot use CUDA (a CPU-only build, or no GPU or driver); "
+                             f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0..)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: MPS (Apple GPUs) is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: minisd runs on cpu, cuda or mps")
+    return device
+
+
+def check_args(args):
+    """Everything that can be refused from the arguments alone, before the model is read."""
     if args.n < 1:
         raise UsageError("--n must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
     for name in ("height", "width"):
         v = getattr(args, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise UsageError(f"--{name} must be a positive multiple of 8, got {v}")
+        if v is not None and v <= 0:
+            raise UsageError(f"--{name} must be positive, got {v}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UsageError(f"--guidance must be a finite number >= 0 (1 or less: no classifier-free guidance), "
+                         f"got {args.guidance}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UsageError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.decoder == "taesd" and not args.taesd:
         raise UsageError("--decoder taesd needs --taesd PATH (taesd_decoder.safetensors)")
+    # options of regulation that would otherwise do nothing
+    if not args.regulate:
+        if args.method is not None:
+            raise UsageError(f"--method {args.method} chooses how --regulate regulates; add --regulate")
+        if args.edit_steps is not None:
+            raise UsageError("--edit-steps applies to --regulate; add --regulate")
+        if not args.save_attention:
+            for flag in ("targets", "regulate_layers"):
+                if getattr(args, flag) is not None:
+                    raise UsageError(f"--{flag.replace('_', '-')} applies to --regulate or --save-attention")
+    if args.edit_steps is not None and args.edit_steps < 0:
+        raise UsageError(f"--edit-steps must be between 0 and --steps, got {args.edit_steps}")
+    if args.save_attention:
+        folder = Path(args.save_attention)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--save-attention {folder} is a file; it names a folder for the attention grids")
+        check_writable(folder, "--save-attention")
+    check_device(args.device)
+
+
+def map_sizes(cfg, height, width):
+    """{block with cross-attention: (h, w) of its maps} for an image of height x width."""
+    from regulation.layers import attention_blocks
+    f = cfg.vae.downsample
+    return {b: (height // f // 2 ** d, width // f // 2 ** d) for b, d in attention_blocks(cfg.unet).items()}
+
+
+def check_layer_sizes(specs, cfg, height, width):
+    """Layer names are checked by regulation.layers; a map size can only be checked against the image size."""
+    sizes = map_sizes(cfg, height, width)
+    for spec in str(specs).replace(",", " ").split():
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?", spec)
+        if m and (int(m.group(1)), int(m.group(2) or m.group(1))) not in sizes.values():
+            have = {}
+            for block, hw in sizes.items():
+                have.setdefault(hw, []).append(block)
+            listed = "; ".join(f"{h}x{w} ({', '.join(b)})" for (h, w), b in have.items())
+            raise UsageError(f"--regulate-layers {spec}: this model has no cross-attention maps of that size at "
+                             f"{width}x{height} px; it has {listed}")
+
+
+def available_memory(device):
+    """Bytes this machine can still give (Linux's MemAvailable, or the GPU's free memory); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_memory(cfg, height, width, dtype, batch):
+    """Rough peak bytes of activations (the weights are already loaded): the larger of one UNet call on `batch`
+    rows (the skip connections it keeps, a few tensors of its widest level, the feed-forward of its first
+    transformer) and the VAE decoding one image (a few tensors of its widest level)."""
+    size = torch.finfo(dtype).bits // 8
+    u, v = cfg.unet, cfg.vae
+    hw = (height // v.downsample) * (width // v.downsample)
+    skips = sum((u.num_res_blocks + 1) * u.model_channels * m * hw // 4 ** d for d, m in enumerate(u.channel_mult))
+    widest = u.model_channels * u.channel_mult[0] * hw
+    ff = 12 * widest if 1 in u.attention_resolutions else 0
+    unet = batch * size * (skips + 4 * widest + ff)
+    vae = size * 4 * max(v.ch * m * height * width // 4 ** d for d, m in enumerate(v.ch_mult))
+    return max(unet, vae)
+
+
+def check_cost(cfg, height, width, dtype, batch, device):
+    """Refuse a size whose activations cannot fit in what the machine has; warn about one far above the model's
+    own size (time grows at least with the pixels, and attention with their square)."""
+    need, have = estimate_memory(cfg, height, width, dtype, batch), available_memory(device)
+    gib = 2 ** 30
+    if have is not None and need > have:
+        raise UsageError(f"{width}x{height} needs about {need / gib:.1f} GiB for activations and {device.type} has "
+                         f"{have / gib:.1f} GiB available; choose a smaller size (this model's own is "
+                         f"{cfg.image_size}x{cfg.image_size})")
+    ratio = height * width / cfg.image_size ** 2
+    if ratio > 4:
+        warn(f"{width}x{height} is {ratio:.0f}x the pixels of this model's {cfg.image_size}x{cfg.image_size}: "
+             f"expect more than {ratio:.0f}x the time per step (attention grows with the square), about "
+             f"{need / gib:.1f} GiB of activations, and a model that was not trained at that size")
+    elif have is not None and need > have / 2:
+        warn(f"{width}x{height} needs about {need / gib:.1f} GiB of the {have / gib:.1f} GiB available")
+
+
+def kept_words_prompt(tokenizer, prompt):
+    """(the part of `prompt` the text encoder reads, the cut-off tail or None): the prompt's tokens up to the 77
+    positions, without a word cut in two."""
+    ids = tokenizer.encode(prompt)
+    room = tokenizer.max_length - 2
+    if len(ids) <= room:
+        return prompt, None
+    kept = ids[:room]
+    while kept and not tokenizer.decoder[kept[-1]].endswith("</w>"):
+        kept.pop()
+    return tokenizer.decode(kept), tokenizer.decode(ids[len(kept):])
+
+
+def first_image(maps):
+    return {s: m[0] for s, m in maps.items()}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help does not already say it, and never "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="python -m minisd.sample", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--prompt", required=True, help="what to draw")
+    ap.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                    help="single-file .safetensors (SD 1.x/2.x or minisd) or a diffusers folder (default: the "
+                         "shipped model, weights/minisd-shapes.safetensors)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; SD: 50)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale, finite and >= 0; 1 or less turns guidance off "
+                         "(default: the model's; SD: 7.5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of image 1; image i uses seed + i - 1")
+    ap.add_argument("--height", type=int, default=None,
+                    help="pixels, a multiple of the model's size unit: the VAE's factor x 2^(UNet levels - 1), "
+                         "64 for SD, 32 for the shipped model (default: the model's size)")
+    ap.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the model's size)")
+    ap.add_argument("--n", type=int, default=1, help="number of images")
+    ap.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"], help="timestep spacing")
+    ap.add_argument("--prediction", default=None, choices=["epsilon", "v"],
+                    help="override the model's prediction type (default: from the checkpoint)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    ap.add_argument("--out", default="outputs",
+                    help="a folder for numbered PNGs, or one image file: .png, .jpg/.jpeg or .webp")
+    ap.add_argument("--overwrite", action="store_true", help="allow --out FILE to replace an existing file")
+    ap.add_argument("--decoder", default="vae", choices=["vae", "taesd"], help="latents -> pixels")
+    ap.add_argument("--taesd", default=None, help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="allow a pickle .ckpt checkpoint (loaded with torch.load(weights_only=True))")
+    g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024)")
+    g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words")
+    g.add_argument("--method", default=None, choices=["regulate", "attend-excite"],
+                   help="with --regulate: Attention Regulation, or Attend-and-Excite (Chefer et al. 2023) for "
+                        "comparison (default: regulate)")
+    g.add_argument("--targets", default=None,
+                   help='target words, e.g. "cat dog" or "dog#2" for the second dog (default: the nouns of the '
+                        'prompt, within its first 77 tokens)')
+    g.add_argument("--regulate-layers", default=None,
+                   help="layers: checkpoint names (input_blocks.7), diffusers names (down_blocks.2) or map sizes "
+                        "(16x16); also the layers --save-attention shows (default: the model's; SD: the "
+                        "1/32-side layers)")
+    g.add_argument("--edit-steps", type=int, default=None,
+                   help="regulate the first N of the --steps steps, 0..steps (default: half of --steps; "
+                        "Attend-and-Excite: 25, at most --steps)")
+    g.add_argument("--save-attention", default=None, metavar="DIR",
+                   help="write a PNG grid of each target word's cross-attention map per image, in the regulated "
+                        "layers (with --regulate: plain and regulated side by side)")
+    return ap
+
+
+def run(args, log=print):
+    """Generate and write the images of `args`; folders this run made and left empty are removed on any error."""
+    made = []
+    with warnings.catch_warnings():
+        try:
+            return _run(args, log, made)
+        except BaseException:
+            remove_empty(made)
+            raise
+
+
+def _run(args, log, made):
+    from .pipeline import Pipeline
+    from .maps import AttentionMaps, grid, word_maps
+
+    check_args(args)
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         hint = " (the shipped model is missing: train it with python -m tools.train)" if ckpt == DEFAULT_CHECKPOINT else ""
         raise UsageError(f"checkpoint not found: {ckpt}{hint}")
+    seeds = [args.seed + i for i in range(args.n)]
+    paths = output_paths(args.out, args.n, seeds, args.overwrite)
+    grid_dir = Path(args.save_attention) if args.save_attention else None
+    if grid_dir:
+        for path in paths:
+            g = grid_dir / f"{path.stem}-attention.png"
+            if g.exists() and not args.overwrite:
+                raise UsageError(f"{g} exists; choose another --save-attention folder or pass --overwrite")
+
     pipe = Pipeline.from_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype],
                                     allow_pickle=args.allow_pickle, prediction=args.prediction)
+    cfg = pipe.cfg
+    unit = size_unit(cfg)
+    size = (args.height or cfg.image_size, args.width or cfg.image_size)
+    for name, v in zip(("height", "width"), size):
+        if v % unit:
+            raise UsageError(f"--{name} {v} is not a multiple of {unit}, this model's size unit (VAE factor "
+                             f"{cfg.vae.downsample} x 2^{len(cfg.unet.channel_mult) - 1} UNet downsamplings); "
+                             f"try {max(unit, v // unit * unit)} or {(v // unit + 1) * unit}")
+    steps = args.steps or cfg.default_steps
+    guidance = cfg.default_guidance if args.guidance is None else args.guidance
+    if args.edit_steps is not None and args.edit_steps > steps:
+        raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
+    if args.regulate_layers:
+        check_layer_sizes(args.regulate_layers, cfg, *size)
+    check_cost(cfg, *size, DTYPES[args.dtype], 2 if guidance > 1 else 1, torch.device(args.device))
     if args.decoder == "taesd":
         from .taesd import load_taesd_decoder
         taesd = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype])
         pipe.decoder = taesd.decode
-    steps = args.steps or pipe.cfg.default_steps
-    guidance = pipe.cfg.default_guidance if args.guidance is None else args.guidance
-    size = (args.height or pipe.cfg.image_size, args.width or pipe.cfg.image_size)
-    seeds = [args.seed + i for i in range(args.n)]
-    paths = output_paths(args.out, args.n, seeds, args.overwrite)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe.tokenizer([args.prompt, args.negative_prompt])
-    for w in caught:
-        log(f"warning: {w.message}")
+    # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted
+    kept_prompt, cut = kept_words_prompt(pipe.tokenizer, args.prompt)
+    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+        tail = cut if what == "prompt" else kept_words_prompt(pipe.tokenizer, text)[1]
+        if tail:
+            warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
+    warnings.simplefilter("ignore", PromptTruncatedWarning)
 
-    targets = None
+    method = args.method or "regulate"
+    targets, editors, select = None, [], None
     if args.regulate or args.save_attention:
         from regulation.editors import choose_targets, make_editor
-        targets = choose_targets(pipe.tokenizer, args.prompt, args.targets.split() if args.targets else None, log=log)
+        from regulation.layers import LayerSelector
+        from regulation.targets import auto_targets
+        words = args.targets.split() if args.targets else None
+        if not words:   # the nouns of what the text encoder reads, not of a cut-off tail
+            words = auto_targets(kept_prompt)
+            if not words:
+                raise UsageError(f"found no object words in {kept_prompt!r}; name them with --targets")
+            log(f"targets chosen from the prompt: {' '.join(words)}")
+        targets = choose_targets(pipe.tokenizer, args.prompt, words, log=log)
         # built before sampling, so that a bad --regulate-layers is an error before any work
-        editors = [make_editor(args.method, pipe, args.prompt, targets, steps, seed=seed, layers=args.regulate_layers,
+        editors = [make_editor(method, pipe, args.prompt, targets, steps, seed=seed, layers=args.regulate_layers,
                                edit_steps=args.edit_steps) for seed in seeds] if args.regulate else []
+        # the maps shown are those of the regulated layers (the same layers in the plain run beside them)
+        select = editors[0].select if editors else LayerSelector(args.regulate_layers, cfg)
     settings_extra = {}
     if args.regulate:
         e = editors[0]
-        settings_extra = {"Regulation": "Attention Regulation" if args.method == "regulate" else "Attend-and-Excite",
+        settings_extra = {"Regulation": "Attention Regulation" if method == "regulate" else "Attend-and-Excite",
                           "Regulation targets": " ".join(t.word for t in targets),
                           "Regulation layers": " ".join(e.select.specs) if hasattr(e.select, "specs") else None,
-                          "Regulation edit steps": getattr(e, "edit_steps", None)}
+                          "Regulation edit steps": e.edit_steps}
     model_hash = file_hash(ckpt)
     positions = [p for t in targets for p in t.positions] if targets else []
     groups, k = [], 0
@@ -172,54 +448,88 @@ def run(args, log=print):
     show_steps = sorted({0, steps // 4, steps // 2, steps - 1})
 
     def observer():
-        return AttentionMaps(positions, show_steps, pipe.cfg.default_blocks()) if args.save_attention else None
+        return AttentionMaps(positions, show_steps, select) if args.save_attention else None
 
-    bar = tqdm(total=args.n * steps, desc="sampling", disable=not sys.stderr.isatty())
-    for i, (seed, path) in enumerate(zip(seeds, paths)):
-        runs = []
-        def generate(hooks):
-            return pipe(args.prompt, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance, seed=seed,
-                        height=size[0], width=size[1], sampler=args.sampler, spacing=args.spacing, hooks=hooks,
-                        callback=lambda info: bar.update(1), **({"eta": args.eta} if args.sampler == "ddim" else {}))
-        if args.regulate:
-            maps = observer()
-            result = generate([editors[i]] + ([maps] if maps else []))
-            if maps:
-                runs.append(("regulated", result.images[0], first_image(word_maps(maps.result(), groups))))
-        if args.save_attention or not args.regulate:
-            maps = observer()
-            plain = generate([maps] if maps else [])
-            if maps:
-                runs.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
-            if not args.regulate:
-                result = plain
-        image = result.images[0]
-        settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
-                    "Schedule type": args.spacing, "CFG scale": guidance, "Seed": seed, "Size": f"{size[1]}x{size[0]}",
-                    "Model hash": model_hash, "Model": ckpt.stem, "Eta": args.eta if args.sampler == "ddim" else None,
-                    "Prediction": pipe.cfg.prediction, "Dtype": args.dtype, "Decoder": args.decoder,
-                    **settings_extra, "Version": f"minisd {__version__}"}
-        info = PngInfo()
-        info.add_text("parameters", parameters_text(args.prompt, args.negative_prompt, settings))
-        image.save(path, pnginfo=info)
-        log(f"wrote {path}")
-        if args.save_attention:
-            out = Path(args.save_attention)
-            out.mkdir(parents=True, exist_ok=True)
-            gpath = out / f"{path.stem}-attention.png"
-            grid(image, runs, [w for w, _ in groups]).save(gpath)
-            log(f"wrote {gpath}")
-    bar.close()
+    passes = 2 if args.regulate and args.save_attention else 1   # --save-attention adds a plain run beside
+    bar = tqdm(total=args.n * steps * passes, desc="sampling", disable=not sys.stderr.isatty())
+    try:
+        for i, (seed, path) in enumerate(zip(seeds, paths)):
+            runs, layers_seen = [], set()
+
+            def generate(hooks):
+                return pipe(args.prompt, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
+                            seed=seed, height=size[0], width=size[1], sampler=args.sampler, spacing=args.spacing,
+                            hooks=hooks, callback=lambda info: bar.update(1),
+                            **({"eta": args.eta} if args.sampler == "ddim" else {}))
+            if args.regulate:
+                maps = observer()
+                result = generate([editors[i]] + ([maps] if maps else []))
+                if maps:
+                    title = "Attention Regulation" if method == "regulate" else "Attend-and-Excite"
+                    runs.append((title, result.images[0], first_image(word_maps(maps.result(), groups))))
+                    layers_seen |= maps.blocks_seen
+            if args.save_attention or not args.regulate:
+                maps = observer()
+                plain = generate([maps] if maps else [])
+                if maps:
+                    runs.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
+                    layers_seen |= maps.blocks_seen
+                if not args.regulate:
+                    result = plain
+            settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
+                        "Timestep spacing": args.spacing, "CFG scale": guidance, "Seed": seed,
+                        "Size": f"{size[1]}x{size[0]}", "Model hash": model_hash, "Model": ckpt.stem,
+                        "Eta": args.eta if args.sampler == "ddim" else None, "Prediction": cfg.prediction,
+                        "Dtype": args.dtype, "Decoder": args.decoder, **settings_extra,
+                        "Version": f"minisd {__version__}"}
+            save_image(result.images[0], path, parameters_text(args.prompt, args.negative_prompt, settings), made)
+            log(f"wrote {path}")
+            if grid_dir:
+                gpath = grid_dir / f"{path.stem}-attention.png"
+                about = {**settings, "Attention steps": " ".join(map(str, show_steps)),
+                         "Attention layers": " ".join(sorted(layers_seen)),
+                         "Attention maps": "mean over heads and layers; each map scaled to its own min..max"}
+                save_image(grid(result.images[0], runs, [w for w, _ in groups]),
+                           gpath, parameters_text(args.prompt, args.negative_prompt, about), made)
+                log(f"wrote {gpath}")
+    finally:
+        bar.close()
     return paths
+
+
+def one_line(e, args):
+    """The message of an error, made fit for one line where it comes from elsewhere (torch, the OS)."""
+    if isinstance(e, CheckpointError) and isinstance(e.__context__, pickle.UnpicklingError):
+        m = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e.__context__))
+        what = f"it asks to call {m.group(1)} when loaded" if m else "it holds more than tensors and plain containers"
+        return (f"{args.checkpoint} is refused even with --allow-pickle: {what}; a weights-only load never runs "
+                f"that. Do not load it with plain torch.load unless you trust where it comes from")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+        return f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); use a smaller size or dtype"
+    return str(e)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with warnings.catch_warnings():
+        # any other warning (numpy's, torch's) as one line, not a file path and a source line
+        warnings.showwarning = lambda message, category, *rest, **kw: warn(str(message).splitlines()[0])
+        try:
+            run(args)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except (UsageError, CheckpointError, NonFiniteError, ValueError, OSError, MemoryError,
+                torch.OutOfMemoryError) as e:
+            print(f"error: {one_line(e, args)}", file=sys.stderr)
+            sys.exit(2)
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e):
+                raise
+            print(f"error: {one_line(e, args)}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -332,8 +332,28 @@ class AttentionRegulation(AttentionHook):
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
             select = LayerSelector(cfg.layers, model_config)
         self.select = select
-        self.generator = make_generators(generator if generator is not None else cfg.seed)
+        self.generator = generator if generator is not None else cfg.seed
         self.reset()
+
+    @property
+    def generator(self):
+        return self._generator
+
+    @generator.setter
+    def generator(self, spec):
+        """A seed, a torch.Generator, a list of them (one per image), or None (make_generators)."""
+        self._seed = spec if isinstance(spec, int) else None
+        self._generator = make_generators(spec)
+
+    def begin_run(self, seeds):
+        """The pipeline calls this before sampling one image per seed. An editor made with a seed s gives image i
+        its own generator, seeded s + i, so that image i of a batch is its own problem, drawn as the same run
+        alone with seed s + i would draw it (the command line runs each image alone with s = its seed). Every run
+        starts from fresh generators, so running the same editor twice gives the same images. An editor given
+        generators (or None: torch's global one) keeps them."""
+        if self._seed is not None:
+            gens = [torch.Generator().manual_seed(self._seed + i) for i in range(len(seeds))]
+            self._generator = gens[0] if len(gens) == 1 else gens
 
     def reset(self):
         """Forget all per-layer state, e.g. before sampling another image with the same hook."""
