@@ -98,7 +98,7 @@ def test_existing_png_is_refused_unless_overwrite(ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, says", [
     (["--checkpoint", "{tmp}/nowhere.safetensors"], "checkpoint not found"),
     (["--height", "30"], "multiple of 8"),
-    (["--width", "0"], "multiple of 8"),
+    (["--width", "0"], "must be positive"),
     (["--decoder", "taesd"], "--taesd"),
     (["--n", "0"], "--n"),
 ])
