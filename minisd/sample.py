@@ -185,6 +185,11 @@ def check_args(args):
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise UsageError(f"--guidance must be a finite number >= 0 (1 or less: no classifier-free guidance), "
                          f"got {args.guidance}")
+    if args.guidance is not None and args.guidance <= 1 and args.negative_prompt:
+        raise UsageError(f"--negative-prompt works through classifier-free guidance, which --guidance "
+                         f"{args.guidance} turns off; use a scale above 1 or drop the negative prompt")
+    if not 0 <= args.seed <= 2 ** 63 - args.n:   # torch's generators take seeds below 2**64; stay well inside
+        raise UsageError(f"--seed must be between 0 and 2**63 - --n, got {args.seed}")
     if not (math.isfinite(args.eta) and args.eta >= 0):
         raise UsageError(f"--eta must be a finite number >= 0, got {args.eta}")
     if args.decoder == "taesd" and not args.taesd:

@@ -221,6 +221,9 @@ def test_regulate_layers_size_the_model_lacks(ckpt, tmp_path, capsys, no_samplin
     (["--guidance", "inf"], "finite"),
     (["--guidance", "-1"], ">= 0"),
     (["--eta", "nan"], "--eta"),
+    (["--seed", "-1"], "--seed must be between 0"),
+    (["--seed", str(2 ** 70)], "--seed must be between 0"),
+    (["--negative-prompt", "blurry", "--guidance", "1"], "turns off"),
     (["--height", "30"], "multiple of 8"),
     (["--width", "0"], "positive"),
 ])
