@@ -1,7 +1,9 @@
 """python -m minisd.sample --prompt "a red circle and a blue square" [--regulate] ...
 
 Generates PNG files whose `parameters` text chunk records every generation setting in the format of AUTOMATIC1111's
-web UI, which image browsers and prompt readers understand, so an image can be reproduced from the file alone.
+web UI, which image browsers and prompt readers understand, so an image can be reproduced from the file alone
+(`--out x.jpg` or `x.webp`: that format, the settings in the EXIF UserComment). Whatever can be known to fail is
+refused before the model runs, as one `error:` line and exit status 2; Ctrl-C leaves only finished images.
 Without --checkpoint it uses the tiny model shipped in weights/ (trained here on a world of coloured shapes).
 """
 import argparse
@@ -307,7 +309,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where the help does not already say it, and never "(default: None)"."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == "" \
+                or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

@@ -310,7 +310,8 @@ def test_help_says_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "(default: None)" not in text
+    assert "(default: None)" not in text and "(default: )" not in text
+    assert re.search(r"--seed SEED [^(]*\(default: 0\)", " ".join(text.split()))   # 0 is a default too
     for a in build_parser()._actions:
         if a.help:
             assert " ".join(a.help.split()).count("default") <= 1
