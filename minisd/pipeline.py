@@ -2,7 +2,10 @@
 with classifier-free guidance) -> latents -> VAE (or TAESD) -> images.
 
 The pipeline knows nothing of regulation: it takes attention hooks (observers and editors, see attention.py),
-tells them the step index and which batch rows are conditional before each UNet call, and removes them after.
+gives those that have `begin_run(seeds)` the seed of each image before sampling (so that a hook drawing random
+numbers can give each image its own generator), tells them the step index and which batch rows are conditional
+before each UNet call, and removes them after. It checks the latents after every step and stops with a
+NonFiniteError at the first step that overflowed.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
