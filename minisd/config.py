@@ -67,20 +67,25 @@ class ModelConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    # Blocks whose cross-attention is regulated by default: SD's are the ones at 1/32 of the image side.
-    # None means "the deepest UNet level that has attention", which is that same set for SD.
-    regulate_blocks: tuple = ("input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4",
-                              "output_blocks.5")
+    # Blocks whose cross-attention is regulated by default. None (every family we define) means the one rule in
+    # default_blocks(); a tuple of block names overrides it.
+    regulate_blocks: tuple = None
 
     default_steps: int = 50
     default_guidance: float = 7.5
 
     def default_blocks(self):
-        """The blocks whose cross-attention is regulated (and shown) by default: `regulate_blocks`, or when that is
-        None the blocks of the deepest UNet level that has attention (for SD: input_blocks.7/8, output_blocks.3/4/5)."""
+        """The blocks whose cross-attention is regulated (and shown) by default, by one rule for every family:
+        the deepest UNet level with attention whose maps are at least 16x16 at the default image size (the
+        paper's Gaussian width, side // 16, needs 16 cells). SD 1.x/2.x at 512 px: the 16x16 maps
+        (input_blocks.7/8, output_blocks.3/4/5); SDXL at 1024 px: the 32x32 maps; the shipped shapes model at
+        128 px: its 16x16 maps. A model whose maps are all smaller gets its largest. `regulate_blocks` overrides."""
         if self.regulate_blocks is not None:
             return tuple(self.regulate_blocks)
-        return deepest_attention_blocks(self.unet)
+        levels = attention_levels(self.unet)
+        side = self.image_size // self.vae.downsample
+        big = [d for d in levels if side // 2 ** d >= 16]
+        return level_blocks(self.unet, max(big) if big else min(levels))
 
     def to_json(self):
         return json.dumps(asdict(self))
@@ -103,14 +108,23 @@ class ModelConfig:
         return ModelConfig(**kw)
 
 
-def deepest_attention_blocks(unet):
-    """The input and output blocks of the deepest UNet level d that has attention (2**d in attention_resolutions),
-    counted as the UNet numbers its blocks (unet.py): input block 1 + d*(nrb+1) + j, output block
-    (levels-1-d)*(nrb+1) + j."""
+def attention_levels(unet):
+    """The UNet levels d (0 = full latent resolution) that hold a spatial transformer."""
     levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions]
     if not levels:
         raise ValueError("this UNet has no attention level")
-    d, nrb, up = max(levels), unet.num_res_blocks, len(unet.channel_mult) - 1 - max(levels)
+    return levels
+
+
+def deepest_attention_blocks(unet):
+    """The blocks of the deepest UNet level that has attention."""
+    return level_blocks(unet, max(attention_levels(unet)))
+
+
+def level_blocks(unet, d):
+    """The input and output blocks of UNet level d, counted as the UNet numbers its blocks (unet.py): input
+    block 1 + d*(nrb+1) + j, output block (levels-1-d)*(nrb+1) + j."""
+    nrb, up = unet.num_res_blocks, len(unet.channel_mult) - 1 - d
     return tuple([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)] +
                  [f"output_blocks.{up * (nrb + 1) + j}" for j in range(nrb + 1)])
 

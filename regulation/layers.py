@@ -9,12 +9,12 @@ With nrb = unet.num_res_blocks, diffusers' `down_blocks.i` is `input_blocks[1 + 
 `up_blocks.i` is `output_blocks[i*(nrb+1) + j]` for j <= nrb, and `mid_block` is `middle_block`.
 
 The paper regulates the layers at 1/32 of the image side (16x16 maps at 512 px): in SD, input_blocks.7/8 and
-output_blocks.3/4/5. A model config's `regulate_blocks` names them; when it is None, the default is the blocks
-of the deepest UNet level that has attention, which is that same set for SD.
+output_blocks.3/4/5. The default for every family is one rule, `ModelConfig.default_blocks`: the deepest UNet
+level with attention whose maps are at least 16x16 at the model's default size (that same set for SD).
 """
 import re
 
-from minisd.config import deepest_attention_blocks
+from minisd.config import ModelConfig
 
 PREFIX = "model.diffusion_model."
 
@@ -33,9 +33,9 @@ def attention_blocks(unet):
     return blocks
 
 
-def default_blocks(unet):
-    """The blocks of the deepest level d with attention (2**d in attention_resolutions), middle block excluded."""
-    return list(deepest_attention_blocks(unet))
+def default_blocks(model_config: ModelConfig):
+    """The blocks regulated by default (ModelConfig.default_blocks), as a list."""
+    return list(model_config.default_blocks())
 
 
 def diffusers_to_checkpoint(spec, unet):

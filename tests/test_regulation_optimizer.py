@@ -300,7 +300,7 @@ def test_editor_in_a_tiny_unet():
     assert (edited[2:] - plain[2:]).abs().max() > 1e-3
     torch.testing.assert_close(later, plain, atol=1e-5, rtol=1e-5)
     regulated = {name.split(".")[2] + "." + name.split(".")[3] for name in ed.history}
-    assert regulated == set(default_blocks(cfg.unet))
+    assert regulated == set(default_blocks(cfg))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -320,20 +320,26 @@ def _selected(selector):
 
 
 def test_default_layers():
-    assert default_blocks(sd1().unet) == ["input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4",
-                                          "output_blocks.5"]
-    assert _selected(LayerSelector(None, sd1())) == list(sd1().regulate_blocks)
-    assert _selected(LayerSelector(None, sd2())) == default_blocks(sd2().unet)
+    sd_blocks = ["input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4", "output_blocks.5"]
+    assert default_blocks(sd1()) == sd_blocks and default_blocks(sd2()) == sd_blocks   # the 16x16 maps at 512 px
+    assert _selected(LayerSelector(None, sd1())) == sd_blocks
+    # the tiny test family at 64 px: latents 32x32 with attention at 32, 16 and 8 -> the 16x16 level (level 1)
     t = tiny()
     assert t.regulate_blocks is None
-    assert default_blocks(t.unet) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
+    assert default_blocks(t) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
     sel = LayerSelector(None, t)
-    assert sel(_attn2("input_blocks.5")) and sel(_attn2("output_blocks.1")) and not sel(_attn2("input_blocks.4"))
+    assert sel(_attn2("input_blocks.3")) and sel(_attn2("output_blocks.3")) and not sel(_attn2("input_blocks.5"))
+    # maps all below 16: the largest ones
+    t.image_size = 16
+    assert default_blocks(t) == ["input_blocks.1", "output_blocks.4", "output_blocks.5"]
+    # the shipped model's family (tools/train.py): 128 px, latents 16x16, attention at 16 and 8 -> its 16x16 maps
+    from tools.train import shapes_config
+    assert default_blocks(shapes_config()) == ["input_blocks.1", "output_blocks.4", "output_blocks.5"]
 
 
 def test_diffusers_names_and_sizes():
     cfg = sd1()
-    assert _selected(LayerSelector(["down_blocks.2", "up_blocks.1"], cfg)) == list(cfg.regulate_blocks)
+    assert _selected(LayerSelector(["down_blocks.2", "up_blocks.1"], cfg)) == list(cfg.default_blocks())
     assert _selected(LayerSelector("down_blocks.0, mid_block", cfg)) == ["input_blocks.1", "input_blocks.2",
                                                                         "middle_block"]
     assert _selected(LayerSelector(["up_blocks.3.attentions.2"], cfg)) == ["output_blocks.11"]
