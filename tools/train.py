@@ -1,15 +1,27 @@
 """Train minisd's tiny Stable Diffusion on the shapes world (tools/shapes.py), on CPU, from scratch.
 
-Stage 1 trains the VAE (minisd's own AutoencoderKL, a small config) on random crops of rendered scenes. Stage 2
-freezes it, encodes a fixed set of training scenes once, and trains the UNet together with a small
-CLIP-architecture text encoder (the real CLIP tokenizer), predicting the noise as SD does, with 10% empty captions
-so classifier-free guidance works. The result is one official-format single-file safetensors (float16) with the
-model config in its metadata: the same loader reads it as real SD weights.
+Three stages, each seeded and resumable, in the order Stable Diffusion's parts were made:
+  clip   a tiny CLIP (tools/tinyclip.py): minisd's CLIP-architecture text tower and a small image tower, trained
+         contrastively on caption <-> render pairs with hard negatives; then the text tower is FROZEN, as SD freezes
+         OpenAI's CLIP. Held-out retrieval is printed (and stored in the checkpoint's metadata).
+  vae    minisd's own AutoencoderKL (a small config) on random crops of rendered scenes.
+  unet   the UNet alone, on latents of a fixed set of encoded training scenes, epsilon prediction on SD's noise
+         schedule with min-SNR-5 loss weighting, 10% empty captions for classifier-free guidance, EMA.
 
-    python -m tools.train --out weights/minisd-shapes.safetensors           # both stages, resumable
-    python -m tools.train --stage vae --vae-steps 200 --out /tmp/x.safetensors  # a quick try
+The text encoder is frozen, so whatever it puts in the end-of-text and padding positions is there for the UNet to
+read, and in a world this small those positions summarise the whole prompt: a UNet trained naively reads the
+prompt there, not in the words (issue: testbed). `--pad-swap P` makes the summary unreliable: for a share P of
+the examples the states from the end-of-text token on are taken from another caption of the batch, so only the
+word states always agree with the image. Inference is unchanged: 77 positions, the encoder's own states.
 
-Runs are seeded; `--run DIR` keeps the resumable state (rerun the same command to continue after an interruption).
+The result is one official-format single-file safetensors (float16) with the model config in its metadata: the
+same loader reads it as real SD weights.
+
+    python -m tools.train --out weights/minisd-shapes.safetensors           # all stages, resumable
+    python -m tools.train --stage clip --clip-steps 200 --out /tmp/x.safetensors  # a quick try
+    python -m tools.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
+
+`--run DIR` keeps the resumable state (rerun the same command to continue after an interruption).
 """
 import argparse
 import json
@@ -31,16 +43,19 @@ from tools import shapes
 
 
 def shapes_config():
-    """The shipped model: 128 px images, 16x16x4 latents (VAE factor 8), a 3-level UNet with attention at every
-    level. Its regulated layers are the cross-attentions at 16x16, the largest maps it has."""
+    """The shipped model: 128 px images, 16x16x4 latents (VAE factor 8), a 3-level UNet (16x16, 8x8, 4x4) with
+    cross-attention at 16x16 and 8x8: objects of 28-52 px span 4-7 cells of a 16x16 map. Most channels sit at
+    the coarse levels, where a shape is decided, and cost little there. The regulated layers follow the one rule
+    for every family (ModelConfig.default_blocks): the deepest attention level whose maps are at least 16x16 at
+    the default size, here the 16x16 maps."""
     return ModelConfig(
         name="minisd-shapes",
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1, 2, 4),
+        unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(1, 2),
                         num_heads=2, context_dim=64, groups=16),
         vae=VAEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, groups=8, scale_factor=1.0),
         text=TextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
         image_size=128, default_steps=50, default_guidance=5.0,
-        regulate_blocks=("input_blocks.1", "output_blocks.4", "output_blocks.5"),
+        regulate_blocks=None,
     )
 
 
@@ -72,15 +87,71 @@ def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
 
 
+def train_clip(model, args, run):
+    """Contrastive caption <-> render training of the text tower (tools/tinyclip.py). Returns held-out retrieval."""
+    from tools import tinyclip
+    tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
+    clip = tinyclip.TinyCLIP(model.cond_stage_model, tok.eos_id)
+    opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
+    state, step = load_state(run / "clip.pt"), 0
+    if state:
+        clip.load_state_dict(state["clip"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+    if step < args.clip_steps:
+        pool, objs = render_pool(args.seed + 20, args.clip_pool, size=64)
+        pool = to_pixels(pool)
+        rng = np.random.default_rng(args.seed + 21 + step)
+        torch.manual_seed(args.seed + 22 + step)
+        bar = tqdm(total=args.clip_steps, initial=step, desc="clip")
+        clip.train()
+        while step < args.clip_steps:
+            idx = rng.integers(0, len(pool), args.clip_batch)
+            caps, negs = zip(*[tinyclip.caption_and_negatives(objs[k], rng) for k in idx])
+            ids, neg_ids = tok(list(caps)), tok([n for ns in negs for n in ns])
+            # the text tower is causal: states up to the end-of-text token do not depend on what follows, so
+            # training on the used length only gives exactly the states of the full 77 positions, 4x cheaper
+            n = int(max((ids == clip.eot_id).int().argmax(1).max(), (neg_ids == clip.eot_id).int().argmax(1).max())) + 1
+            lr = args.clip_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / args.clip_steps)) * 0.9 + 0.1)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, acc = tinyclip.contrastive_loss(clip, pool[idx], ids[:, :n], neg_ids[:, :n])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+            if step % args.save_every == 0 or step == args.clip_steps:
+                save_state(run / "clip.pt", clip=clip.state_dict(), opt=opt.state_dict(), step=step)
+        bar.close()
+    path = run / "clip_eval.json"
+    if not path.is_file():
+        path.write_text(json.dumps(tinyclip.evaluate(clip, tok)))
+    result = json.loads(path.read_text())
+    print("tiny CLIP, held-out retrieval (true caption beats its hard negatives):", result)
+    return result
+
+
 def train_vae(model, args, run):
     """Reconstruction (L1 + MSE) with a tiny KL term, on 64 px crops: the VAE is convolutional, so crops teach it the
     same edges at a quarter of the cost."""
     vae = model.first_stage_model
+    if args.vae_from:
+        # the VAE of an earlier run of this tool (same config): its weights, checked key by key and shape by shape
+        from minisd.checkpoint import load_model
+        vae.load_state_dict(load_model(args.vae_from).first_stage_model.state_dict())
+        save_state(run / "vae.pt", vae=vae.state_dict(), step=args.vae_steps, source=str(args.vae_from))
+        print(f"VAE taken from {args.vae_from}")
+        return
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     state, step = load_state(run / "vae.pt"), 0
     if state:
-        vae.load_state_dict(state["vae"]), opt.load_state_dict(state["opt"])
+        vae.load_state_dict(state["vae"])
         step = state["step"]
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+    if step >= args.vae_steps:
+        return
     pool, _ = render_pool(args.seed + 10, args.vae_pool)
     rng = np.random.default_rng(args.seed + step)
     torch.manual_seed(args.seed + step)
@@ -120,31 +191,60 @@ def encode_dataset(model, args, run):
     return data
 
 
-def train_unet(model, args, run, data):
-    tok = Tokenizer(pad_with_eot=True)
+def snapshot(model, path, metadata):
+    """The model as it is now, float16, official layout: what the shipped file will be."""
+    half = StableDiffusion(model.cfg)
+    half.load_state_dict(model.state_dict())
+    save_checkpoint(half.half(), path, metadata=metadata)
+
+
+def swap_tail(context, ids, eot_id):
+    """Each caption's states from its end-of-text token on, replaced by the next caption's (in the batch) from
+    that caption's own end-of-text token on: the end-of-text state and the padding that follows it."""
+    pos = torch.arange(ids.shape[1])
+    eot = (ids == eot_id).int().argmax(1)
+    eot_next = eot.roll(-1, 0)
+    src = (eot_next[:, None] + (pos[None] - eot[:, None])).clamp(max=ids.shape[1] - 1)
+    src = torch.where(pos[None] >= eot[:, None], src, pos[None])                      # (b, 77)
+    other = torch.where((pos[None] >= eot[:, None])[..., None], context.roll(-1, 0), context)
+    return other.gather(1, src[..., None].expand(-1, -1, context.shape[-1]))
+
+
+def train_unet(model, args, run, data, metadata):
+    """The UNet alone: the text encoder and the VAE are frozen."""
+    tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
     n = len(data["objects"])
     empty = tok([""])
     sched = Schedule.for_model(model.cfg)
     abar = sched.alphas_cumprod
-    unet, text = model.unet, model.cond_stage_model
-    params = list(unet.parameters()) + list(text.parameters())
+    unet, text = model.unet, model.cond_stage_model.eval().requires_grad_(False)
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     state, step = load_state(run / "unet.pt"), 0
     if state:
-        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
+        unet.load_state_dict(state["unet"]), opt.load_state_dict(state["opt"])
         ema, step = state["ema"], state["step"]
     scale = model.cfg.vae.scale_factor
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     rng = np.random.default_rng(args.seed + 3 + step)
+    log = (run / "unet_log.jsonl").open("a")
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
-    unet.train(), text.train()
+    unet.train()
+    t_start, losses = time.time(), []
     while step < args.unet_steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
         z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
         ids = tok([shapes.caption_for(data["objects"][k], rng) for k in idx.tolist()])
         drop = torch.rand(args.batch, generator=g) < 0.1  # unconditional examples teach guidance
         ids[drop] = empty
+        with torch.no_grad():
+            context = text(ids)
+            # for a share of the examples, everything from the end-of-text token on comes from the next caption
+            # of the batch: only the word states always describe the image (see the module docstring)
+            swap = (torch.rand(args.batch, generator=g) < args.pad_swap) & ~drop & ~drop.roll(-1)
+            if swap.any():
+                context = torch.where(swap[:, None, None], swap_tail(context, ids, tok.eos_id), context)
         t = torch.randint(0, sched.num_train_timesteps, (args.batch,), generator=g)
         eps = torch.randn(z.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
@@ -152,7 +252,10 @@ def train_unet(model, args, run, data):
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * step / args.unet_steps)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = F.mse_loss(unet(zt, t, text(ids)), eps)
+        # min-SNR-gamma weighting (Hang et al., ICCV 2023) for epsilon prediction: min(SNR, gamma) / SNR
+        snr = abar[t] / (1 - abar[t])
+        w = snr.clamp(max=args.min_snr) / snr
+        loss = (w * (unet(zt, t, context) - eps).pow(2).mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,11 +265,23 @@ def train_unet(model, args, run, data):
             for e, p in zip(ema, params):
                 e.lerp_(p.detach(), 1 - d)
         step += 1
+        losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % args.save_every == 0 or step == args.unet_steps:
-            save_state(run / "unet.pt", unet=unet.state_dict(), text=text.state_dict(), opt=opt.state_dict(),
-                       ema=ema, step=step)
+            save_state(run / "unet.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
+            log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=time.time() - t_start)) + "\n")
+            log.flush()
+            losses = []
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps:
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    p.copy_(e)
+            snapshot(model, run / f"snapshot-{step:06d}.safetensors", dict(metadata, minisd_unet_step=str(step)))
+            with torch.no_grad():
+                for v, p in zip(live, params):
+                    p.copy_(v)
     bar.close()
     with torch.no_grad():
         for e, p in zip(ema, params):
@@ -177,21 +292,32 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="weights/minisd-shapes.safetensors")
     ap.add_argument("--run", default="runs/shapes", help="folder for resumable state (default: %(default)s)")
-    ap.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    ap.add_argument("--stage", choices=["all", "clip", "vae", "unet"], default="all",
+                    help="run one stage (the others must be done in --run) or all of them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--clip-steps", type=int, default=1000)
+    ap.add_argument("--clip-batch", type=int, default=128)
+    ap.add_argument("--clip-lr", type=float, default=2e-3)
+    ap.add_argument("--clip-pool", type=int, default=5000, help="scenes the tiny CLIP sees (64 px)")
+    ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--vae-from", help="take the VAE from a checkpoint this tool wrote (same VAE config) "
+                                       "instead of training it")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--vae-pool", type=int, default=3000, help="scenes the VAE's crops come from")
     ap.add_argument("--dataset", type=int, default=10000, help="training scenes encoded for the UNet")
-    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--unet-steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=6e-4)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting")
+    ap.add_argument("--pad-swap", type=float, default=0.5,
+                    help="share of examples whose end-of-text and padding states come from another caption")
     ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--snapshot-every", type=int, default=0, help="write run/snapshot-STEP.safetensors this often")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,26 +326,33 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     cfg = shapes_config()
     model = StableDiffusion(cfg)
-    t0 = time.time()
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
+
+    def timed(name, fn, *a):
+        t0 = time.time()
+        out = fn(*a)
+        timings[name] = timings.get(name, 0) + time.time() - t0
+        (run / "timings.json").write_text(json.dumps(timings))
+        return out
+
+    if args.stage in ("all", "clip"):
+        clip_eval = timed("clip_s", train_clip, model, args, run)
+    else:
+        clip_eval = json.loads((run / "clip_eval.json").read_text())
+        from tools import tinyclip
+        tinyclip.TinyCLIP(model.cond_stage_model, 0).load_state_dict(load_state(run / "clip.pt")["clip"])
     if args.stage in ("all", "vae"):
-        train_vae(model, args, run)
-        timings["vae_s"] = timings.get("vae_s", 0) + time.time() - t0
+        timed("vae_s", train_vae, model, args, run)
     else:
         model.first_stage_model.load_state_dict(load_state(run / "vae.pt")["vae"])
+    metadata = {"minisd_training": json.dumps(vars(args)), "minisd_clip_heldout": json.dumps(clip_eval)}
     if args.stage in ("all", "unet"):
-        t1 = time.time()
-        data = encode_dataset(model, args, run)
+        data = timed("encode_s", encode_dataset, model, args, run)
         # SD's trick: scale latents to unit variance so the noise schedule fits them
         cfg.vae.scale_factor = float(1.0 / data["mean"].float().std())
-        train_unet(model, args, run, data)
-        timings["unet_s"] = timings.get("unet_s", 0) + time.time() - t1
-    (run / "timings.json").write_text(json.dumps(timings))
+        timed("unet_s", train_unet, model, args, run, data, metadata)
     model.cfg = cfg
-    half = StableDiffusion(cfg)
-    half.load_state_dict(model.state_dict())
-    save_checkpoint(half.half(), args.out, metadata={"minisd_training": json.dumps(vars(args)),
-                                                    "minisd_timings": json.dumps(timings)})
+    snapshot(model, args.out, dict(metadata, minisd_timings=json.dumps(timings)))
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
 
 
