@@ -3,14 +3,23 @@
 Object neglect (Chefer et al., "Attend-and-Excite", SIGGRAPH 2023): a prompt names two things, the image shows one.
 Attention Regulation (Zhang et al., ECCV 2024, arXiv 2403.06381) edits the cross-attention to fight it. For each
 prompt and seed this draws the plain image once, then each method's image from the same seed, asks a judge which
-named objects each image shows, and measures how far each method's image drifts from the plain one and what it costs.
+named objects each image shows (and scorers such as CLIP how well it matches), and measures how far each method's
+image drifts from the plain one and what it costs.
 
     python -m tools.evaluate                                   # 120 held-out prompts x 4 seeds, plain vs regulate
     python -m tools.evaluate --limit 8 --seeds 1 --steps 20 --out /tmp/eval   # a quick look
-    python -m tools.evaluate --prompts mine.jsonl --judge my_detector:Judge --checkpoint sd15.safetensors
+    python -m tools.evaluate --prompts ae --list-prompts       # the Attend-and-Excite set and its target words
+    torchrun --nproc-per-node 8 -m tools.evaluate --device cuda --prompts ae --checkpoint sd15.safetensors \
+        --judge tools.real_judges:OwlDetector,tools.real_judges:ClipScore --methods plain,attend-excite,regulate
 
-Writes OUT/results.csv (one row per prompt x seed x method; the same command run again skips the rows already
-there), OUT/table.md and OUT/examples.png, and prints the table.
+A (prompt, seed) pair is a unit of work. Under torchrun the units are dealt out round-robin over the ranks
+(torch.distributed: gloo on CPU, nccl with --device cuda, one GPU per rank from LOCAL_RANK); without it the one
+process is rank 0 of 1. Each rank appends its rows to OUT/parts/part-<attempt>-rank<r>.csv, flushed after every
+unit, so a killed rank loses at most the unit it was drawing. When every rank is done, rank 0 merges the parts into
+OUT/results.csv (one row per prompt x seed x method, in prompt, seed, method order), OUT/table.md and
+OUT/examples.png, and prints the table. The same command run again draws only the units no part file holds.
+A unit's images depend only on its prompt and seed (every random draw comes from generators seeded with it), so
+its row is the same whichever rank drew it, given the same hardware and thread count; only `seconds` varies.
 """
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,17 +28,20 @@ import argparse
 import csv
 import importlib
 import json
+import os
 import re
 import shlex
+import signal
 import sys
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from minisd.maps import AttentionMaps, grid, word_maps
+from minisd.maps import AttentionMaps, block_of, grid, word_maps
 from minisd.sample import DEFAULT_CHECKPOINT, file_hash
 from regulation.editors import choose_targets, make_editor
 from regulation.targets import auto_targets, is_adjective
@@ -37,7 +49,12 @@ from tools import shapes
 
 TARGET_MODES = ("nouns", "attr+nouns")
 COLUMNS = ["prompt_id", "seed", "method", "prompt", "objects", "targets", "found", "all_found", "recall", "swap",
-           "mad", "ssim", "seconds", "settings"]
+           "mad", "ssim", "scores", "seconds", "settings"]
+PROMPT_SETS = {"ae": Path(__file__).parent / "data" / "ae_prompts.jsonl"}   # --prompts NAME
+# The Attention Regulation paper's figures on the Attend-and-Excite prompts (its project page), by method:
+# (detection rate, CLIP score, time overhead). Printed beside ours when --prompts ae.
+PAPER_AE = {"plain": ("46.7%", "0.324", "-"), "attend-excite": ("60.8%", "0.331", "+414.6%"),
+            "regulate": ("66.2%", "0.337", "+48.8%")}
 DEFINITIONS = """\
 - detection: share of images in which the judge finds every named object (shapes: the right colour on the right shape).
 - object recall: share of named objects found.
@@ -47,6 +64,8 @@ DEFINITIONS = """\
 - fixed / broke: images where plain missed an object and the method found all / plain found all and the method did not.
 - MAD, SSIM: the method's image against plain's of the same prompt and seed: mean absolute difference of pixels
   in [0, 1], and SSIM (Wang et al. 2004) of the grey (BT.601 luma) images over 7x7 uniform windows.
+- scores: the scorers' means (tools.real_judges.ClipScore: CLIP cosine similarity of the image with the whole
+  prompt, and the minimum over the prompt's objects of its similarity with "a photo of a <object>").
 - s / image: wall-clock seconds from prompt to decoded image (one image per call); overhead: against plain."""
 
 
@@ -68,20 +87,27 @@ class Settings:
 
 @dataclass
 class Unit:
-    """What one prompt x seed gives: a CSV row per variant, the images, and {variant: (words, maps)} on request."""
+    """What one prompt x seed gives: a CSV row per variant, the images, and {variant: (words, maps, layers)} on
+    request (layers: the names of the layers the maps were averaged over)."""
     rows: list
     images: dict
     maps: dict = field(default_factory=dict)
+    prompt_id: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
 # prompts, methods, targets, judge
 
 def load_prompts(path=None, n=120, seed=0):
-    """[dict(prompt=..., objects=[(attribute, noun) or "phrase", ...] or None)]: the held-out shapes prompts, a
-    JSONL file of such dicts, or a text file of one prompt per line (objects unknown)."""
+    """[dict(prompt=..., objects=[(attribute, noun) or "phrase", ...] or None[, targets=[word, ...]])]: the
+    held-out shapes prompts (path None), a named set of PROMPT_SETS ("ae": Attend-and-Excite's 276), a JSONL file
+    of such dicts (objects and targets optional; targets, when given, are the words to regulate), or a text file
+    of one prompt per line (objects unknown). Lines starting with # are comments."""
     if path is None:
         return [dict(prompt=d["prompt"], objects=[tuple(o) for o in d["objects"]]) for d in shapes.benchmark_prompts(n, seed)]
+    path = PROMPT_SETS.get(str(path), path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file (or one of the sets {', '.join(PROMPT_SETS)})")
     lines = [(i, ln.strip()) for i, ln in enumerate(Path(path).read_text().splitlines(), 1)]
     lines = [(i, ln) for i, ln in lines if ln and not ln.startswith("#")]
     if not lines:
@@ -95,12 +121,17 @@ def load_prompts(path=None, n=120, seed=0):
         except json.JSONDecodeError:
             d = None
         objs = d.get("objects") if isinstance(d, dict) else None
+        targets = d.get("targets") if isinstance(d, dict) else None
         if not (isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(objs or [], list)
-                and all(isinstance(o, (str, list)) for o in objs or [])):
+                and all(isinstance(o, (str, list)) for o in objs or [])
+                and isinstance(targets or [], list) and all(isinstance(t, str) for t in targets or [])):
             raise ValueError(f'{path}:{i}: expected one JSON object per line, like {{"prompt": "a red circle and a '
-                             f'blue square", "objects": [["red", "circle"], ["blue", "square"]]}}')
-        items.append(dict(prompt=d["prompt"], objects=[tuple(o) if isinstance(o, list) else o for o in objs]
-                          if objs else None))
+                             f'blue square", "objects": [["red", "circle"], ["blue", "square"]], '
+                             f'"targets": ["circle", "square"]}} (objects and targets optional)')
+        item = dict(prompt=d["prompt"], objects=[tuple(o) if isinstance(o, list) else o for o in objs] if objs else None)
+        if targets:
+            item["targets"] = list(targets)
+        items.append(item)
     return items
 
 
@@ -122,7 +153,10 @@ def target_words(item, mode):
     """Words to regulate. Known objects, each an (attribute, noun) pair or a phrase like "red circle": each one's
     noun, its last word ("nouns"), or all its words ("attr+nouns"). Unknown objects: the nouns that
     regulation.targets.auto_targets picks, and for attr+nouns also the prompt's adjectives, in prompt order.
-    A repeated word becomes "red", "red#2": how regulation.targets.resolve_targets picks an occurrence."""
+    A repeated word becomes "red", "red#2": how regulation.targets.resolve_targets picks an occurrence.
+    Targets given with the prompt (a JSONL "targets" list) are used as they are, in both modes."""
+    if item.get("targets"):
+        return list(item["targets"])
     if item["objects"]:
         phrases = [o.split() if isinstance(o, str) else list(o) for o in item["objects"]]
         words = [w for ph in phrases for w in (ph[-1:] if mode == "nouns" else ph)]
@@ -137,20 +171,75 @@ def target_words(item, mode):
     return words
 
 
+def judge_classes(spec):
+    """"module:attr[,module:attr...]" -> [(spec, the attribute)]: a class, or a ready judge object."""
+    out = []
+    for one in [x.strip() for x in spec.split(",") if x.strip()]:
+        mod, _, attr = one.rpartition(":")
+        if not mod or not attr:
+            raise ValueError(f"--judge must look like module:attr[,module:attr], got {spec!r}")
+        module = importlib.import_module(mod)
+        if not hasattr(module, attr):
+            raise ValueError(f"--judge {one}: {mod} has no {attr!r}")
+        out.append((one, getattr(module, attr)))
+    if not out:
+        raise ValueError("--judge names no judge")
+    return out
+
+
+def add_judge_arguments(ap, argv):
+    """Let the classes named by --judge add their own flags (a judge class may have add_arguments(parser) and
+    from_args(args)), so `--detector-threshold` exists when the detector is asked for."""
+    known, _ = ap.parse_known_args(argv)
+    seen = set()
+    for _, obj in judge_classes(known.judge):
+        if isinstance(obj, type) and hasattr(obj, "add_arguments") and obj not in seen:
+            seen.add(obj)
+            obj.add_arguments(ap)
+
+
+@dataclass
+class Judges:
+    """What --judge names: at most one presence judge, judge(image, objects) -> [bool] per object (tools.judge),
+    and any number of scorers, scorer.scores(image, prompt, objects) -> {name: float} (tools.real_judges).
+    An object may be both. `settings`: what the results depend on (models, thresholds, templates)."""
+    presence: object
+    scorers: list
+    settings: str
+
+    def objects_for(self, prompt):
+        for j in [self.presence, *self.scorers]:
+            if j is not None and hasattr(j, "objects_for"):
+                return j.objects_for(prompt)
+        return None
+
+
+def load_judges(spec, args=None):
+    """Build what --judge names: a class is made with from_args(args) when it has one, else with no arguments."""
+    presence, scorers, settings = None, [], []
+    for one, obj in judge_classes(spec):
+        if isinstance(obj, type):
+            obj = obj.from_args(args) if hasattr(obj, "from_args") and args is not None else obj()
+        is_scorer = callable(getattr(obj, "scores", None))
+        if callable(obj):
+            if presence is not None:
+                raise ValueError(f"--judge {spec}: two judges say which objects are present; name one")
+            presence = obj
+        if is_scorer:
+            scorers.append(obj)
+        if not callable(obj) and not is_scorer:
+            raise ValueError(f"--judge {one}: {obj!r} is neither a judge(image, objects) -> [bool] nor has "
+                             "scores(image, prompt, objects)")
+        settings.append(f"{one}({obj.settings})" if getattr(obj, "settings", None) else one)
+    return Judges(presence, scorers, " ".join(settings))
+
+
 def load_judge(spec):
-    """"module:attr" -> a Judge (see tools.judge); a class is instantiated with no arguments. A judge may also
-    have `objects_for(prompt)`, to judge the prompts of a text file, whose objects are not given."""
-    mod, _, attr = spec.rpartition(":")
-    if not mod or not attr:
-        raise ValueError(f"--judge must look like module:attr, got {spec!r}")
-    module = importlib.import_module(mod)
-    if not hasattr(module, attr):
-        raise ValueError(f"--judge {spec}: {mod} has no {attr!r}")
-    obj = getattr(module, attr)
-    obj = obj() if isinstance(obj, type) else obj
-    if not callable(obj):
-        raise ValueError(f"--judge {spec}: {obj!r} is not callable as judge(image, objects) -> [bool]")
-    return obj
+    """One presence judge from "module:attr" (a class is instantiated with no arguments)."""
+    judge = load_judges(spec).presence
+    if judge is None:
+        raise ValueError(f"--judge {spec}: not callable as judge(image, objects) -> [bool]")
+    return judge
 
 
 def judge_image(judge, image, objects):
@@ -199,31 +288,54 @@ def generate(pipe, prompt, seed, s, hooks=()):
     return image, time.perf_counter() - t
 
 
-def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image=lambda: None):
-    """Plain once, then each variant from the same seed; judge each image and measure its drift from plain.
+class RegulatedMaps(AttentionMaps):
+    """minisd.maps.AttentionMaps over the layers an editor edits (its LayerSelector, `editor.select`), not the
+    model's default blocks: what examples.png shows must be what was regulated, whatever --layers says."""
+
+    def __init__(self, positions, steps, select):
+        super().__init__(positions, steps, blocks=())
+        self.select, self.layers = select, set()
+
+    def wants(self, layer):
+        return (layer.is_cross and self.step in self.steps and self.select(layer)
+                and not torch.is_grad_enabled())
+
+    def edit_probs(self, layer, logits, probs):
+        self.layers.add(layer.name)
+        return super().edit_probs(layer, logits, probs)
+
+
+def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image=lambda: None, scorers=()):
+    """Plain once, then each variant from the same seed; judge each image (judge may be None), score it (each
+    scorer's scores(image, prompt, objects)) and measure its drift from plain.
     With want_maps, when plain missed an object (or the objects are unknown), the regulated runs also record
-    their targets' cross-attention at step steps // 4 (minisd.maps, after the edit), for examples.png."""
+    their targets' cross-attention at step steps // 4 in the layers their editor edits (after the edit)."""
     prompt, objects = item["prompt"], item["objects"]
     rows, images, maps, plain_found = [], {}, {}, None
     for v in variants:
         hooks, observer, targets = [], None, []
         if v.method != "plain":
             targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=lambda *a: None)
-            hooks.append(make_editor(v.method, pipe, prompt, targets, s.steps, seed=seed, layers=s.layers,
-                                     edit_steps=s.edit_steps))
+            editor = make_editor(v.method, pipe, prompt, targets, s.steps, seed=seed, layers=s.layers,
+                                 edit_steps=s.edit_steps)
+            hooks.append(editor)
             if want_maps and not (plain_found and all(plain_found)):
-                observer = AttentionMaps([p for t in targets for p in t.positions], [s.steps // 4],
-                                         pipe.cfg.default_blocks())
+                observer = RegulatedMaps([p for t in targets for p in t.positions], [s.steps // 4], editor.select)
                 hooks.append(observer)
         image, seconds = generate(pipe, prompt, seed, s, hooks)
         on_image()
-        found, swap = judge_image(judge, image, objects)
+        found, swap = judge_image(judge, image, objects) if judge is not None else (None, None)
+        scores = {}
+        for scorer in scorers:
+            scores.update({k: round(float(x), 6) for k, x in scorer.scores(np.asarray(image.convert("RGB")), prompt,
+                                                                          objects).items()})
         plain_found = found if v.method == "plain" else plain_found
-        if observer:
+        if observer and observer.maps:
             ends = np.cumsum([len(t.positions) for t in targets])
             groups = [(t.word, list(range(e - len(t.positions), e))) for t, e in zip(targets, ends)]
             maps[v.name] = ([t.word for t in targets],
-                            {st: m[0] for st, m in word_maps(observer.result(), groups).items()})
+                            {st: m[0] for st, m in word_maps(observer.result(), groups).items()},
+                            sorted(observer.layers))
         mad, sim = drift(image, images.get("plain", image))
         images[v.name] = image
         judged = found is not None
@@ -233,7 +345,8 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
                          all_found=int(all(found)) if judged else "",
                          recall=round(sum(found) / len(found), 4) if judged else "",
                          swap="" if swap is None else int(swap),
-                         mad=round(mad, 6), ssim=round(sim, 6), seconds=round(seconds, 4)))
+                         mad=round(mad, 6), ssim=round(sim, 6), scores=json.dumps(scores, sort_keys=True) if scores else "",
+                         seconds=round(seconds, 4)))
     return Unit(rows, images, maps)
 
 
@@ -241,7 +354,8 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
 # the table and the examples
 
 def summarise(rows, names):
-    """{variant: metrics} from CSV rows (strings); a fraction is None where nothing could be judged."""
+    """{variant: metrics} from CSV rows (strings); a fraction is None where nothing could be judged.
+    metrics["scores"]: {score name: mean over the images that have it}."""
     num = lambda r, k: float(r[k]) if r[k] != "" else None
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     plain = {(r["prompt"], r["seed"]): num(r, "all_found") for r in rows if r["method"] == "plain"}
@@ -250,24 +364,45 @@ def summarise(rows, names):
         rs = [r for r in rows if r["method"] == name]
         judged = [r for r in rs if r["all_found"] != ""]
         pair = [(plain.get((r["prompt"], r["seed"])), num(r, "all_found")) for r in judged]
+        scores = [json.loads(r["scores"]) for r in rs if r["scores"]]
+        keys = list(dict.fromkeys(k for sc in scores for k in sc))
         out[name] = dict(images=len(rs), judged=len(judged), detection=mean([num(r, "all_found") for r in judged]),
                          recall=mean([num(r, "recall") for r in judged]),
                          binding=mean([1 - num(r, "swap") for r in rs if r["swap"] != ""]),
                          fixed=sum(p == 0 and m == 1 for p, m in pair), broke=sum(p == 1 and m == 0 for p, m in pair),
                          mad=mean([num(r, "mad") for r in rs]), ssim=mean([num(r, "ssim") for r in rs]),
-                         seconds=mean([num(r, "seconds") for r in rs]))
+                         seconds=mean([num(r, "seconds") for r in rs]),
+                         scores={k: mean([sc[k] for sc in scores if k in sc]) for k in keys})
     return out
 
 
 def format_table(summary):
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     base = summary["plain"]["seconds"]
-    lines = ["| method | images | detection | object recall | binding | fixed / broke | MAD | SSIM | s / image | overhead |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    keys = list(dict.fromkeys(k for m in summary.values() for k in m["scores"]))
+    lines = ["| method | images | detection | object recall | binding | fixed / broke | " +
+             "".join(f"{k} | " for k in keys) + "MAD | SSIM | s / image | overhead |",
+             "|---|--:|--:|--:|--:|--:|" + "--:|" * len(keys) + "--:|--:|--:|--:|"]
     for name, m in summary.items():
         fb = "" if name == "plain" or not m["judged"] else f"+{m['fixed']} / -{m['broke']}"
+        sc = "".join("n/a | " if m["scores"].get(k) is None else f"{m['scores'][k]:.4f} | " for k in keys)
         lines.append(f"| {name} | {m['images']} | {pct(m['detection'])} | {pct(m['recall'])} | {pct(m['binding'])} | "
-                     f"{fb} | {m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
+                     f"{fb} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
+    return "\n".join(lines)
+
+
+def paper_table(summary, variants):
+    """Our detection, CLIP and overhead beside the Attention Regulation paper's on the Attend-and-Excite prompts."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    base = summary["plain"]["seconds"]
+    lines = ["| method | ours: detection | paper: detection | ours: CLIP (prompt) | paper: CLIP | ours: overhead | "
+             "paper: overhead |", "|---|--:|--:|--:|--:|--:|--:|"]
+    for v in variants:
+        m, (det, clip, over) = summary[v.name], PAPER_AE[v.method]
+        ours_clip = m["scores"].get("clip_prompt")
+        ours_clip = "n/a" if ours_clip is None else f"{ours_clip:.3f}"
+        overhead = "-" if v.method == "plain" else f"{m['seconds'] / base - 1:+.1%}"
+        lines.append(f"| {v.name} | {pct(m['detection'])} | {det} | {ours_clip} | {clip} | {overhead} | {over} |")
     return "\n".join(lines)
 
 
@@ -276,12 +411,13 @@ def examples_sheet(examples, cell=128):
     method its image and its targets' attention maps (minisd.maps.grid)."""
     blocks = []
     for ex in examples:
-        step = max((st for _, m in ex.maps.values() for st in m), default=0)
+        step = max((st for _, m, _ in ex.maps.values() for st in m), default=0)
         panels = [grid(ex.images["plain"], [("plain", ex.images["plain"], {step: None})], [], cell)]
-        panels += [grid(ex.images[n], [(n, ex.images[n], m)], words, cell) for n, (words, m) in ex.maps.items()]
+        panels += [grid(ex.images[n], [(n, ex.images[n], m)], words, cell) for n, (words, m, _) in ex.maps.items()]
         count = lambda r: f"{r['found'].count('1')}/{len(r['found'].split())}" if r["found"] else "?"
+        layers = sorted({block_of(name) for _, _, names in ex.maps.values() for name in names})
         text = f"{ex.rows[0]['prompt']}  (seed {ex.rows[0]['seed']})\nfound: " + \
-            "  ".join(f"{r['method']} {count(r)}" for r in ex.rows)
+            "  ".join(f"{r['method']} {count(r)}" for r in ex.rows) + f"   maps: {', '.join(layers)}"
         block = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels) + 30), "white")
         ImageDraw.Draw(block).text((4, 2), text, fill="black")
         for k, p in enumerate(panels):
@@ -297,13 +433,18 @@ def examples_sheet(examples, cell=128):
 # command line
 
 def read_rows(path, settings):
-    """The rows already in results.csv; refuses a file made with other settings (they would mix in the table)."""
+    """The complete rows of a results or part file; refuses a file made with other settings (they would mix in
+    the table). A part file's last line may be torn (its rank was killed while writing): a line without its
+    newline, or with too few fields, is no row."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    if reader.fieldnames != COLUMNS:
+        text = f.read()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    rows = [r for r in reader if None not in r.values() and None not in r]
+    if reader.fieldnames is not None and reader.fieldnames != COLUMNS:
         raise ValueError(f"{path} has other columns than this evaluator writes; use another --out")
     for r in rows:
         if r["settings"] != settings:
@@ -312,15 +453,84 @@ def read_rows(path, settings):
     return rows
 
 
+PART = re.compile(r"part-(\d+)-rank(\d+)\.csv")
+
+
+def part_files(out):
+    """OUT/parts/part-<attempt>-rank<r>.csv, in (attempt, rank) order."""
+    found = [(PART.fullmatch(p.name), p) for p in (out / "parts").glob("part-*.csv")]
+    return [p for m, p in sorted((m, p) for m, p in found if m) if m]
+
+
+def done_rows(out, settings):
+    """{(prompt, seed, method): row} of every row already written: OUT/results.csv and all part files. A key found
+    twice (two commands run at once on the same --out) keeps its first row."""
+    rows = {}
+    for path in [out / "results.csv", *part_files(out)]:
+        for r in read_rows(path, settings):
+            rows.setdefault((r["prompt"], r["seed"], r["method"]), r)
+    return rows
+
+
+def write_csv(path, rows):
+    """Write a whole CSV next to its place, then move it there: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def distributed(device):
+    """(rank, world size, device, process group for coordination). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK
+    in the environment) this joins the process group: nccl with a CUDA device, each rank on GPU LOCAL_RANK, gloo
+    on CPU; the small objects the ranks exchange (the work list, the examples) go through a gloo group either way.
+    Without torchrun: (0, 1, device, None). The timeout is long because ranks wait for the slowest at the end."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device, None
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = timedelta(hours=24)
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout)
+        group = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+        group = dist.group.WORLD
+    return dist.get_rank(), dist.get_world_size(), device, group
+
+
+def kill_switch(rank):
+    """For the tests of resuming: MINISD_EVAL_KILL_AFTER="<rank>:<units>" makes that rank SIGKILL itself after
+    writing that many units, as a machine or a scheduler would."""
+    spec = os.environ.get("MINISD_EVAL_KILL_AFTER", "")
+    r, _, k = spec.partition(":")
+    return int(k) if spec and int(r) == rank else None
+
+
 def run(args, log=print):
+    rank, world, args.device, group = distributed(args.device)
+    try:
+        return _run(args, rank, world, group, log if rank == 0 else (lambda *a: None))
+    finally:
+        if world > 1 or "WORLD_SIZE" in os.environ:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(args, rank, world, group, log):
     if args.threads:
         torch.set_num_threads(args.threads)
     items = load_prompts(args.prompts, args.n_prompts, args.prompt_seed)[:args.limit]
     variants = parse_variants(args.methods, args.targets)
-    judge = load_judge(args.judge)
+    judges = load_judges(args.judge, args)
     for item in items:
-        if item["objects"] is None and hasattr(judge, "objects_for"):
-            item["objects"] = judge.objects_for(item["prompt"])
+        if item["objects"] is None:
+            item["objects"] = judges.objects_for(item["prompt"])
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
@@ -330,60 +540,116 @@ def run(args, log=print):
                  else args.guidance, args.size or pipe.cfg.image_size, args.layers, args.edit_steps)
     ckpt_hash = file_hash(ckpt)
     settings = (f"steps={s.steps} guidance={s.guidance} size={s.size} layers={s.layers} edit_steps={s.edit_steps} "
-                f"judge={args.judge} checkpoint={ckpt_hash}")
+                f"judge={judges.settings} checkpoint={ckpt_hash}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.csv"
-    old = read_rows(path, settings)
-    have = {(r["prompt"], r["seed"], r["method"]) for r in old}
     units = [(i, item, seed) for i, item in enumerate(items) for seed in range(args.seed, args.seed + args.seeds)]
-    wanted = {(item["prompt"], str(seed), v.name) for _, item, seed in units for v in variants}
-    todo = [u for u in units if any((u[1]["prompt"], str(u[2]), v.name) not in have for v in variants)]
-    log(f"{len(units)} prompt x seed ({len(units) - len(todo)} already in {path}), methods "
-        f"{', '.join(v.name for v in variants)}, {s.steps} steps, guidance {s.guidance}, {s.size} px")
+    names = [v.name for v in variants]
 
-    examples = []
-    if todo:
+    # rank 0 reads what is done and deals out the rest; an error there (other settings) stops every rank
+    news = [None]
+    if rank == 0:
+        try:
+            (out / "parts").mkdir(parents=True, exist_ok=True)
+            have = set(done_rows(out, settings))
+            todo = [k for k, (_, item, seed) in enumerate(units)
+                    if any((item["prompt"], str(seed), n) not in have for n in names)]
+            attempt = 1 + max((int(PART.fullmatch(p.name).group(1)) for p in part_files(out)), default=0)
+            news = [dict(have=have, todo=todo, attempt=attempt)]
+        except (ValueError, OSError) as e:
+            news = [dict(error=str(e))]
+    if world > 1:
+        import torch.distributed as dist
+        dist.broadcast_object_list(news, src=0, group=group)
+    news = news[0]
+    if "error" in news:
+        raise ValueError(news["error"])
+    have, todo = news["have"], news["todo"]
+    mine = [units[k] for k in todo[rank::world]]
+    log(f"{len(units)} prompt x seed ({len(units) - len(todo)} already in {out}), {world} rank(s), methods "
+        f"{', '.join(names)}, {s.steps} steps, guidance {s.guidance}, {s.size} px")
+
+    examples, kill_after = [], kill_switch(rank)
+    if mine:
         generate(pipe, items[0]["prompt"], 0, Settings(1, s.guidance, s.size))  # warm-up, kept out of the timings
-        bar = tqdm(total=len(todo) * len(variants), desc="images", unit="img")
+        bar = tqdm(total=len(todo) * len(variants), desc="images", unit="img", disable=rank != 0)
+        path = out / "parts" / f"part-{news['attempt']:04d}-rank{rank:05d}.csv"
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
-            if not old:
-                writer.writeheader()
-            for i, item, seed in todo:
-                unit = evaluate_one(pipe, item, seed, variants, judge, s, want_maps=len(examples) < args.examples,
-                                    on_image=lambda: bar.update(1))
+            writer.writeheader()
+            for n, (i, item, seed) in enumerate(mine, 1):
+                unit = evaluate_one(pipe, item, seed, variants, judges.presence, s,
+                                    want_maps=len(examples) < args.examples, on_image=lambda: bar.update(world),
+                                    scorers=judges.scorers)
                 writer.writerows(dict(r, prompt_id=i, settings=settings) for r in unit.rows
                                  if (item["prompt"], str(seed), r["method"]) not in have)
-                f.flush()   # an interrupted run keeps every finished prompt x seed
+                f.flush()   # a killed rank keeps every finished prompt x seed
+                os.fsync(f.fileno())
                 if unit.maps:
+                    unit.prompt_id = i
                     examples.append(unit)
+                if n == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
 
-    rows = [r for r in read_rows(path, settings) if (r["prompt"], r["seed"], r["method"]) in wanted]
-    summary = summarise(rows, [v.name for v in variants])
+    if world > 1:   # waits for every rank to finish its units
+        import torch.distributed as dist
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(examples, gathered, dst=0, group=group)
+        examples = [u for part in gathered or [] for u in part]
+    if rank != 0:
+        return None
+    examples = sorted(examples, key=lambda u: (u.prompt_id, int(u.rows[0]["seed"])))[:args.examples]
+
+    wanted = {(item["prompt"], str(seed), n) for _, item, seed in units for n in names}
+    order = {n: k for k, n in enumerate(names)}
+    merged = sorted(done_rows(out, settings).values(),
+                    key=lambda r: (int(r["prompt_id"]), int(r["seed"]), order.get(r["method"], len(order)), r["method"]))
+    write_csv(out / "results.csv", merged)
+    rows = [r for r in merged if (r["prompt"], r["seed"], r["method"]) in wanted]
+    summary = summarise(rows, names)
     table = format_table(summary)
     header = [f"# Semantic fidelity: {len(items)} prompts x {args.seeds} seeds", "",
               "    python -m tools.evaluate " + shlex.join(args.argv), "",
               f"Checkpoint `{ckpt}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, {s.size} px, "
-              f"judge `{args.judge}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
-              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {torch.get_num_threads()} torch threads on {args.device}.",
+              f"judge `{judges.settings}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
+              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {world} rank(s), {torch.get_num_threads()} torch "
+              f"threads each on {args.device if world == 1 else torch.device(args.device).type}.",
               "", DEFINITIONS, ""]
+    paper = []
+    if str(args.prompts) == "ae" and {v.method for v in variants} <= set(PAPER_AE):
+        paper = ["", "Beside the Attention Regulation paper's figures on the same prompts (theirs: its detector, its "
+                 "CLIP, time on its GPU):", "", paper_table(summary, variants)]
+        table += "\n" + "\n".join(paper)
     (out / "table.md").write_text("\n".join(header + [table, ""]))
     if examples:
         examples_sheet(examples).save(out / "examples.png")
     log(table)
-    log(f"wrote {path}, {out / 'table.md'}" + (f", {out / 'examples.png'} ({len(examples)} examples)" if examples
-                                               else " (no new image where plain missed an object: no examples.png)"))
+    log(f"wrote {out / 'results.csv'}, {out / 'table.md'}" +
+        (f", {out / 'examples.png'} ({len(examples)} examples)" if examples
+         else " (no new image where plain missed an object: no examples.png)"))
     return summary
+
+
+def list_prompts(args):
+    """Print the prompt set, one line per prompt: id, prompt, objects, the target words of --targets."""
+    items = load_prompts(args.prompts, args.n_prompts, args.prompt_seed)[:args.limit]
+    modes = TARGET_MODES if args.targets == "both" else (args.targets,)
+    for i, item in enumerate(items):
+        objects = "?" if item["objects"] is None else "; ".join(o if isinstance(o, str) else " ".join(o)
+                                                               for o in item["objects"])
+        print(f"{i}\t{item['prompt']}\t{objects}\t" + "\t".join(" ".join(target_words(item, m)) for m in modes))
+    print(f"{len(items)} prompts", file=sys.stderr)
+    return items
 
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    ap.add_argument("--prompts", default=None, help="JSONL of {prompt, objects} or a text file of prompts "
-                                                    "(default: the held-out two-object shapes prompts)")
+    ap.add_argument("--prompts", default=None, help="'ae' (Attend-and-Excite's 276 prompts, tools/data), a JSONL "
+                    "file of {prompt, objects, targets} or a text file of prompts (default: the held-out two-object "
+                    "shapes prompts)")
+    ap.add_argument("--list-prompts", action="store_true", help="print the prompts and their target words, and stop")
     ap.add_argument("--n-prompts", type=int, default=120, help="how many held-out prompts (without --prompts)")
     ap.add_argument("--prompt-seed", type=int, default=0, help="seed of the held-out prompts' order and templates")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
@@ -396,9 +662,12 @@ def build_parser():
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    ap.add_argument("--judge", default="tools.judge:ShapesJudge", help="module:attr of a Judge (tools.judge)")
+    ap.add_argument("--judge", default="tools.judge:ShapesJudge",
+                    help="module:attr[,module:attr...]: one judge of presence (tools.judge, tools.real_judges:"
+                         "OwlDetector) and any scorers (tools.real_judges:ClipScore); their own flags appear in "
+                         "--help when they are named")
     ap.add_argument("--examples", type=int, default=8, help="rows of examples.png")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default="eval")
     return ap
@@ -406,12 +675,19 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    try:
+        add_judge_arguments(ap, argv)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e}")
+    args = ap.parse_args(argv)
     args.argv = argv
     for name in ("seeds", "n_prompts", "limit", "steps", "size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
     try:
+        if args.list_prompts:
+            return list_prompts(args)
         return run(args)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
