@@ -459,7 +459,7 @@ PART = re.compile(r"part-(\d+)-rank(\d+)\.csv")
 def part_files(out):
     """OUT/parts/part-<attempt>-rank<r>.csv, in (attempt, rank) order."""
     found = [(PART.fullmatch(p.name), p) for p in (out / "parts").glob("part-*.csv")]
-    return [p for m, p in sorted((m, p) for m, p in found if m) if m]
+    return [p for _, p in sorted((tuple(map(int, m.groups())), p) for m, p in found if m)]
 
 
 def done_rows(out, settings):

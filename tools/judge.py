@@ -202,17 +202,35 @@ class ShapesJudge:
 # ----------------------------------------------------------------------------------------------------------
 # measuring the judge itself
 
-class ColourJudge:
-    """A lenient judge: an object counts as present when a blob of its colour is there, whatever its shape. A model
-    that draws rough shapes (the tiny shipped one) is then still judged on object neglect: a named object whose
-    colour is missing altogether was neglected."""
+@lru_cache(maxsize=None)
+def smallest_object_area():
+    """The area, as a fraction of the image, of the smallest object the world draws: each shape rendered at the
+    smallest size of shapes.SIZE_RANGE, measured like prototypes() so it follows shapes.py. About 0.017 (the
+    star: 279 px at 128 px; objects span about 280 to 2,700 px there)."""
+    areas = []
+    for shape in shapes.SHAPES:
+        image = shapes.render(shapes.Scene([shapes.Obj("blue", shape, shapes.SIZE_RANGE[0], 0.5, 0.5)]), 128)
+        areas += [mask.sum() for _, mask in components(image)]
+    return min(areas) / 128 ** 2
 
-    def __init__(self, cfg=JudgeConfig()):
+
+class ColourJudge:
+    """A lenient judge: an object counts as present when an object-sized blob of its colour is there, whatever its
+    shape. A model that draws rough shapes (the tiny shipped one) is then still judged on object neglect: a named
+    object whose colour is missing altogether was neglected.
+
+    Object-sized: at least `min_object` of the smallest object the world draws (smallest_object_area(), a fraction
+    of the image, so it scales with the image size). JudgeConfig's min_area (49 px at 128) only drops noise; a
+    speck of a colour that size is no object, and counting it would call a neglected object present."""
+
+    def __init__(self, cfg=JudgeConfig(), min_object=0.5):
         self.cfg = cfg
+        self.min_area = min_object * smallest_object_area()
 
     def __call__(self, image, objects):
         _check_objects(objects)
-        colours = {d.colour for d in detect(image, self.cfg)}
+        size = image.shape[0] * image.shape[1]
+        colours = {d.colour for d in detect(image, self.cfg) if d.area >= self.min_area * size}
         return [c in colours for c, _ in objects]
 
 
