@@ -345,7 +345,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
                          all_found=int(all(found)) if judged else "",
                          recall=round(sum(found) / len(found), 4) if judged else "",
                          swap="" if swap is None else int(swap),
-                         mad=round(mad, 6), ssim=round(sim, 6), scores=json.dumps(scores, sort_keys=True) if scores else "",
+                         mad=round(mad, 6), ssim=round(sim, 6), scores=json.dumps(scores) if scores else "",
                          seconds=round(seconds, 4)))
     return Unit(rows, images, maps)
 
