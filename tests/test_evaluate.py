@@ -137,3 +137,60 @@ def test_prompt_files(tmp_path):
         evaluate.parse_variants("plain,magic", "nouns")
     assert [v.name for v in evaluate.parse_variants("regulate", "both")] == \
         ["plain", "regulate[nouns]", "regulate[attr+nouns]"]
+
+
+def test_the_attend_and_excite_prompt_set_ships_with_its_targets(capsys):
+    items = evaluate.load_prompts("ae")
+    assert len(items) == 276 and len({d["prompt"] for d in items}) == 276
+    assert items[0]["prompt"] == "a elephant and a rabbit"          # the original wording and order
+    for d in items:
+        subjects = [o if isinstance(o, str) else o[-1] for o in d["objects"]]
+        assert len(subjects) == 2 and evaluate.target_words(d, "nouns") == subjects
+        words = d["prompt"].split()
+        assert words[-1] == subjects[1] and subjects[0] in words[1:3]
+    # the three sets in the source's order and sizes (66, 144, 66): animals bare, objects with their colour
+    coloured = [tuple(isinstance(o, tuple) for o in d["objects"]) for d in items]
+    assert set(coloured[:66]) == {(False, False)} and set(coloured[210:]) == {(True, True)}
+    assert set(coloured[66:210]) == {(False, False), (False, True)}     # "a cat with a crown", "a cat and a red car"
+    data = evaluate.PROMPT_SETS["ae"]
+    assert "MIT" in data.read_text()[:2000] and (data.parent / "LICENSE-attend-and-excite.txt").is_file()
+    assert "/shared" not in str(data.resolve())
+    listed = evaluate.main(["--prompts", "ae", "--list-prompts"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(listed) == len(lines) == 276 and lines[70] == "70\ta frog and a purple balloon\tfrog; purple balloon\tfrog balloon"
+
+
+def test_jsonl_targets_are_used_as_given(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a photo of a cat on a red sofa", "targets": ["cat", "sofa"]}\n{"prompt": "a dog"}\n')
+    items = evaluate.load_prompts(p)
+    assert items == [dict(prompt="a photo of a cat on a red sofa", objects=None, targets=["cat", "sofa"]),
+                     dict(prompt="a dog", objects=None)]
+    assert evaluate.target_words(items[0], "attr+nouns") == ["cat", "sofa"]
+    p.write_text('{"prompt": "a cat", "targets": "cat"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        evaluate.load_prompts(p)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        evaluate.load_prompts(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize("layers", [None, "input_blocks.1", "16x16"])
+def test_example_maps_come_from_the_regulated_layers(ckpt, layers):
+    """examples.png shows the maps of the layers that were regulated: with --layers, those, not the defaults."""
+    from minisd.attention import Attention
+    from minisd.maps import block_of
+    from minisd.pipeline import Pipeline
+    pipe = Pipeline.from_checkpoint(ckpt)
+    item = dict(prompt="a red circle and a blue square", objects=[("red", "circle"), ("blue", "square")])
+    s = evaluate.Settings(steps=4, guidance=5.0, size=32, layers=layers)
+    unit = evaluate.evaluate_one(pipe, item, 0, evaluate.parse_variants("regulate", "nouns"), None, s, want_maps=True)
+    words, maps, seen = unit.maps["regulate[nouns]"]
+    cross = [m.name for m in pipe.model.modules() if isinstance(m, Attention) and m.is_cross]
+    if layers == "16x16":   # the 32 px model's 16x16 maps are its first level: input_blocks.1, output_blocks.4/5
+        expected = [n for n in cross if block_of(n) in ("input_blocks.1", "output_blocks.4", "output_blocks.5")]
+    else:
+        expected = [n for n in cross if block_of(n) in ([layers] if layers else pipe.cfg.default_blocks())]
+    assert words == ["circle", "square"] and seen == sorted(expected) and seen
+    assert maps[1].shape[0] == 2                      # step steps // 4, one map per target word
+    sheet = evaluate.examples_sheet([unit])
+    assert sheet.width > 0
