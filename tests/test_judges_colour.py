@@ -1,8 +1,6 @@
 """tools.judge.ColourJudge: a colour counts only as an object-sized blob, at any image size."""
-import numpy as np
 
 from tools import judge, shapes
-
 
 def scene(size, speck):
     """A blue square (a real object) and a red speck of `speck` x `speck` pixels at 128 px, scaled to `size`."""
@@ -10,7 +8,6 @@ def scene(size, speck):
     k = speck * size // 128
     image[size - 20 * size // 128:size - 20 * size // 128 + k, size // 2:size // 2 + k] = shapes.COLOURS["red"]
     return image
-
 
 def test_a_speck_of_colour_is_no_object_but_the_smallest_object_is():
     objects = [("blue", "square"), ("red", "circle")]

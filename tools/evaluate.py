@@ -516,10 +516,9 @@ def run(args, log=print):
     try:
         return _run(args, rank, world, group, log if rank == 0 else (lambda *a: None))
     finally:
-        if world > 1 or "WORLD_SIZE" in os.environ:
+        if group is not None:
             import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            dist.destroy_process_group()
 
 
 def _run(args, rank, world, group, log):
@@ -535,12 +534,12 @@ def _run(args, rank, world, group, log):
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
     from minisd.pipeline import Pipeline
-    pipe = Pipeline.from_checkpoint(ckpt, device=args.device)
+    pipe = Pipeline.from_checkpoint(ckpt, device=args.device, dtype=getattr(torch, args.dtype))
     s = Settings(args.steps or pipe.cfg.default_steps, pipe.cfg.default_guidance if args.guidance is None
                  else args.guidance, args.size or pipe.cfg.image_size, args.layers, args.edit_steps)
     ckpt_hash = file_hash(ckpt)
     settings = (f"steps={s.steps} guidance={s.guidance} size={s.size} layers={s.layers} edit_steps={s.edit_steps} "
-                f"judge={judges.settings} checkpoint={ckpt_hash}")
+                f"judge={judges.settings} checkpoint={ckpt_hash}" + (f" dtype={args.dtype}" if args.dtype != "float32" else ""))
     out = Path(args.out)
     units = [(i, item, seed) for i, item in enumerate(items) for seed in range(args.seed, args.seed + args.seeds)]
     names = [v.name for v in variants]
@@ -668,6 +667,8 @@ def build_parser():
                          "--help when they are named")
     ap.add_argument("--examples", type=int, default=8, help="rows of examples.png")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (bfloat16 on GPUs for SD 1.5; attention softmax stays float32 where observed)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default="eval")
     return ap
