@@ -2,6 +2,7 @@
 
 from tools import judge, shapes
 
+
 def scene(size, speck):
     """A blue square (a real object) and a red speck of `speck` x `speck` pixels at 128 px, scaled to `size`."""
     image = shapes.render(shapes.Scene([shapes.Obj("blue", "square", shapes.SIZE_RANGE[0], 0.3, 0.3)]), size)
