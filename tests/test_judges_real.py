@@ -166,3 +166,13 @@ def test_both_judges_in_the_evaluation_land_in_rows_and_table(clip_dir, owl_dir,
         evaluate.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--seeds", "2", "--steps", "3",
                        "--out", str(out), "--judge", "tools.real_judges:OwlDetector",
                        "--detector-model", str(owl_dir), "--detector-threshold", "0.5"])
+
+
+def test_the_judges_flags_are_in_the_help_when_named(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--judge", "tools.real_judges:OwlDetector,tools.real_judges:ClipScore", "--help"])
+    text = capsys.readouterr().out
+    assert "--detector-threshold" in text and "--clip-template" in text
+    with pytest.raises(SystemExit):
+        evaluate.main(["--help"])
+    assert "--detector-threshold" not in capsys.readouterr().out

@@ -190,7 +190,9 @@ def judge_classes(spec):
 def add_judge_arguments(ap, argv):
     """Let the classes named by --judge add their own flags (a judge class may have add_arguments(parser) and
     from_args(args)), so `--detector-threshold` exists when the detector is asked for."""
-    known, _ = ap.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)   # --help waits until the judges' flags are in
+    pre.add_argument("--judge", default=ap.get_default("judge"))
+    known, _ = pre.parse_known_args(argv)
     seen = set()
     for _, obj in judge_classes(known.judge):
         if isinstance(obj, type) and hasattr(obj, "add_arguments") and obj not in seen:
