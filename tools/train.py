@@ -126,7 +126,7 @@ def train_clip(model, args, run):
         bar.close()
     path = run / "clip_eval.json"
     if not path.is_file():
-        path.write_text(json.dumps(tinyclip.evaluate(clip, tok)))
+        path.write_text(json.dumps(tinyclip.evaluate(clip, tok, n=args.clip_eval)))
     result = json.loads(path.read_text())
     print("tiny CLIP, held-out retrieval (true caption beats its hard negatives):", result)
     return result
@@ -203,11 +203,10 @@ def swap_tail(context, ids, eot_id):
     that caption's own end-of-text token on: the end-of-text state and the padding that follows it."""
     pos = torch.arange(ids.shape[1])
     eot = (ids == eot_id).int().argmax(1)
-    eot_next = eot.roll(-1, 0)
-    src = (eot_next[:, None] + (pos[None] - eot[:, None])).clamp(max=ids.shape[1] - 1)
-    src = torch.where(pos[None] >= eot[:, None], src, pos[None])                      # (b, 77)
-    other = torch.where((pos[None] >= eot[:, None])[..., None], context.roll(-1, 0), context)
-    return other.gather(1, src[..., None].expand(-1, -1, context.shape[-1]))
+    tail = pos[None] >= eot[:, None]                                                  # (b, 77)
+    src = (eot.roll(-1, 0)[:, None] + (pos[None] - eot[:, None])).clamp(0, ids.shape[1] - 1)
+    taken = context.roll(-1, 0).gather(1, src[..., None].expand(-1, -1, context.shape[-1]))
+    return torch.where(tail[..., None], taken, context)
 
 
 def train_unet(model, args, run, data, metadata):
@@ -300,6 +299,7 @@ def main(argv=None):
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--clip-lr", type=float, default=2e-3)
     ap.add_argument("--clip-pool", type=int, default=5000, help="scenes the tiny CLIP sees (64 px)")
+    ap.add_argument("--clip-eval", type=int, default=200, help="held-out scenes for the retrieval check")
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-lr", type=float, default=1e-3)

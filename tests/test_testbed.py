@@ -1,0 +1,96 @@
+"""The testbed's own tools: the tiny CLIP's hard negatives, the swapped end-of-text/padding states of training,
+the whole training command on a toy budget, the diagnostics, and gate (a) on the shipped model."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minisd.checkpoint import build_model, save_checkpoint
+from minisd.config import tiny
+from minisd.pipeline import Pipeline
+from minisd.tokenizer import Tokenizer
+from tools import diagnose, shapes, tinyclip, train
+from tools import judge as J
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "minisd-shapes.safetensors"
+
+
+def test_hard_negatives_change_exactly_one_thing():
+    rng = np.random.default_rng(0)
+    keys = [("red", "circle"), ("blue", "square")]
+    template = shapes.TEMPLATES[2][0]
+    caption = tinyclip._fmt(keys, template)
+    swap, drop, shape, colour = tinyclip.hard_negatives(keys, template, rng)
+    assert swap == "a blue circle and a red square"
+    assert drop in {shapes.caption_for([k], np.random.default_rng(s)) for k in keys for s in range(50)}
+    for neg in (shape, colour):
+        diff = [(a, b) for a, b in zip(caption.split(), neg.split()) if a != b]
+        assert len(neg.split()) == len(caption.split()) and len(diff) == 1, neg
+    assert caption not in (swap, drop, shape, colour)
+
+
+def test_swap_tail_takes_the_next_captions_end_of_text_and_padding():
+    tok = Tokenizer()
+    ids = tok(["a red circle", "a photo of a blue square next to a green star"])
+    ctx = torch.arange(2 * 77, dtype=torch.float32).view(2, 77, 1).expand(-1, -1, 3).clone()
+    out = train.swap_tail(ctx, ids, tok.eos_id)
+    eot = [int((i == tok.eos_id).int().argmax()) for i in ids]
+    # caption 0: its words, then caption 1's states from caption 1's end-of-text on
+    assert torch.equal(out[0, :eot[0]], ctx[0, :eot[0]])
+    n = 77 - eot[1]
+    assert torch.equal(out[0, eot[0]:eot[0] + n], ctx[1, eot[1]:])
+    assert torch.equal(out[0, eot[0] + n:], ctx[1, -1:].expand(77 - eot[0] - n, -1))
+    # caption 1 takes caption 0's (the batch wraps around)
+    assert torch.equal(out[1, :eot[1]], ctx[1, :eot[1]])
+    assert torch.equal(out[1, eot[1]:], ctx[0, eot[0]:eot[0] + 77 - eot[1]])
+
+
+def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path):
+    out, run = tmp_path / "m.safetensors", tmp_path / "run"
+    argv = ["--out", str(out), "--run", str(run), "--threads", "1", "--clip-steps", "2", "--clip-batch", "8",
+            "--clip-pool", "32", "--clip-eval", "4", "--vae-steps", "2", "--vae-pool", "16", "--vae-batch", "2",
+            "--dataset", "64", "--unet-steps", "2", "--batch", "4", "--save-every", "1", "--snapshot-every", "1"]
+    train.main(argv)
+    assert (run / "snapshot-000001.safetensors").is_file() and (run / "clip_eval.json").is_file()
+    pipe = Pipeline.from_checkpoint(out)
+    assert pipe.cfg.default_blocks() == ("input_blocks.1", "output_blocks.4", "output_blocks.5")
+    first = out.read_bytes()
+    train.main(argv)   # everything done: resumes to the same weights without another step
+    assert out.read_bytes() == first
+    # the text encoder is frozen in the UNet stage: the model's text weights are the CLIP stage's
+    clip = torch.load(run / "clip.pt", weights_only=True)["clip"]
+    for k, v in pipe.model.cond_stage_model.state_dict().items():
+        torch.testing.assert_close(v.float(), clip["text." + k].half().float())
+
+
+def test_diagnose_runs_every_gate(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_model(tiny(image_size=32)), path)
+    lines = []
+    out = diagnose.diagnose(path, steps=2, seeds_a=1, n_two=2, seeds_b=1, n_swap=2, log=lines.append)
+    assert out["a"]["n"] == 36 and out["c"]["n"] == 4 and out["bd"]["n"] == 2
+    shares = [out["bd"][k] for k in ("attention_start", "attention_words", "attention_end_pad")]
+    assert abs(sum(shares) - 1) < 1e-4
+    assert set(out["pass"]) == {"a", "b", "c", "d"} and lines[-1].startswith("gates:")
+
+
+def test_swapped_context_keeps_words_of_one_prompt_and_padding_of_the_other():
+    pipe = Pipeline(build_model(tiny(image_size=32)).eval())
+    a, b = "a red circle", "a blue square"
+    ctx = diagnose.swapped_context(pipe, a, b)
+    ea, eb = pipe.encode_prompts([a]), pipe.encode_prompts([b])
+    eot = int((pipe.tokenizer([a])[0] == pipe.tokenizer.eos_id).int().argmax())
+    assert torch.equal(ctx[:, :eot], ea[:, :eot]) and torch.equal(ctx[:, eot:], eb[:, eot:])
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model is not in this checkout")
+def test_shipped_model_draws_single_objects():
+    """Gate (a) on a handful of prompts: one per shape, colours rotating, held-out seeds."""
+    pipe = Pipeline.from_checkpoint(SHIPPED)
+    keys = [(list(shapes.COLOURS)[i], s) for i, s in enumerate(shapes.SHAPES)]
+    found = [J.judge(diagnose.to_uint8(pipe(shapes.phrase(*k), seed=diagnose.SEED0).images[0]), [k])[0] for k in keys]
+    assert sum(found) >= GATE_A_MIN, f"found {sum(found)} of {len(keys)}: {list(zip(keys, found))}"
+
+
+GATE_A_MIN = 5
