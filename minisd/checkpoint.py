@@ -410,7 +410,11 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
         emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata
     model.requires_grad_(False)  # inference: a gradient through the UNet (Attend-and-Excite) must not keep weight grads
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
+    if cfg.vae_upcast and dtype == torch.float16:  # SDXL's VAE overflows in float16: keep it in float32
+        model.first_stage_model.to(device=device, dtype=torch.float32).load_state_dict(
+            {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")})
+    return model.eval()
 
 
 def build_model(cfg, device="cpu", dtype=torch.float32, seed=0):

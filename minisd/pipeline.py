@@ -193,9 +193,9 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents):
-        latents = latents.to(self.device, self.dtype)
+        latents = latents.to(self.device)
         if self.decoder is not None:
-            return self.decoder(latents)
+            return self.decoder(latents.to(self.dtype))
         vae = self.model.first_stage_model
         if self.cfg.vae_upcast and latents.dtype == torch.float16:  # SDXL's VAE overflows in float16
             vae.float()

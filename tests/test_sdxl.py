@@ -277,3 +277,81 @@ def test_sd_unet_refuses_a_vector_and_sdxl_needs_one(xl):
     x, ctx = torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, xl.cfg.unet.context_dim)
     with pytest.raises(ValueError, match="needs the vector conditioning"):
         xl.model.unet(x, 1, ctx)
+
+
+# ------------------------------------------------------------------------------------------ regulation on SDXL
+
+def test_default_regulated_layers_are_the_deepest_attention_level():
+    """1/32 of the image side (32x32 at 1024 px): input_blocks.7/8 and output_blocks.0/1/2, 10 transformer
+    blocks each, so 50 cross-attention layers; the middle block (also 32x32) stays out, as in SD."""
+    from regulation.layers import LayerSelector
+    cfg = sdxl()
+    assert cfg.default_blocks() == ("input_blocks.7", "input_blocks.8", "output_blocks.0", "output_blocks.1",
+                                    "output_blocks.2")
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    select = LayerSelector(None, cfg)
+    chosen = [m.name for m in model.attention_layers(cross_only=True) if select(m)]
+    assert len(chosen) == 50 and all(".transformer_blocks." in n for n in chosen)
+    one = LayerSelector("input_blocks.7.1.transformer_blocks.3", cfg)
+    assert [m.name for m in model.attention_layers(cross_only=True) if one(m)] == \
+        ["model.diffusion_model.input_blocks.7.1.transformer_blocks.3.attn2"]
+    for bad in ("input_blocks.7.1.transformer_blocks.10", "input_blocks.1", "input_blocks.4.1.transformer_blocks.2"):
+        with pytest.raises(ValueError, match="names no"):
+            LayerSelector(bad, cfg)
+
+
+def test_targets_agree_across_both_tokenizers(xl):
+    from regulation.targets import TargetError, resolve_targets
+    toks = xl.mine.tokenizers
+    assert [t.pad_with_eot for t in toks] == [True, False]
+    targets = resolve_targets(toks, PROMPTS[1], ["hummingbird", "hill"])
+    assert [t.positions for t in targets] == [t.positions for t in resolve_targets(toks[1], PROMPTS[1], ["hummingbird", "hill"])]
+
+    class Shifted:  # a second tokenizer that splits words differently: the positions disagree
+        def __init__(self, tok):
+            self.tok, self.eos_id, self.decoder = tok, tok.eos_id, tok.decoder
+
+        def encode(self, text):
+            return self.tok.encode(text)
+
+        def ids(self, prompt):
+            ids = self.tok.ids(prompt)
+            return ids[:1] + ids[1:2] + ids[1:-1]
+
+        def token_text(self, i):
+            return self.tok.token_text(i)
+
+    with pytest.raises(TargetError, match="must agree"):
+        resolve_targets([toks[0], Shifted(toks[1])], PROMPTS[1], ["hill"])
+
+
+def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, capsys):
+    """The official-layout file by --checkpoint alone; --regulate --save-attention writes the image, the maps
+    grid, and records the model and the regulated layers."""
+    from PIL import Image
+    from minisd.sample import main
+    main(["--prompt", "a red circle and a blue square", "--checkpoint", str(xl.path), "--steps", "2",
+          "--out", str(tmp_path / "out"), "--regulate", "--save-attention", str(tmp_path / "maps")])
+    [png] = sorted((tmp_path / "out").glob("*.png"))
+    [grid] = sorted((tmp_path / "maps").glob("*.png"))
+    image = Image.open(png)
+    assert image.size == (PX, PX) and Image.open(grid).size[0] > PX
+    text = image.text["parameters"]
+    assert "Model: tiny-sdxl" in text and "Regulation: Attention Regulation" in text
+    assert "Regulation layers: input_blocks.3 input_blocks.5" not in text  # the deepest level only
+    assert "input_blocks.5" in text and "output_blocks.0" in text
+
+
+def test_float16_model_decodes_in_float32(xl):
+    """SDXL's VAE overflows in float16 (diffusers' force_upcast): with a float16 model the pipeline decodes in
+    float32, and the image is close to the float32 model's."""
+    half = Pipeline.from_checkpoint(xl.path, dtype=torch.float16)
+    latents = torch.randn(1, 4, PX // 2, PX // 2, generator=torch.Generator().manual_seed(1))
+    images = half.decode(latents)
+    assert next(half.model.first_stage_model.parameters()).dtype == torch.float32
+    assert next(half.model.unet.parameters()).dtype == torch.float16 and half.dtype == torch.float16
+    assert images.dtype == torch.float32
+    assert torch.equal(images, xl.mine.decode(latents))  # the same float32 VAE, weights never rounded
+    out = half(PROMPTS[0], steps=2, height=PX, width=PX)
+    assert np.isfinite(np.asarray(out.images[0], dtype=np.float32)).all()
