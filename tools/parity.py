@@ -10,6 +10,7 @@ at 512 px, one VAE decode of a 64x64 latent and the text embeddings of a prompt.
 
     python -m tools.parity                   # both families: a few minutes on CPU, about 10 GB of memory
     python -m tools.parity --family sd2
+    python -m tools.parity --only sdxl       # SDXL base (random weights): about 15 GB of memory at its peak
 
 tests/test_parity.py runs the same builders on tiny configs.
 """
@@ -172,8 +173,11 @@ def clip_with_projection_from_openclip(state, params, prefix=XL_OPENCLIP):
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextModelWithProjection
     proj = state[prefix + "text_projection"].shape[1]
-    clip = CLIPTextModelWithProjection(CLIPTextConfig(**params, projection_dim=proj)).eval()
-    clip.load_state_dict(convert_open_clip_checkpoint(clip, state, prefix=prefix), strict=True)
+    with torch.device("meta"):  # filled with the tensors themselves: bigG is 2.8 GB
+        clip = CLIPTextModelWithProjection(CLIPTextConfig(**params, projection_dim=proj)).eval()
+    clip.load_state_dict(convert_open_clip_checkpoint(clip, state, prefix=prefix), strict=True, assign=True)
+    emb = clip.text_model.embeddings  # a non-persistent buffer, left on meta
+    emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     return clip
 
 
@@ -197,11 +201,13 @@ def random_official(shapes, seed=0):
 
 def diffusers_unet_from_official(config, state):
     """diffusers' UNet2DConditionModel built from its own `config`, filled by diffusers' own single-file converter
-    from official keys (`model.diffusion_model.*`, `label_emb.0.*` ...); strict, so every key must map."""
+    from official keys (`model.diffusion_model.*`, `label_emb.0.*` ...); strict, so every key must map. Built on
+    the meta device and given the tensors themselves: no second copy of a 10 GB UNet."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True, assign=True)
     return unet.eval()
 
 
@@ -323,9 +329,91 @@ def family_parity(name, tmp, px=512):
     return [(name, what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
 
 
+def sdxl_parity(tmp, px=512):
+    """SDXL base at full size with one model resident at a time. The references: diffusers' SDXL UNet (config
+    XL_UNET, written out above) and SD's ldm VAE, filled from official-named random tensors by diffusers' own
+    converter, transformers' CLIPTextModel (ViT-L) and CLIPTextModelWithProjection (bigG, from OpenCLIP's layout
+    by diffusers' converter). Their outputs are kept, their tensors written as one official single file (no minisd
+    metadata: detected from the keys), the references freed, and only then minisd loads the file."""
+    from minisd.checkpoint import load_model
+    from minisd.unet import UNet
+    from minisd.config import UNetConfig
+    g = torch.Generator().manual_seed(0)
+    lat = px // 8
+    x = torch.randn(1, 4, lat, lat, generator=g)
+    t = torch.tensor([421])
+    ctx = torch.randn(1, 77, 2048, generator=g)
+    pooled = torch.randn(1, XL_PROJECTION, generator=g)
+    time_ids = xl_time_ids(px, px, 1)
+    z = torch.randn(1, 4, 64, 64, generator=g)
+    ids = [reference_ids(PROMPT, pad_with_eot=True), reference_ids(PROMPT, pad_with_eot=False)]
+    ref, state, times = {}, {}, {}
+
+    start = time.perf_counter()
+    # the official UNet key names and shapes, from sgm's hyper-parameters (diffusers' strict load checks them)
+    sgm = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_head_channels=64,
+                     context_dim=2048, transformer_depth=(1, 2, 10), use_linear_in_transformer=True,
+                     adm_in_channels=2816)
+    with torch.device("meta"):
+        shapes = {UNET + k: v.shape for k, v in UNet(sgm).state_dict().items()}
+    state.update(random_official(shapes, seed=1))
+    unet = diffusers_unet_from_official(XL_UNET, state)
+    with torch.no_grad():
+        ref["unet"] = unet(x, t, encoder_hidden_states=ctx,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    del unet
+    gc.collect()
+    print(f"  reference UNet done ({time.perf_counter() - start:.0f} s)", flush=True)
+    vae = perturb(LdmVAE(SD_VAE, SD_VAE_EMBED_DIM), seed=2)
+    with torch.no_grad():
+        ref["vae"] = vae.decode(z)
+    state.update({VAE + k: v for k, v in vae.state_dict().items()})
+    del vae
+    clip = perturb(clip_text(XL_TEXT), std=0.01, seed=3)
+    state.update({XL_CLIP + k[len(CLIP):]: v for k, v in clip_state(clip).items()})
+    with torch.no_grad():
+        first = clip(input_ids=ids[0], output_hidden_states=True).hidden_states[-2]
+    del clip
+    big = openclip_text_state(XL_TEXT2, seed=4, prefix=XL_OPENCLIP, projection=XL_PROJECTION)
+    clip2 = clip_with_projection_from_openclip(big, XL_TEXT2)
+    with torch.no_grad():
+        out2 = clip2(input_ids=ids[1], output_hidden_states=True)
+        ref["text"] = torch.cat([first, out2.hidden_states[-2]], dim=-1)
+        ref["pooled"] = out2.text_embeds
+    del clip2, out2
+    state.update(big)
+    del big
+    gc.collect()
+    path = Path(tmp) / "sd_xl_base-random.safetensors"
+    save_official(path, state)
+    del state
+    gc.collect()
+    times["reference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    from minisd.tokenizer import Tokenizer
+    model = load_model(path)
+    path.unlink()
+    assert model.cfg.name == "sdxl", model.cfg.name
+    out = {}
+    with torch.no_grad():
+        out["unet"] = model.unet(x, t, ctx, model.vector(pooled, time_ids))
+        out["vae"] = model.vae.decode(z)
+        mine = [Tokenizer(pad_with_eot=c.pad_with_eot)([PROMPT]) for c in (model.cfg.text, model.cfg.text2)]
+        assert all(torch.equal(a, b) for a, b in zip(mine, ids)), "minisd's tokenizers pad differently"
+        out["text"], out["pooled"] = model.encode_text(mine)
+    times["minisd"] = time.perf_counter() - start
+    del model
+    gc.collect()
+    what = {"unet": f"UNet, {px} px, t=421, text-time vector", "vae": "VAE decode, 64x64 latent",
+            "text": "text embeddings (77 x 2048)", "pooled": "pooled text (bigG projection)"}
+    return [("sdxl", what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", choices=["sd1", "sd2", "both"], default="both")
+    ap.add_argument("--family", "--only", choices=["sd1", "sd2", "sdxl", "both"], default="both",
+                    help="both = sd1 and sd2; sdxl needs about 15 GB of memory")
     ap.add_argument("--px", type=int, default=512, help="image side of the UNet call (latent side = px / 8)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -334,7 +422,7 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in (["sd1", "sd2"] if args.family == "both" else [args.family]):
-            r, times = family_parity(name, tmp, args.px)
+            r, times = sdxl_parity(tmp, args.px) if name == "sdxl" else family_parity(name, tmp, args.px)
             rows += r
             print(f"{name}: references {times['reference']:.0f} s, minisd {times['minisd']:.0f} s", flush=True)
     print("\n| family | output | max abs diff | relative | max abs ref |\n|---|---|---|---|---|")
