@@ -75,13 +75,16 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompts(self, prompts):
         """Prompts -> the text embeddings the UNet's cross-attention reads."""
+        if self.cfg.text2 is None:
+            return self.model.encode_text(self.tokenizer(prompts).to(self.device))
         return self.encode(prompts)[0]
 
     @torch.no_grad()
     def encode(self, prompts):
-        """Prompts -> (text embeddings, pooled text or None). SDXL: each text encoder reads its own tokenizer's ids."""
+        """Prompts -> (text embeddings, pooled text or None). SDXL: each text encoder reads its own tokenizer's ids.
+        (SD goes through encode_prompts, which tools may replace.)"""
         if self.cfg.text2 is None:
-            return self.model.encode_text(self.tokenizer(prompts).to(self.device)), None
+            return self.encode_prompts(prompts), None
         return self.model.encode_text([tok(prompts).to(self.device) for tok in self.tokenizers])
 
     def initial_latents(self, generators, height, width):
