@@ -326,19 +326,21 @@ def test_targets_agree_across_both_tokenizers(xl):
         resolve_targets([toks[0], Shifted(toks[1])], PROMPTS[1], ["hill"])
 
 
-def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["regulate", "attend-excite"])
+def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, method):
     """The official-layout file by --checkpoint alone; --regulate --save-attention writes the image, the maps
-    grid, and records the model and the regulated layers."""
+    grid, and records the model and the regulated layers. Attend-and-Excite's gradient pass gets the vector too."""
     from PIL import Image
     from minisd.sample import main
     main(["--prompt", "a red circle and a blue square", "--checkpoint", str(xl.path), "--steps", "2",
-          "--out", str(tmp_path / "out"), "--regulate", "--save-attention", str(tmp_path / "maps")])
+          "--out", str(tmp_path / "out"), "--regulate", "--method", method, "--save-attention", str(tmp_path / "maps")])
     [png] = sorted((tmp_path / "out").glob("*.png"))
     [grid] = sorted((tmp_path / "maps").glob("*.png"))
     image = Image.open(png)
     assert image.size == (PX, PX) and Image.open(grid).size[0] > PX
     text = image.text["parameters"]
-    assert "Model: tiny-sdxl" in text and "Regulation: Attention Regulation" in text
+    assert "Model: tiny-sdxl" in text
+    assert ("Regulation: Attention Regulation" if method == "regulate" else "Regulation: Attend-and-Excite") in text
     assert f"Regulation layers: {' '.join(xl.cfg.default_blocks())}," in text  # the model's rule, one level
 
 
