@@ -22,7 +22,7 @@ PREFIX = "model.diffusion_model."
 
 
 def attention_blocks(unet):
-    """{checkpoint block name: UNet level} for every block that holds a spatial transformer (middle block: -1)."""
+    """{checkpoint block name: UNet level} for every block that holds a spatial transformer."""
     nrb, levels = unet.num_res_blocks, len(unet.channel_mult)
     blocks = {}
     for d in range(levels):
@@ -31,7 +31,7 @@ def attention_blocks(unet):
                 blocks[f"input_blocks.{1 + d * (nrb + 1) + j}"] = d
             for j in range(nrb + 1):
                 blocks[f"output_blocks.{(levels - 1 - d) * (nrb + 1) + j}"] = d
-    blocks["middle_block"] = -1
+    blocks["middle_block"] = levels - 1
     return blocks
 
 
@@ -105,7 +105,7 @@ class LayerSelector:
                                      f"mid_block, or a map size like 16x16)")
                 if name.split(".")[-1] == "attn1":
                     raise ValueError(f"{spec!r} is a self-attention layer; Attention Regulation edits cross-attention")
-                depth = unet.depth_at(blocks[block])
+                depth = unet.depth_at(-1 if block == "middle_block" else blocks[block])
                 if inside[1:2] and (inside[1] != "transformer_blocks" or len(inside) < 3 or not inside[2].isdigit()
                                     or int(inside[2]) >= depth or inside[3:] not in ([], ["attn2"])):
                     raise ValueError(f"{spec!r} names no cross-attention layer: {block}.1 has transformer_blocks.0 "
