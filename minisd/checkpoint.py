@@ -4,10 +4,10 @@ Official single-file checkpoints load with no rename table: the module paths of 
 Three rules cover what differs:
   1. Training state is dropped: every key outside `model.diffusion_model.`, `first_stage_model.` and
      `cond_stage_model.` (`model_ema.*`, `betas`, `alphas_cumprod`, optimizer state ...), the VAE's training loss
-     (`first_stage_model.loss.*`), CLIP's contrastive head (`text_projection`, `logit_scale`) and the
-     `position_ids` buffer.
-  2. SD 2.x stores OpenCLIP's text tower (`cond_stage_model.model.*`, fused `in_proj`): `openclip_to_hf` maps it
-     onto CLIPTextModel's names.
+     (`first_stage_model.loss.*`), CLIP's contrastive head (`logit_scale`; SD 1/2's unused `text_projection`) and
+     the `position_ids` buffer.
+  2. SD 2.x and SDXL store OpenCLIP's text tower (`cond_stage_model.model.*`, `conditioner.embedders.1.model.*`,
+     fused `in_proj`): `openclip_to_hf` maps it onto CLIPTextModel's names.
   3. diffusers folders (`unet/`, `vae/`, `text_encoder/`): `diffusers_to_official` renames block by block, rules
      derived from the folder's config; the VAE's mid-block attention is Linear there, 1x1 conv here.
 Whatever remains must match the model exactly: missing keys, unexpected keys and wrong shapes are all named in one
@@ -22,13 +22,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2, sdxl
 from .model import StableDiffusion
 from .tokenizer import folder_pad_token
 
-PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 TEXT = "cond_stage_model.transformer.text_model."
 OPENCLIP = "cond_stage_model.model."
+XL_TEXT = "conditioner.embedders.0.transformer.text_model."   # SDXL's CLIP ViT-L, transformers' names
+XL_OPENCLIP = "conditioner.embedders.1.model."                # SDXL's OpenCLIP ViT-bigG, OpenCLIP's names
+# Where an OpenCLIP tower's keys go: its CLIPTextModel's prefix, and the TextEncoder that holds text_projection.
+OPENCLIP_TO_HF = {OPENCLIP: ("cond_stage_model.transformer.text_model.", "cond_stage_model."),
+                  XL_OPENCLIP: ("conditioner.embedders.1.transformer.text_model.", "conditioner.embedders.1.")}
+# What each part of a checkpoint is, to name a part that is missing as a whole.
+PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
+         "cond_stage_model.": "the text encoder",
+         "conditioner.embedders.0.": "SDXL's first text encoder (CLIP ViT-L, conditioner.embedders.0.transformer.*)",
+         "conditioner.embedders.1.": "SDXL's second text encoder (OpenCLIP ViT-bigG, conditioner.embedders.1.model.*)"}
 
 
 class CheckpointError(Exception):
@@ -84,12 +94,14 @@ def inference_keys(state):
     """Rule 1: keep what inference uses, drop training state."""
     def keep(k):
         return (k.startswith(PREFIXES) and not k.startswith("first_stage_model.loss.")
-                and not k.endswith((".position_ids", "text_projection", "logit_scale")))
+                and not k.endswith((".position_ids", "logit_scale"))
+                and not (k.startswith("cond_stage_model.") and k.endswith("text_projection")))
     return {k: v for k, v in state.items() if keep(k)}
 
 
 def openclip_to_hf(state):
-    """Rule 2: OpenCLIP's text tower -> CLIPTextModel names. The fused in_proj is split into q, k, v."""
+    """Rule 2: OpenCLIP's text tower -> CLIPTextModel names. The fused in_proj is split into q, k, v; SDXL's
+    `text_projection` stays a matrix (OpenCLIP's `x @ P`) on the TextEncoder."""
     names = {"token_embedding.weight": "embeddings.token_embedding.weight",
              "positional_embedding": "embeddings.position_embedding.weight",
              "ln_final.": "final_layer_norm.", "ln_1.": "layer_norm1.", "ln_2.": "layer_norm2.",
@@ -97,19 +109,25 @@ def openclip_to_hf(state):
              "transformer.resblocks.": "encoder.layers."}
     out = {}
     for k, v in state.items():
-        if not k.startswith(OPENCLIP):
+        src = next((p for p in OPENCLIP_TO_HF if k.startswith(p)), None)
+        if src is None:
             out[k] = v
             continue
-        rest = k[len(OPENCLIP):]
+        text, owner = OPENCLIP_TO_HF[src]
+        rest = k[len(src):]
+        if rest == "text_projection":
+            out[owner + rest] = v
+            continue
         for a, b in names.items():
             rest = rest.replace(a, b)
         if ".attn.in_proj_" in rest:
             stem, kind = rest.split(".attn.in_proj_")
-            assert v.shape[0] % 3 == 0, f"{k}: fused q/k/v of shape {tuple(v.shape)}"
+            if v.shape[0] % 3:
+                raise CheckpointError(f"{k}: fused q/k/v of shape {tuple(v.shape)}, not 3 equal parts")
             for name, part in zip("qkv", v.chunk(3, dim=0)):
-                out[f"{TEXT}{stem}.self_attn.{name}_proj.{kind}"] = part
+                out[f"{text}{stem}.self_attn.{name}_proj.{kind}"] = part
         else:
-            out[TEXT + rest] = v
+            out[text + rest] = v
     return out
 
 
@@ -123,6 +141,8 @@ def detect_config(state, metadata=None, path=None, prediction=None):
     metadata = metadata or {}
     if "minisd_config" in metadata:
         cfg = ModelConfig.from_json(metadata["minisd_config"])
+    elif any(k.startswith("conditioner.") for k in state) or "model.diffusion_model.label_emb.0.0.weight" in state:
+        cfg = detect_sdxl(state, path)
     else:
         key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
         width = state[key].shape[1] if key in state else None
@@ -142,12 +162,34 @@ def detect_config(state, metadata=None, path=None, prediction=None):
     return cfg
 
 
+def detect_sdxl(state, path=None):
+    """SDXL base is told by its UNet: a vector input (label_emb) and 2048-wide cross-attention. The refiner (one
+    text encoder, OpenCLIP bigG at `conditioner.embedders.0.model.*`, 1280-wide context, aesthetic-score input) is
+    refused by name; a base file with a text encoder missing still detects as SDXL, so the check names what is
+    missing."""
+    where = f" ({path})" if path else ""
+    if any(k.startswith("conditioner.embedders.0.model.") for k in state):
+        raise CheckpointError(f"this is an SDXL refiner checkpoint (sd_xl_refiner_1.0){where}: minisd generates with "
+                              f"SDXL base (sd_xl_base_1.0); the refiner, an image-to-image model with one text "
+                              f"encoder and an aesthetic-score input, is not supported")
+    label = state.get("model.diffusion_model.label_emb.0.0.weight")
+    key = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    width = state[key].shape[1] if key in state else None
+    if label is None or width != 2048:
+        raise CheckpointError(
+            f"unknown SDXL-like architecture{where}: it has `conditioner.*` text encoders, but "
+            + ("no UNet vector input (model.diffusion_model.label_emb.0.0.weight)" if label is None else
+               f"cross-attention width {width} (SDXL base: 2048 at input_blocks.4)"))
+    return sdxl()
+
+
 # ------------------------------------------------------------------------------------------ diffusers folders
 
 def _unet_renames(cfg):
     """(official prefix, diffusers prefix) pairs for the UNet: levels and blocks are numbered differently."""
     nrb, levels = cfg.num_res_blocks, len(cfg.channel_mult)
     r = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+         ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
          ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
          ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
          ("middle_block.2.", "mid_block.resnets.1.")]
@@ -210,19 +252,40 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+def _text_config_from_diffusers(t, folder, tokenizer, sdxl):
+    """diffusers' SD 2 folders store the text tower already cut where SD reads it, so read its last layer; SDXL's
+    are whole and read at the penultimate layer, without the final LayerNorm (diffusers' hidden_states[-2])."""
+    pad = folder_pad_token(folder / tokenizer)
+    return TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                      num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                      max_position_embeddings=t.get("max_position_embeddings", 77),
+                      hidden_act=t.get("hidden_act", "quick_gelu"), layer_norm_eps=t.get("layer_norm_eps", 1e-5),
+                      penultimate=sdxl, final_norm=not sdxl, pad_with_eot=pad == "<|endoftext|>")
+
+
 def config_from_diffusers(folder):
     folder = Path(folder)
     u, v, t = (_json(folder / n / "config.json") for n in ("unet", "vae", "text_encoder"))
+    sdxl = u.get("addition_embed_type") == "text_time"
+    if sdxl and not (folder / "text_encoder_2").is_dir():
+        raise CheckpointError(f"{folder}: an SDXL UNet (addition_embed_type text_time) but no text_encoder_2/ "
+                              f"(the SDXL refiner's folders have only text_encoder_2/ and are not supported)"
+                              if (folder / "text_encoder").is_dir() else f"{folder}: no text_encoder_2/")
+    if u.get("addition_embed_type") not in (None, "text_time") or u.get("class_embed_type") is not None:
+        raise CheckpointError(f"{folder}: unsupported UNet conditioning (addition_embed_type "
+                              f"{u.get('addition_embed_type')!r}, class_embed_type {u.get('class_embed_type')!r})")
     boc, heads = u["block_out_channels"], u.get("attention_head_dim", 8)
+    depth = u.get("transformer_layers_per_block", 1)
     unet = UNetConfig(in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=boc[0],
                       channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
                       attention_resolutions=tuple(2 ** i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
                       context_dim=u["cross_attention_dim"], use_linear_in_transformer=u.get("use_linear_projection", False),
-                      groups=u.get("norm_num_groups", 32), transformer_depth=u.get("transformer_layers_per_block", 1))
+                      groups=u.get("norm_num_groups", 32), transformer_depth=depth if isinstance(depth, int) else tuple(depth),
+                      adm_in_channels=(u.get("projection_class_embeddings_input_dim") or 0) if sdxl else 0)
     if isinstance(heads, int):  # diffusers calls the head count of SD 1.x "attention_head_dim"
         unet.num_heads = heads
     else:
-        dims = {c // h for c, h in zip(boc, heads)}
+        dims = {c // h for c, h, d in zip(boc, heads, u["down_block_types"]) if "CrossAttn" in d}
         if len(dims) != 1:
             raise CheckpointError(f"unsupported attention_head_dim {heads} for block_out_channels {boc}")
         unet.num_head_channels = dims.pop()
@@ -230,14 +293,20 @@ def config_from_diffusers(folder):
     vae = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
                     z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3), out_ch=v.get("out_channels", 3),
                     groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
-    pad = folder_pad_token(folder / "tokenizer")
-    # diffusers' SD 2 folders store the text tower already cut where SD reads it, so read its last layer
-    text = TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-                      num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
-                      max_position_embeddings=t.get("max_position_embeddings", 77), hidden_act=t.get("hidden_act", "quick_gelu"),
-                      layer_norm_eps=t.get("layer_norm_eps", 1e-5), penultimate=False, pad_with_eot=pad == "<|endoftext|>")
+    text = _text_config_from_diffusers(t, folder, "tokenizer", sdxl)
     cfg = ModelConfig(name=f"diffusers:{folder.name}", unet=unet, vae=vae, text=text,
                       image_size=u.get("sample_size", 64) * 2 ** (len(vboc) - 1), regulate_blocks=None)
+    if sdxl:
+        t2 = _json(folder / "text_encoder_2" / "config.json")
+        cfg.text2 = _text_config_from_diffusers(t2, folder, "tokenizer_2", sdxl)
+        cfg.text2.projection_dim = t2.get("projection_dim", t2["hidden_size"])
+        cfg.micro_cond_dim = u.get("addition_time_embed_dim", 256)
+        cfg.zero_empty_negative = True
+        mi = folder / "model_index.json"
+        if mi.is_file():
+            cfg.zero_empty_negative = json.loads(mi.read_text()).get("force_zeros_for_empty_prompt", True)
+        cfg.vae_upcast = v.get("force_upcast", True)
+        cfg.default_guidance = 5.0
     sched = folder / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         s = json.loads(sched.read_text())
@@ -252,20 +321,30 @@ def diffusers_to_official(folder, cfg):
     with torch.device("meta"):
         want = StableDiffusion(cfg).state_dict()
     sources = {"model.diffusion_model.": ("unet", *_unet_renames(cfg.unet)),
-               "first_stage_model.": ("vae", *_vae_renames(cfg.vae)),
-               "cond_stage_model.transformer.": ("text_encoder", [], [])}
+               "first_stage_model.": ("vae", *_vae_renames(cfg.vae))}
+    if cfg.text2 is None:
+        sources["cond_stage_model.transformer."] = ("text_encoder", [], [])
+    else:
+        sources["conditioner.embedders.0.transformer."] = ("text_encoder", [], [])
+        # CLIPTextModelWithProjection: its tower, and text_projection as a Linear (weight = OpenCLIP's matrix^T)
+        sources["conditioner.embedders.1."] = ("text_encoder_2", [("transformer.", "")], [])
     state, missing, unexpected = {}, [], []
     for prefix, (sub, prefixes, inner) in sources.items():
         tensors, _ = read_safetensors(_folder_file(folder, sub))
-        if sub == "text_encoder" and not any(k.startswith("text_model.") for k in tensors):
-            tensors = {f"text_model.{k}": v for k, v in tensors.items()}  # transformers 5 saves without that level
+        if sub.startswith("text_encoder") and not any(k.startswith("text_model.") for k in tensors):
+            # transformers 5 saves without that level
+            tensors = {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in tensors.items()}
         used = set()
         for key in (k for k in want if k.startswith(prefix)):
             src = _rename(key[len(prefix):], prefixes, inner)
+            if src == "text_projection":
+                src = "text_projection.weight"
             if src not in tensors:
                 missing.append(f"{sub}/{src} (for {key})")
                 continue
             t = tensors[src]
+            if src == "text_projection.weight":
+                t = t.T.contiguous()
             if t.ndim == 2 and want[key].ndim == 4:  # the VAE mid-block attention: Linear there, 1x1 conv here
                 assert want[key].shape[2:] == (1, 1), key
                 t = t[:, :, None, None]
@@ -278,8 +357,13 @@ def diffusers_to_official(folder, cfg):
 
 # ------------------------------------------------------------------------------------------ loading the model
 
-def _mismatch_message(path, missing, unexpected, shapes):
+def _mismatch_message(path, missing, unexpected, shapes, want=()):
     parts = [f"{path} does not match the model:"]
+    for prefix, what in PARTS.items():  # a part missing as a whole is named once, not key by key
+        gone = [k for k in missing if k.startswith(prefix)]
+        if gone and len(gone) == sum(k.startswith(prefix) for k in want):
+            parts.append(f"  missing: {what}, all {len(gone)} keys {prefix}*")
+            missing = [k for k in missing if not k.startswith(prefix)]
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
         if items:
             parts.append(f"  {len(items)} {title}:\n" + "\n".join(f"    {x}" for x in items))
@@ -293,7 +377,7 @@ def check_state(want, state, path=""):
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(want[k].shape)}"
               for k in sorted(set(want) & set(state)) if state[k].shape != want[k].shape]
     if missing or unexpected or shapes:
-        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes))
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes, want))
 
 
 def load_state(path, allow_pickle=False, prediction=None):
@@ -309,7 +393,7 @@ def load_state(path, allow_pickle=False, prediction=None):
     raw, metadata = read_checkpoint(path, allow_pickle)
     state = inference_keys(raw)
     cfg = detect_config(state, metadata, path, prediction)
-    if cfg.text.key_layout == "openclip":
+    if "openclip" in (cfg.text.key_layout, cfg.text2.key_layout if cfg.text2 else None):
         state = openclip_to_hf(state)
     return cfg, state, metadata
 
@@ -321,11 +405,16 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
         model = StableDiffusion(cfg)
     check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True, assign=True)
-    emb = model.cond_stage_model.text_model.embeddings  # a non-persistent buffer, still on meta
-    emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
+    for enc in model.text_encoders():
+        emb = enc.text_model.embeddings  # a non-persistent buffer, still on meta
+        emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata
     model.requires_grad_(False)  # inference: a gradient through the UNet (Attend-and-Excite) must not keep weight grads
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
+    if cfg.vae_upcast and dtype == torch.float16:  # SDXL's VAE overflows in float16: keep it in float32
+        model.first_stage_model.to(device=device, dtype=torch.float32).load_state_dict(
+            {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")})
+    return model.eval()
 
 
 def build_model(cfg, device="cpu", dtype=torch.float32, seed=0):

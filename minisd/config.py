@@ -15,9 +15,19 @@ class UNetConfig:
     num_heads: int = 8                         # used when num_head_channels == -1 (SD 1.x)
     num_head_channels: int = -1                # SD 2.x: fixed 64-dim heads
     context_dim: int = 768
-    transformer_depth: int = 1
+    transformer_depth: object = 1              # transformer blocks per attention block: one number, or one per level
+    transformer_depth_middle: int = None       # the middle block's; None: the deepest level's
     use_linear_in_transformer: bool = False    # SD 2.x: Linear instead of 1x1 conv around the transformer
     groups: int = 32                           # GroupNorm groups
+    adm_in_channels: int = 0                   # SDXL: width of the vector added to the time embedding (label_emb)
+
+    def depth_at(self, level):
+        """Transformer blocks in each attention block of `level` (-1: the middle block)."""
+        d = self.transformer_depth
+        if level == -1:
+            return self.transformer_depth_middle if self.transformer_depth_middle is not None else \
+                (d if isinstance(d, int) else d[-1])
+        return d if isinstance(d, int) else d[level]
 
     def heads_at(self, ch):
         if self.num_head_channels == -1:
@@ -54,6 +64,8 @@ class TextConfig:
     penultimate: bool = False   # SD 2.x reads the layer before the last one, then the final LayerNorm
     pad_with_eot: bool = True   # SD 1.x pads with end-of-text; SD 2.x (OpenCLIP) pads with "!" (id 0)
     key_layout: str = "hf"      # "hf": cond_stage_model.transformer.text_model.*; "openclip": cond_stage_model.model.*
+    final_norm: bool = True     # with penultimate: SD 2.x applies the final LayerNorm to that layer, SDXL does not
+    projection_dim: int = 0     # SDXL's OpenCLIP bigG: also return the pooled end-of-text state @ text_projection
 
 
 @dataclass
@@ -62,6 +74,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    text2: TextConfig = None           # SDXL: the second text encoder (OpenCLIP bigG), its output concatenated
     prediction: str = "epsilon"        # "epsilon" or "v"
     image_size: int = 512              # default generation size in pixels
     num_train_timesteps: int = 1000
@@ -73,6 +86,11 @@ class ModelConfig:
 
     default_steps: int = 50
     default_guidance: float = 7.5
+    # SDXL's vector conditioning (unet.adm_in_channels = text2.projection_dim + 6 * micro_cond_dim): the pooled
+    # text and six sinusoidally embedded numbers, original size (h, w), crop top-left (top, left), target size.
+    micro_cond_dim: int = 256
+    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is zero embeddings (force_zeros_for_empty_prompt)
+    vae_upcast: bool = False           # SDXL's VAE overflows in float16: decode in float32 when the model is float16
 
     def default_blocks(self):
         """The blocks whose cross-attention is regulated (and shown) by default, by one rule for every family:
@@ -93,13 +111,13 @@ class ModelConfig:
     @staticmethod
     def from_json(s):
         d = json.loads(s) if isinstance(s, str) else dict(s)
-        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig}
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text2": TextConfig}
         kw = {}
         for f in fields(ModelConfig):
             if f.name not in d:
                 continue
             v = d[f.name]
-            if f.name in sub:
+            if f.name in sub and v is not None:
                 known = {g.name for g in fields(sub[f.name])}
                 v = sub[f.name](**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in known})
             elif isinstance(v, list):
@@ -164,4 +182,45 @@ def tiny(sd2_layout=False, image_size=64):
     )
 
 
-FAMILIES = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2(True), "tiny": tiny, "tiny-sd2": lambda: tiny(True)}
+def sdxl():
+    """Stable Diffusion XL base 1.0 (sgm's sd_xl_base.yaml): a 3-level UNet (320, 640, 1280 channels) with no
+    attention at the first level, 2 and 10 transformer blocks per attention block at the others (10 in the
+    middle), 64-dim heads, context 2048 = CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280), both read at the
+    penultimate layer without the final LayerNorm, and a vector input of 2816 = bigG's pooled projection (1280) +
+    6 x 256 micro-conditioning. The VAE is SD's with another latent scale."""
+    return ModelConfig(
+        name="sdxl",
+        unet=UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2),
+                        num_head_channels=64, context_dim=2048, transformer_depth=(1, 2, 10),
+                        use_linear_in_transformer=True, adm_in_channels=2816),
+        vae=VAEConfig(scale_factor=0.13025),
+        text=TextConfig(penultimate=True, final_norm=False),
+        text2=TextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                         hidden_act="gelu", penultimate=True, final_norm=False, pad_with_eot=False,
+                         key_layout="openclip", projection_dim=1280),
+        image_size=1024, default_guidance=5.0, regulate_blocks=None,
+        zero_empty_negative=True, vae_upcast=True,
+    )
+
+
+def tiny_sdxl(image_size=64, groups=8):
+    """SDXL's shape in miniature, for tests: first level without attention, 1 and 2 transformer blocks per level
+    (2 in the middle), two text encoders (quick_gelu + eot padding; gelu + "!" padding with a square projection),
+    vector conditioning with 8-wide micro-conditioning embeddings."""
+    cfg = sdxl()
+    cfg.name, cfg.image_size = "tiny-sdxl", image_size
+    cfg.unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(4, 2),
+                          num_head_channels=8, context_dim=64, transformer_depth=(1, 1, 2),
+                          use_linear_in_transformer=True, groups=groups, adm_in_channels=32 + 6 * 8)
+    cfg.vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, groups=32, scale_factor=0.13025)  # ldm's GroupNorm(32)
+    cfg.text = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                          penultimate=True, final_norm=False)
+    cfg.text2 = TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           hidden_act="gelu", penultimate=True, final_norm=False, pad_with_eot=False,
+                           key_layout="openclip", projection_dim=32)
+    cfg.micro_cond_dim = 8
+    return cfg
+
+
+FAMILIES = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2(True), "sdxl": sdxl, "tiny": tiny,
+            "tiny-sd2": lambda: tiny(True), "tiny-sdxl": tiny_sdxl}

@@ -49,15 +49,19 @@ class Pipeline:
     def __init__(self, model, tokenizer=None, decoder=None):
         self.model = model
         self.cfg = model.cfg
-        self.tokenizer = tokenizer or Tokenizer(pad_with_eot=self.cfg.text.pad_with_eot)
+        texts = [self.cfg.text] + ([self.cfg.text2] if self.cfg.text2 else [])
+        given = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer] * len(texts)
+        # one tokenizer per text encoder (SDXL: the same vocabulary, padded with end-of-text and with "!")
+        self.tokenizers = [t or Tokenizer(pad_with_eot=c.pad_with_eot) for t, c in zip(given, texts)]
+        self.tokenizer = self.tokenizers[0]
         self.decoder = decoder  # None: the model's VAE; else a callable scaled latents -> images in [0, 1]
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
         model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
-        tok = None
-        if (tok_dir := Path(path) / "tokenizer").is_dir():  # a diffusers folder brings its own tokenizer
-            tok = Tokenizer.from_folder(tok_dir)
+        # a diffusers folder brings its own tokenizers
+        tok = [Tokenizer.from_folder(d) if (d := Path(path) / name).is_dir() else None
+               for name in ("tokenizer", "tokenizer_2")[:1 + (model.cfg.text2 is not None)]]
         return cls(model, tok)
 
     @property
@@ -70,8 +74,18 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.model.encode_text(ids)
+        """Prompts -> the text embeddings the UNet's cross-attention reads."""
+        if self.cfg.text2 is None:
+            return self.model.encode_text(self.tokenizer(prompts).to(self.device))
+        return self.encode(prompts)[0]
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> (text embeddings, pooled text or None). SDXL: each text encoder reads its own tokenizer's ids.
+        (SD goes through encode_prompts, which tools may replace.)"""
+        if self.cfg.text2 is None:
+            return self.encode_prompts(prompts), None
+        return self.model.encode_text([tok(prompts).to(self.device) for tok in self.tokenizers])
 
     def initial_latents(self, generators, height, width):
         """One generator per image, so image i of a batch equals the same seed run alone."""
@@ -101,14 +115,24 @@ class Pipeline:
             latents = self.initial_latents(generators, height, width)
         latents = latents.to(self.device, torch.float32)
 
-        cond = self.encode_prompts([p for p in prompts for _ in range(n)])
+        cond, pooled = self.encode([p for p in prompts for _ in range(n)])
         cfg_on = guidance > 1.0
         if cfg_on:
             neg = [negative_prompt] * b if isinstance(negative_prompt, str) else [x for x in negative_prompt for _ in range(n)]
-            context = torch.cat([self.encode_prompts(neg), cond])
+            neg_cond, neg_pooled = self.encode(neg)
+            if self.cfg.zero_empty_negative:  # SDXL: an empty negative prompt is zeros, not the encoded ""
+                empty = torch.tensor([not x for x in neg], device=self.device)
+                neg_cond = neg_cond.masked_fill(empty[:, None, None], 0)
+                neg_pooled = neg_pooled.masked_fill(empty[:, None], 0)
+            context = torch.cat([neg_cond, cond])
             rows = slice(b, 2 * b)
         else:
-            context, rows = cond, slice(None)
+            context, rows, neg_pooled = cond, slice(None), None
+        y = y_cond = None
+        if pooled is not None:  # SDXL's micro-conditioning: original = target = the image size, crop at 0, 0
+            sizes = [height, width, 0, 0, height, width]
+            y_cond = self.model.vector(pooled, sizes)
+            y = torch.cat([self.model.vector(neg_pooled, sizes), y_cond]) if cfg_on else y_cond
         unet, hooks = self.model.unet, list(hooks)
         for h in hooks:  # hooks that draw random numbers take one generator per image (see begin_run there)
             if hasattr(h, "begin_run"):
@@ -119,7 +143,8 @@ class Pipeline:
                 h.begin_step(i, rows)
             x_in = torch.cat([x, x]) if cfg_on else x
             with torch.set_grad_enabled(grad):
-                out = unet(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context).float()
+                out = unet(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context,
+                           y).float()
             if cfg_on:
                 uncond, c = out.chunk(2)
                 out = uncond + guidance * (c - uncond)
@@ -130,7 +155,7 @@ class Pipeline:
         movers = [h for h in hooks if hasattr(h, "edit_latents")]
 
         def cond_unet(x, t):
-            return unet(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond).float()
+            return unet(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond, y_cond).float()
 
         def edit(x, t, i):
             for h in hooks:
@@ -171,7 +196,10 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, latents):
-        latents = latents.to(self.device, self.dtype)
+        latents = latents.to(self.device)
         if self.decoder is not None:
-            return self.decoder(latents)
-        return self.model.decode_latents(latents)
+            return self.decoder(latents.to(self.dtype))
+        vae = self.model.first_stage_model
+        if self.cfg.vae_upcast and latents.dtype == torch.float16:  # SDXL's VAE overflows in float16
+            vae.float()
+        return self.model.decode_latents(latents.to(next(vae.parameters()).dtype))

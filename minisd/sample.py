@@ -318,9 +318,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser():
     ap = argparse.ArgumentParser(prog="python -m minisd.sample", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--prompt", required=True, help="what to draw")
-    ap.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
+    ap.add_argument("--negative-prompt", default="",
+                    help="what to steer away from (classifier-free guidance; SDXL: empty means zero embeddings, "
+                         "as in diffusers)")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                    help="single-file .safetensors (SD 1.x/2.x or minisd) or a diffusers folder (default: the "
+                    help="single-file .safetensors (SD 1.x/2.x, SDXL base or minisd) or a diffusers folder (default: the "
                          "shipped model, weights/minisd-shapes.safetensors)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; SD: 50)")
     ap.add_argument("--guidance", type=float, default=None,
@@ -329,7 +331,8 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0, help="seed of image 1; image i uses seed + i - 1")
     ap.add_argument("--height", type=int, default=None,
                     help="pixels, a multiple of the model's size unit: the VAE's factor x 2^(UNet levels - 1), "
-                         "64 for SD, 32 for the shipped model (default: the model's size)")
+                         "64 for SD, 32 for the shipped model (default: the model's size; SDXL: 1024, with its "
+                         "micro-conditioning original = target = this size, crop 0,0)")
     ap.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the model's size)")
     ap.add_argument("--n", type=int, default=1, help="number of images")
     ap.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
@@ -337,7 +340,8 @@ def build_parser():
     ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"], help="timestep spacing")
     ap.add_argument("--prediction", default=None, choices=["epsilon", "v"],
                     help="override the model's prediction type (default: from the checkpoint)")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model dtype")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="model dtype (with float16, SDXL's VAE stays float32: it overflows in float16)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     ap.add_argument("--out", default="outputs",
                     help="a folder for numbered PNGs, or one image file: .png, .jpg/.jpeg or .webp")
@@ -438,7 +442,7 @@ def _run(args, log, made):
             if not words:
                 raise UsageError(f"found no object words in {kept_prompt!r}; name them with --targets")
             log(f"targets chosen from the prompt: {' '.join(words)}")
-        targets = choose_targets(pipe.tokenizer, args.prompt, words, log=log)
+        targets = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
         # built before sampling, so that a bad --regulate-layers is an error before any work
         editors = [make_editor(method, pipe, args.prompt, targets, steps, seed=seed, layers=args.regulate_layers,
                                edit_steps=args.edit_steps) for seed in seeds] if args.regulate else []

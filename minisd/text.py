@@ -3,7 +3,12 @@
 SD 1.x reads the last layer of OpenAI's CLIP ViT-L/14 text tower. SD 2.x reads the layer before the last of
 OpenCLIP's ViT-H/14 text tower and then applies the final LayerNorm (the original code stops the transformer one
 block early). Its checkpoints store OpenCLIP's layout (`cond_stage_model.model.*`); checkpoint.py maps it onto this
-module with one small transform."""
+module with one small transform.
+
+SDXL has two (`conditioner.embedders.0` = CLIP ViT-L, `.1` = OpenCLIP ViT-bigG), both read at the penultimate
+layer *without* the final LayerNorm, their outputs concatenated to 2048 channels. bigG also gives the pooled text:
+the final-LayerNorm'd last layer at the end-of-text token, times `text_projection` (OpenCLIP's `x @ P`)."""
+import torch
 import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -23,15 +28,45 @@ class TextEncoder(nn.Module):
             self.transformer = nn.Module()
             self.transformer.text_model = clip
         self.clip = [clip]  # in a list so it is not registered twice
+        if cfg.projection_dim:
+            self.text_projection = nn.Parameter(torch.empty(cfg.hidden_size, cfg.projection_dim))
 
     @property
     def text_model(self):
         """The module whose names follow `cond_stage_model.transformer.text_model.`"""
         return self.transformer.text_model
 
+    def encode(self, ids):
+        """Token ids (b, 77) -> (text embeddings (b, 77, hidden), pooled (b, projection_dim) or None)."""
+        out = self.clip[0](input_ids=ids, output_hidden_states=self.cfg.penultimate)
+        if not self.cfg.penultimate:
+            hidden = out.last_hidden_state
+        elif self.cfg.final_norm:
+            hidden = self.text_model.final_layer_norm(out.hidden_states[-2])
+        else:
+            hidden = out.hidden_states[-2]
+        pooled = None
+        if self.cfg.projection_dim:
+            # OpenCLIP pools at ids.argmax(): end-of-text has the largest id, so that is its first occurrence
+            eot = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
+            pooled = eot @ self.text_projection
+        return hidden, pooled
+
     def forward(self, ids):
         """Token ids (b, 77) -> text embeddings (b, 77, hidden) that the UNet's cross-attention reads."""
-        out = self.clip[0](input_ids=ids, output_hidden_states=self.cfg.penultimate)
-        if self.cfg.penultimate:
-            return self.text_model.final_layer_norm(out.hidden_states[-2])
-        return out.last_hidden_state
+        return self.encode(ids)[0]
+
+
+class Conditioner(nn.Module):
+    """SDXL's text conditioning, named as sgm names it: `conditioner.embedders.{0,1}`. (sgm's embedders 2-4, the
+    micro-conditioning numbers, have no weights: model.py embeds them.)"""
+
+    def __init__(self, cfgs):
+        super().__init__()
+        self.embedders = nn.ModuleList([TextEncoder(c) for c in cfgs])
+
+    def forward(self, ids):
+        """One ids tensor per embedder (each tokenizer pads its own way) -> (context (b, 77, sum of widths),
+        pooled text of the last embedder that has a projection)."""
+        hidden, pooled = zip(*(e.encode(i) for e, i in zip(self.embedders, ids)))
+        return torch.cat(hidden, dim=-1), next(p for p in reversed(pooled) if p is not None)

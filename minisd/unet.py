@@ -78,10 +78,14 @@ class UNet(nn.Module):
         emb_ch = mc * 4
         self.model_channels = mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        self.adm_in_channels = cfg.adm_in_channels
+        if cfg.adm_in_channels:  # SDXL: a vector (pooled text + micro-conditioning) added to the time embedding
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(),
+                                                         nn.Linear(emb_ch, emb_ch)))
 
-        def transformer(ch):
+        def transformer(ch, level):
             heads, dim_head = cfg.heads_at(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
+            return SpatialTransformer(ch, heads, dim_head, cfg.depth_at(level), cfg.context_dim,
                                       cfg.use_linear_in_transformer, g)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -91,7 +95,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chs.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -99,7 +103,7 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, g), transformer(ch),
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, g), transformer(ch, -1),
                                                     ResBlock(ch, emb_ch, ch, g))
 
         self.output_blocks = nn.ModuleList()
@@ -108,7 +112,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == nrb:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -116,12 +120,18 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x, t, context):
-        """x: noisy latents (b, 4, h, w); t: timesteps (b,) or a number; context: text embeddings (b, 77, d)."""
+    def forward(self, x, t, context, y=None):
+        """x: noisy latents (b, 4, h, w); t: timesteps (b,) or a number; context: text embeddings (b, 77, d);
+        y: SDXL's vector conditioning (b, adm_in_channels), see model.py."""
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if bool(self.adm_in_channels) != (y is not None):
+            raise ValueError(f"this UNet needs the vector conditioning y ({self.adm_in_channels} numbers per image)"
+                             if self.adm_in_channels else "this UNet takes no vector conditioning y")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)

@@ -1,8 +1,9 @@
 """Which cross-attention layers Attention Regulation edits.
 
 A layer can be named three ways:
-  - by its checkpoint path: `input_blocks.7`, `model.diffusion_model.output_blocks.3`, or a full attention path
-    such as `input_blocks.7.1.transformer_blocks.0.attn2` (every layer under that path);
+  - by its checkpoint path: `input_blocks.7`, `model.diffusion_model.output_blocks.3`, one transformer block in it
+    (`input_blocks.7.1.transformer_blocks.3`: SDXL has 10 per block) or a full attention path such as
+    `input_blocks.7.1.transformer_blocks.0.attn2` (every layer under that path);
   - by diffusers' block names: `down_blocks.2`, `up_blocks.1`, `mid_block` (also `down_blocks.2.attentions.1`);
   - by the size of its query map: `16x16` (height x width) or `16`.
 With nrb = unet.num_res_blocks, diffusers' `down_blocks.i` is `input_blocks[1 + i*(nrb+1) + j]` for j < nrb,
@@ -10,7 +11,8 @@ With nrb = unet.num_res_blocks, diffusers' `down_blocks.i` is `input_blocks[1 + 
 
 The paper regulates the layers at 1/32 of the image side (16x16 maps at 512 px): in SD, input_blocks.7/8 and
 output_blocks.3/4/5. The default for every family is one rule, `ModelConfig.default_blocks`: the deepest UNet
-level with attention whose maps are at least 16x16 at the model's default size (that same set for SD).
+level with attention whose maps are at least 16x16 at the model's default size (that same set for SD; for
+SDXL input_blocks.7/8 and output_blocks.0/1/2, 32x32 at 1024 px, ten transformer blocks each).
 """
 import re
 
@@ -103,6 +105,11 @@ class LayerSelector:
                                      f"mid_block, or a map size like 16x16)")
                 if name.split(".")[-1] == "attn1":
                     raise ValueError(f"{spec!r} is a self-attention layer; Attention Regulation edits cross-attention")
+                depth = unet.depth_at(-1 if block == "middle_block" else blocks[block])
+                if inside[1:2] and (inside[1] != "transformer_blocks" or len(inside) < 3 or not inside[2].isdigit()
+                                    or int(inside[2]) >= depth or inside[3:] not in ([], ["attn2"])):
+                    raise ValueError(f"{spec!r} names no cross-attention layer: {block}.1 has transformer_blocks.0 "
+                                     f"to transformer_blocks.{depth - 1}, each with one cross-attention (attn2)")
                 self.prefixes.append(name)
 
     def __call__(self, layer):

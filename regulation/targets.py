@@ -31,12 +31,33 @@ def parse_target(spec):
     return word.strip(), int(n)
 
 
+def _tokenizers(tokenizer):
+    """One tokenizer, or a list of them (SDXL's two)."""
+    return list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+
+
 def eot_position(tokenizer, prompt):
-    """Position of the first end-of-text token. With SD 2.x zero padding it is the only one."""
+    """Position of the first end-of-text token. With SD 2.x zero padding it is the only one. With several
+    tokenizers (SDXL), that of the first; resolve_targets checks that they agree."""
+    tokenizer = _tokenizers(tokenizer)[0]
     return tokenizer.ids(prompt).index(tokenizer.eos_id)
 
 
 def resolve_targets(tokenizer, prompt, words):
+    """`tokenizer` may be a list (SDXL: one per text encoder, padded differently): the words are resolved with
+    each, and the positions must agree, since one attention column is the same token for both encoders."""
+    toks = _tokenizers(tokenizer)
+    targets = _resolve(toks[0], prompt, words)
+    for i, tok in enumerate(toks[1:], start=2):
+        other = _resolve(tok, prompt, words)
+        if [t.positions for t in other] != [t.positions for t in targets] or \
+                eot_position(tok, prompt) != eot_position(toks[0], prompt):
+            raise TargetError(f"tokenizer {i} puts the targets at {[t.positions for t in other]}, tokenizer 1 at "
+                              f"{[t.positions for t in targets]}: their token positions must agree")
+    return targets
+
+
+def _resolve(tokenizer, prompt, words):
     """Map each target word to all of its sub-token positions in the prompt's 77 positions.
 
     words: a list like ["cat", "dog#2"] (a single string is split on whitespace). Matching is
@@ -72,6 +93,7 @@ def resolve_targets(tokenizer, prompt, words):
 def token_table(tokenizer, prompt, targets=None):
     """A printable table: position, token, word. With targets, only their rows (word = the target as asked);
     without, every position from the start token to the first end-of-text token."""
+    tokenizer = _tokenizers(tokenizer)[0]
     ids = tokenizer.ids(prompt)
     if targets is not None:
         rows = [(p, tokenizer.token_text(ids[p]), t.word) for t in targets for p in t.positions]

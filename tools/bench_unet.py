@@ -9,6 +9,10 @@ warm-up call.
     python -m tools.bench_unet                                # 512 and 256 px, float32 and bfloat16, 5 runs
     python -m tools.bench_unet --sizes 64 --runs 2            # a quick check that it works
     python -m tools.bench_unet --family tiny --sizes 64       # seconds: the tiny test model
+    python -m tools.bench_unet --family sdxl --sizes 512 --runs 1   # SDXL base (10 GB of float32 weights)
+
+SDXL's UNet also takes the pooled text and the six micro-conditioning numbers: diffusers as text_embeds and
+time_ids, minisd as the vector it makes of them (model.py's `vector`, inside the timed call).
 """
 import argparse
 import json
@@ -53,31 +57,49 @@ def official_unet_state(cfg, dtype, seed=0):
     return state
 
 
-def diffusers_unet(cfg, state):
+def micro_cond_dim(family):
+    from minisd.config import FAMILIES
+    return FAMILIES[family]().micro_cond_dim
+
+
+def diffusers_unet(cfg, state, micro_dim=256):
     """diffusers' UNet2DConditionModel filled from official-named weights by diffusers' own converter (not minisd's
     mapping: the two sides share nothing but the tensors). Works on the meta device too."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from tools.parity import diffusers_unet_config
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_config(cfg))
+        unet = UNet2DConditionModel(**diffusers_unet_config(cfg, micro_dim))
     official = {"model.diffusion_model." + k: v for k, v in state.items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(official, dict(unet.config)), strict=True, assign=True)
     return unet.eval()
 
 
-def build(impl, cfg, dtype):
-    """-> a function (x, t, context) -> prediction, and the model's weight bytes."""
+def build(impl, cfg, dtype, micro_dim=256):
+    """-> a function (x, t, context, sdxl=None) -> prediction, and the model's weight bytes. For SDXL, `sdxl` is
+    (pooled text, time_ids (b, 6))."""
     state = official_unet_state(cfg, dtype)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
     if impl == "minisd":
-        from minisd.unet import UNet
+        from minisd.unet import UNet, timestep_embedding
         with torch.device("meta"):
             unet = UNet(cfg)
         unet.load_state_dict(state, strict=True, assign=True)
-        return unet.eval(), nbytes
-    unet = diffusers_unet(cfg, state)
-    return (lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0]), nbytes
+        unet.eval()
+
+        def run(x, t, ctx, sdxl=None):
+            y = None
+            if sdxl is not None:  # as StableDiffusion.vector
+                pooled, ids = sdxl
+                y = torch.cat([pooled, timestep_embedding(ids.flatten(), micro_dim).reshape(len(ids), -1).to(pooled.dtype)], -1)
+            return unet(x, t, ctx, y)
+        return run, nbytes
+    unet = diffusers_unet(cfg, state, micro_dim)
+
+    def run(x, t, ctx, sdxl=None):
+        extra = {} if sdxl is None else {"added_cond_kwargs": {"text_embeds": sdxl[0], "time_ids": sdxl[1]}}
+        return unet(x, t, encoder_hidden_states=ctx, return_dict=False, **extra)[0]
+    return run, nbytes
 
 
 def measure(impl, family, px, dtype_name, runs, threads):
@@ -85,19 +107,24 @@ def measure(impl, family, px, dtype_name, runs, threads):
     torch.set_num_threads(threads)
     cfg, dtype = unet_config(family), DTYPES[dtype_name]
     start = time.perf_counter()
-    fn, nbytes = build(impl, cfg, dtype)
+    micro = micro_cond_dim(family)
+    fn, nbytes = build(impl, cfg, dtype, micro)
     built = time.perf_counter() - start
     g = torch.Generator().manual_seed(0)
     side = px // 8
     x = torch.randn(2, cfg.in_channels, side, side, generator=g).to(dtype)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)
     t = torch.full((2,), 500)
+    sdxl = None
+    if cfg.adm_in_channels:
+        pooled = torch.randn(2, cfg.adm_in_channels - 6 * micro, generator=g).to(dtype)
+        sdxl = (pooled, torch.tensor([[px, px, 0, 0, px, px]] * 2, dtype=torch.float32))
     times = []
     with torch.inference_mode():
-        out = fn(x, t, ctx)  # warm-up: one-time allocations and kernel choices
+        out = fn(x, t, ctx, sdxl)  # warm-up: one-time allocations and kernel choices
         for _ in range(runs):
             start = time.perf_counter()
-            out = fn(x, t, ctx)
+            out = fn(x, t, ctx, sdxl)
             times.append(time.perf_counter() - start)
     return dict(impl=impl, family=family, px=px, dtype=dtype_name, threads=threads, median_s=statistics.median(times),
                 times=times, build_s=built, weights_mb=nbytes / 2 ** 20, finite=bool(torch.isfinite(out).all()),
@@ -121,7 +148,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     ap.add_argument("--runs", type=int, default=5, help="timed calls after the warm-up (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, tiny ...")
+    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, sdxl, tiny, tiny-sdxl ...")
     ap.add_argument("--child", choices=["minisd", "diffusers"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

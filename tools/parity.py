@@ -10,6 +10,7 @@ at 512 px, one VAE decode of a 64x64 latent and the text embeddings of a prompt.
 
     python -m tools.parity                   # both families: a few minutes on CPU, about 10 GB of memory
     python -m tools.parity --family sd2
+    python -m tools.parity --only sdxl       # SDXL base (random weights): about 15 GB of memory at its peak
 
 tests/test_parity.py runs the same builders on tiny configs.
 """
@@ -29,6 +30,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."   # SD 1.x: transformers' names under `text_model`
 OPENCLIP = "cond_stage_model.model."                # SD 2.x: OpenCLIP's names
+XL_CLIP = "conditioner.embedders.0.transformer.text_model."  # SDXL's CLIP ViT-L (sgm's FrozenCLIPEmbedder)
+XL_OPENCLIP = "conditioner.embedders.1.model."               # SDXL's OpenCLIP bigG (sgm's FrozenOpenCLIPEmbedder2)
 
 # The hyper-parameters of the official configs (configs/stable-diffusion/v1-inference.yaml, v2-inference.yaml),
 # written out here rather than taken from minisd.config, so that a wrong minisd config cannot agree with itself.
@@ -45,6 +48,20 @@ SD1_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_h
 # OpenCLIP ViT-H/14 text tower (width 1024, 16 heads, 24 layers, GELU); SD 2 reads the output of layer 23.
 SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
+# SDXL base 1.0, as diffusers' stabilityai/stable-diffusion-xl-base-1.0 unet/config.json writes sgm's
+# sd_xl_base.yaml (model_channels 320, channel_mult [1, 2, 4], attention_resolutions [4, 2], transformer_depth
+# [1, 2, 10], num_head_channels 64, context_dim 2048, adm_in_channels 2816).
+XL_UNET = dict(in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+               down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+               transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+               use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816, norm_num_groups=32, sample_size=128)
+# CLIP ViT-L/14 (as SD 1) and OpenCLIP ViT-bigG/14 (width 1280, 20 heads, 32 layers, GELU, projection 1280).
+XL_TEXT = SD1_TEXT
+XL_TEXT2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5)
+XL_PROJECTION = 1280
 PROMPT = "a red cube on top of a blue sphere, studio photo"
 
 
@@ -102,27 +119,27 @@ def clip_state(clip):
     return {CLIP + k: v for k, v in tower.state_dict().items() if not k.endswith("position_ids")}
 
 
-def openclip_text_shapes(params):
+def openclip_text_shapes(params, prefix=OPENCLIP, projection=None):
     """Key -> shape of an OpenCLIP text tower in OpenCLIP's layout: fused q/k/v `in_proj`, `c_fc`/`c_proj`,
-    `ln_final`, and a text projection and logit scale that SD does not use."""
+    `ln_final`, and a text projection (used by SDXL only) and logit scale (used by neither)."""
     w, mlp = params["hidden_size"], params["intermediate_size"]
     s = {"token_embedding.weight": (params["vocab_size"], w),
          "positional_embedding": (params["max_position_embeddings"], w),
-         "ln_final.weight": (w,), "ln_final.bias": (w,), "text_projection": (w, w), "logit_scale": ()}
+         "ln_final.weight": (w,), "ln_final.bias": (w,), "text_projection": (w, projection or w), "logit_scale": ()}
     for i in range(params["num_hidden_layers"]):
         b = f"transformer.resblocks.{i}."
         s.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "attn.in_proj_weight": (3 * w, w),
                   b + "attn.in_proj_bias": (3 * w,), b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
                   b + "ln_2.weight": (w,), b + "ln_2.bias": (w,), b + "mlp.c_fc.weight": (mlp, w),
                   b + "mlp.c_fc.bias": (mlp,), b + "mlp.c_proj.weight": (w, mlp), b + "mlp.c_proj.bias": (w,)})
-    return {OPENCLIP + k: v for k, v in s.items()}
+    return {prefix + k: v for k, v in s.items()}
 
 
-def openclip_text_state(params, seed=0):
+def openclip_text_state(params, seed=0, prefix=OPENCLIP, projection=None):
     """Random weights for an OpenCLIP text tower: LayerNorms near 1, matrices scaled by 1/sqrt(fan-in)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for k, shape in openclip_text_shapes(params).items():
+    for k, shape in openclip_text_shapes(params, prefix, projection).items():
         r = torch.randn(shape, generator=g)
         if k.endswith("logit_scale"):
             r = torch.tensor(4.6)
@@ -150,6 +167,63 @@ def clip_from_openclip(state, params):
     return clip
 
 
+def clip_with_projection_from_openclip(state, params, prefix=XL_OPENCLIP):
+    """SDXL's second text encoder as diffusers ships it (a whole CLIPTextModelWithProjection, read at
+    hidden_states[-2], pooled through text_projection), filled by diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModelWithProjection
+    proj = state[prefix + "text_projection"].shape[1]
+    with torch.device("meta"):  # filled with the tensors themselves: bigG is 2.8 GB
+        clip = CLIPTextModelWithProjection(CLIPTextConfig(**params, projection_dim=proj)).eval()
+    clip.load_state_dict(convert_open_clip_checkpoint(clip, state, prefix=prefix), strict=True, assign=True)
+    emb = clip.text_model.embeddings  # a non-persistent buffer, left on meta
+    emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
+    return clip
+
+
+def random_official(shapes, seed=0):
+    """Random tensors for a key -> shape table, each drawn from a generator seeded by its name (the same in any
+    order): norm scales near 1, matrices and kernels scaled by 1/sqrt(fan-in), biases small."""
+    import zlib
+    state = {}
+    for k, shape in shapes.items():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
+        r = torch.randn(shape, generator=g)
+        if len(shape) >= 2:
+            r *= torch.Size(shape[1:]).numel() ** -0.5
+        elif k.endswith("weight"):
+            r = 1 + 0.1 * r
+        else:
+            r *= 0.02
+        state[k] = r
+    return state
+
+
+def diffusers_unet_from_official(config, state):
+    """diffusers' UNet2DConditionModel built from its own `config`, filled by diffusers' own single-file converter
+    from official keys (`model.diffusion_model.*`, `label_emb.0.*` ...); strict, so every key must map. Built on
+    the meta device and given the tensors themselves: no second copy of a 10 GB UNet."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, dict(unet.config)), strict=True, assign=True)
+    return unet.eval()
+
+
+def diffusers_vae_from_official(config, state):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    vae = AutoencoderKL(**config)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, dict(vae.config)), strict=True)
+    return vae.eval()
+
+
+def xl_time_ids(h, w, b):
+    """SDXL's micro-conditioning as diffusers builds it by default: original = target = (h, w), crop (0, 0)."""
+    return torch.tensor([[h, w, 0, 0, h, w]] * b, dtype=torch.float32)
+
+
 def reference_ids(prompt, pad_with_eot):
     """Token ids as the references build them: CLIP pads with <|endoftext|>, open_clip.tokenize with 0."""
     from minisd.tokenizer import Tokenizer
@@ -160,19 +234,24 @@ def reference_ids(prompt, pad_with_eot):
     return ids
 
 
-def diffusers_unet_config(c):
+def diffusers_unet_config(c, micro_cond_dim=256):
     """A diffusers UNet2DConditionModel config for a minisd UNetConfig. diffusers calls SD 1's head *count*
     attention_head_dim (an int); SD 2's fixed 64-dim heads are a per-level list of head counts."""
     levels = range(len(c.channel_mult))
     boc = [c.model_channels * m for m in c.channel_mult]
     attn = [2 ** i in c.attention_resolutions for i in levels]
     heads = c.num_heads if c.num_head_channels == -1 else [b // c.num_head_channels for b in boc]
+    depth = c.transformer_depth if isinstance(c.transformer_depth, int) else list(c.transformer_depth)
+    extra = {}
+    if c.adm_in_channels:  # SDXL: pooled text + 6 micro-conditioning numbers of micro_cond_dim channels each
+        extra = dict(addition_embed_type="text_time", projection_class_embeddings_input_dim=c.adm_in_channels,
+                     addition_time_embed_dim=micro_cond_dim)
     return dict(in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=boc,
                 down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                 up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
                 layers_per_block=c.num_res_blocks, cross_attention_dim=c.context_dim, attention_head_dim=heads,
                 use_linear_projection=c.use_linear_in_transformer, norm_num_groups=c.groups,
-                transformer_layers_per_block=c.transformer_depth, sample_size=64)
+                transformer_layers_per_block=depth, sample_size=64, **extra)
 
 
 def save_official(path, state, cfg=None):
@@ -250,9 +329,91 @@ def family_parity(name, tmp, px=512):
     return [(name, what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
 
 
+def sdxl_parity(tmp, px=512):
+    """SDXL base at full size with one model resident at a time. The references: diffusers' SDXL UNet (config
+    XL_UNET, written out above) and SD's ldm VAE, filled from official-named random tensors by diffusers' own
+    converter, transformers' CLIPTextModel (ViT-L) and CLIPTextModelWithProjection (bigG, from OpenCLIP's layout
+    by diffusers' converter). Their outputs are kept, their tensors written as one official single file (no minisd
+    metadata: detected from the keys), the references freed, and only then minisd loads the file."""
+    from minisd.checkpoint import load_model
+    from minisd.unet import UNet
+    from minisd.config import UNetConfig
+    g = torch.Generator().manual_seed(0)
+    lat = px // 8
+    x = torch.randn(1, 4, lat, lat, generator=g)
+    t = torch.tensor([421])
+    ctx = torch.randn(1, 77, 2048, generator=g)
+    pooled = torch.randn(1, XL_PROJECTION, generator=g)
+    time_ids = xl_time_ids(px, px, 1)
+    z = torch.randn(1, 4, 64, 64, generator=g)
+    ids = [reference_ids(PROMPT, pad_with_eot=True), reference_ids(PROMPT, pad_with_eot=False)]
+    ref, state, times = {}, {}, {}
+
+    start = time.perf_counter()
+    # the official UNet key names and shapes, from sgm's hyper-parameters (diffusers' strict load checks them)
+    sgm = UNetConfig(model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_head_channels=64,
+                     context_dim=2048, transformer_depth=(1, 2, 10), use_linear_in_transformer=True,
+                     adm_in_channels=2816)
+    with torch.device("meta"):
+        shapes = {UNET + k: v.shape for k, v in UNet(sgm).state_dict().items()}
+    state.update(random_official(shapes, seed=1))
+    unet = diffusers_unet_from_official(XL_UNET, state)
+    with torch.no_grad():
+        ref["unet"] = unet(x, t, encoder_hidden_states=ctx,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    del unet
+    gc.collect()
+    print(f"  reference UNet done ({time.perf_counter() - start:.0f} s)", flush=True)
+    vae = perturb(LdmVAE(SD_VAE, SD_VAE_EMBED_DIM), seed=2)
+    with torch.no_grad():
+        ref["vae"] = vae.decode(z)
+    state.update({VAE + k: v for k, v in vae.state_dict().items()})
+    del vae
+    clip = perturb(clip_text(XL_TEXT), std=0.01, seed=3)
+    state.update({XL_CLIP + k[len(CLIP):]: v for k, v in clip_state(clip).items()})
+    with torch.no_grad():
+        first = clip(input_ids=ids[0], output_hidden_states=True).hidden_states[-2]
+    del clip
+    big = openclip_text_state(XL_TEXT2, seed=4, prefix=XL_OPENCLIP, projection=XL_PROJECTION)
+    clip2 = clip_with_projection_from_openclip(big, XL_TEXT2)
+    with torch.no_grad():
+        out2 = clip2(input_ids=ids[1], output_hidden_states=True)
+        ref["text"] = torch.cat([first, out2.hidden_states[-2]], dim=-1)
+        ref["pooled"] = out2.text_embeds
+    del clip2, out2
+    state.update(big)
+    del big
+    gc.collect()
+    path = Path(tmp) / "sd_xl_base-random.safetensors"
+    save_official(path, state)
+    del state
+    gc.collect()
+    times["reference"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    from minisd.tokenizer import Tokenizer
+    model = load_model(path)
+    path.unlink()
+    assert model.cfg.name == "sdxl", model.cfg.name
+    out = {}
+    with torch.no_grad():
+        out["unet"] = model.unet(x, t, ctx, model.vector(pooled, time_ids))
+        out["vae"] = model.vae.decode(z)
+        mine = [Tokenizer(pad_with_eot=c.pad_with_eot)([PROMPT]) for c in (model.cfg.text, model.cfg.text2)]
+        assert all(torch.equal(a, b) for a, b in zip(mine, ids)), "minisd's tokenizers pad differently"
+        out["text"], out["pooled"] = model.encode_text(mine)
+    times["minisd"] = time.perf_counter() - start
+    del model
+    gc.collect()
+    what = {"unet": f"UNet, {px} px, t=421, text-time vector", "vae": "VAE decode, 64x64 latent",
+            "text": "text embeddings (77 x 2048)", "pooled": "pooled text (bigG projection)"}
+    return [("sdxl", what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", choices=["sd1", "sd2", "both"], default="both")
+    ap.add_argument("--family", "--only", choices=["sd1", "sd2", "sdxl", "both"], default="both",
+                    help="both = sd1 and sd2; sdxl needs about 15 GB of memory")
     ap.add_argument("--px", type=int, default=512, help="image side of the UNet call (latent side = px / 8)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -261,7 +422,7 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in (["sd1", "sd2"] if args.family == "both" else [args.family]):
-            r, times = family_parity(name, tmp, args.px)
+            r, times = sdxl_parity(tmp, args.px) if name == "sdxl" else family_parity(name, tmp, args.px)
             rows += r
             print(f"{name}: references {times['reference']:.0f} s, minisd {times['minisd']:.0f} s", flush=True)
     print("\n| family | output | max abs diff | relative | max abs ref |\n|---|---|---|---|---|")
