@@ -58,19 +58,23 @@ class Attention(nn.Module):
         # (b, n, heads*d) -> (b, heads, n, d)
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = self.attend(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend(self, q, k, v):
+        """softmax(q k^T * scale) v, (b, heads, n, d) each; the hooks' side door. minisd/fast.py routes this call
+        around torch.compile, so the hooks' Python state never becomes part of a compiled graph."""
         active = [h for h in self.hooks if h.wants(self)]
         if not active:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            logits = (q.float() @ k.float().transpose(-1, -2)) * self.scale
-            edited = logits
-            for h in active:
-                edited = h.edit_logits(self, edited)
-            probs = edited.softmax(-1)
-            for h in active:
-                probs = h.edit_probs(self, logits, probs)
-            out = probs.to(v.dtype) @ v
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+            return F.scaled_dot_product_attention(q, k, v)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        edited = logits
+        for h in active:
+            edited = h.edit_logits(self, edited)
+        probs = edited.softmax(-1)
+        for h in active:
+            probs = h.edit_probs(self, logits, probs)
+        return probs.to(v.dtype) @ v
 
 
 class GEGLU(nn.Module):
