@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2, sdxl
@@ -47,8 +48,10 @@ class CheckpointError(Exception):
 
 # ---------------------------------------------------------------------------------------------- reading files
 
-def read_safetensors(path):
-    """-> (tensors, metadata). Checks the header first so a wrong or cut file says so instead of crashing."""
+def read_safetensors(path, dtype=None):
+    """-> (tensors, metadata). Checks the header first so a wrong or cut file says so instead of crashing.
+    With `dtype`, floating tensors are cast one by one as they are read, so a float32 file loaded in bfloat16
+    never holds all its float32 tensors at once."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -68,10 +71,18 @@ def read_safetensors(path):
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")
-    return load_file(str(path)), header.get("__metadata__") or {}
+    if dtype is None:
+        return load_file(str(path)), header.get("__metadata__") or {}
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
+    return tensors, header.get("__metadata__") or {}
 
 
-def read_checkpoint(path, allow_pickle=False):
+def _cast(t, dtype):
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def read_checkpoint(path, allow_pickle=False, dtype=None):
     """A single file: safetensors, or (only when the caller opts in) a pickle .ckpt read with weights_only=True."""
     path = Path(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -87,7 +98,7 @@ def read_checkpoint(path, allow_pickle=False):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         return obj.get("state_dict", obj), {}
-    return read_safetensors(path)
+    return read_safetensors(path, dtype)
 
 
 def inference_keys(state):
@@ -315,7 +326,7 @@ def config_from_diffusers(folder):
     return cfg
 
 
-def diffusers_to_official(folder, cfg):
+def diffusers_to_official(folder, cfg, dtype=None):
     """Rule 3: read a diffusers folder and rename its keys to the official ones, for the model built from cfg."""
     folder = Path(folder)
     with torch.device("meta"):
@@ -330,7 +341,7 @@ def diffusers_to_official(folder, cfg):
         sources["conditioner.embedders.1."] = ("text_encoder_2", [("transformer.", "")], [])
     state, missing, unexpected = {}, [], []
     for prefix, (sub, prefixes, inner) in sources.items():
-        tensors, _ = read_safetensors(_folder_file(folder, sub))
+        tensors, _ = read_safetensors(_folder_file(folder, sub), dtype)
         if sub.startswith("text_encoder") and not any(k.startswith("text_model.") for k in tensors):
             # transformers 5 saves without that level
             tensors = {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in tensors.items()}
@@ -380,8 +391,9 @@ def check_state(want, state, path=""):
         raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes, want))
 
 
-def load_state(path, allow_pickle=False, prediction=None):
-    """A checkpoint file or diffusers folder -> (config, state with official keys, metadata)."""
+def load_state(path, allow_pickle=False, prediction=None, dtype=None):
+    """A checkpoint file or diffusers folder -> (config, state with official keys, metadata); floating tensors of
+    safetensors files in `dtype` if given (cast as they are read)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "unet").is_dir():
@@ -389,8 +401,8 @@ def load_state(path, allow_pickle=False, prediction=None):
         cfg = config_from_diffusers(path)
         if prediction:
             cfg.prediction = prediction
-        return cfg, diffusers_to_official(path, cfg), {}
-    raw, metadata = read_checkpoint(path, allow_pickle)
+        return cfg, diffusers_to_official(path, cfg, dtype), {}
+    raw, metadata = read_checkpoint(path, allow_pickle, dtype)
     state = inference_keys(raw)
     cfg = detect_config(state, metadata, path, prediction)
     if "openclip" in (cfg.text.key_layout, cfg.text2.key_layout if cfg.text2 else None):
@@ -399,8 +411,9 @@ def load_state(path, allow_pickle=False, prediction=None):
 
 
 def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
-    """Build Stable Diffusion for the checkpoint at `path` and load it, strictly."""
-    cfg, state, metadata = load_state(path, allow_pickle, prediction)
+    """Build Stable Diffusion for the checkpoint at `path` and load it, strictly. The model is built on the meta
+    device and takes the file's tensors, cast to `dtype` as they are read: no float32 copy of a bfloat16 model."""
+    cfg, state, metadata = load_state(path, allow_pickle, prediction, dtype)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     check_state(model.state_dict(), state, path)

@@ -29,14 +29,17 @@ _layers = []   # Attention modules by index: the opaque operator takes the index
 
 
 @torch.library.custom_op("minisd::attend", mutates_args=())
-def _attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+def _attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, h: int, w: int) -> torch.Tensor:
+    attn = _layers[layer]
+    # the map size, for the hooks: Attention.forward's own `self.hw = hw` is replayed only after the graph has run
+    attn.hw = None if h < 0 else (h, w)
     # (b, heads, n, d) -> contiguous (b, n, heads, d): one fixed layout the compiler can rely on, and the one the
     # output projection reads without another copy
-    return Attention.attend(_layers[layer], q, k, v).transpose(1, 2).contiguous()
+    return Attention.attend(attn, q, k, v).transpose(1, 2).contiguous()
 
 
 @_attend_op.register_fake
-def _(q, k, v, layer):
+def _(q, k, v, layer, h, w):
     b, heads, n, _ = q.shape
     return q.new_empty((b, n, heads, v.shape[-1]), dtype=v.dtype)
 
@@ -45,7 +48,8 @@ def _routed_attend(attn, index):
     def attend(q, k, v):
         if torch.is_grad_enabled():   # evaluated while tracing too: compiled graphs only ever see no-grad mode
             return Attention.attend(attn, q, k, v)
-        return _attend_op(q, k, v, index).transpose(1, 2)
+        h, w = attn.hw or (-1, -1)   # plain ints while tracing (the shapes are static)
+        return _attend_op(q, k, v, index, h, w).transpose(1, 2)
     return attend
 
 
@@ -100,5 +104,6 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
                 f"in {time.perf_counter() - start:.1f} s (once per shape)")
         return out
 
-    unet.forward, unet.compiled_backend = forward, backend
+    # forward_eager: the same module uncompiled (benchmarks time both on one copy of the weights)
+    unet.forward, unet.forward_eager, unet.compiled_backend = forward, eager, backend
     return unet

@@ -64,6 +64,13 @@ class Pipeline:
                for name in ("tokenizer", "tokenizer_2")[:1 + (model.cfg.text2 is not None)]]
         return cls(model, tok)
 
+    def compile(self, backend="inductor"):
+        """Run the UNet through torch.compile from now on, attention hooks included (minisd/fast.py); "eager"
+        leaves it as it is. The first call per image size pays a one-time compile. Returns self."""
+        from .fast import compile_unet
+        compile_unet(self.model.unet, backend)
+        return self
+
     @property
     def device(self):
         return next(self.model.parameters()).device

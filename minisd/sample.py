@@ -343,6 +343,8 @@ def build_parser():
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
                     help="model dtype (with float16, SDXL's VAE stays float32: it overflows in float16)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "openvino"],
+                    help="run the UNet compiled (minisd/fast.py; hooks keep working); the first step pays the compile")
     ap.add_argument("--out", default="outputs",
                     help="a folder for numbered PNGs, or one image file: .png, .jpg/.jpeg or .webp")
     ap.add_argument("--overwrite", action="store_true", help="allow --out FILE to replace an existing file")
@@ -417,6 +419,7 @@ def _run(args, log, made):
     if args.regulate_layers:
         check_layer_sizes(args.regulate_layers, cfg, *size)
     check_cost(cfg, *size, DTYPES[args.dtype], 2 if guidance > 1 else 1, torch.device(args.device))
+    pipe.compile(args.backend)
     if args.decoder == "taesd":
         from .taesd import load_taesd_decoder
         taesd = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype])

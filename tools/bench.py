@@ -1,6 +1,7 @@
 """Benchmarks, one sub-command each.
 
     python -m tools.bench optimizer [--runs 50] [--threads 1]
+    python -m tools.bench load /tmp/sd15-random.safetensors --dtype bfloat16
 
 `optimizer`: the fast Attention Regulation step (regulation/attention_regulation.py) against the straightforward
 reference (tests/reference_regulation.py) on the tensors of one SD 1.5 layer at 512 px: 8 heads of one image,
@@ -67,8 +68,39 @@ def optimizer(args):
     print(f"  float32 vs float64 of the same code: fast {diff(f32, f64):.2e}, reference {diff(r32, r64):.2e}")
 
 
+def load_args(p):
+    p.add_argument("checkpoint", help="a single-file checkpoint; written first (random SD 1.5 weights) if absent")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--family", default="sd1", help="for the random checkpoint: sd1, sd2, tiny ...")
+
+
+def load(args):
+    """Peak resident memory (ru_maxrss) of a fresh process that only loads the checkpoint with load_model: what a
+    generation pays before its first step. The process imports the minisd on PYTHONPATH (or this one)."""
+    import subprocess
+    from pathlib import Path
+    path = Path(args.checkpoint)
+    if not path.exists():
+        from minisd.checkpoint import build_model, save_checkpoint
+        from minisd.config import FAMILIES
+        with torch.no_grad():
+            save_checkpoint(build_model(FAMILIES[args.family]()), path)
+        print(f"wrote random {args.family} weights to {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)")
+    code = ("import resource, sys, torch, minisd; from minisd.checkpoint import load_model; "
+            f"m = load_model(sys.argv[1], dtype=torch.{args.dtype}); "
+            "n = sum(p.numel() * p.element_size() for p in m.parameters()); "
+            "print(minisd.__file__, n / 2 ** 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    here = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH") or here)
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, check=True)
+    where, weights, peak = out.stdout.split()
+    print(f"load_model({path.name}, dtype={args.dtype}) with {where}: weights {float(weights):.0f} MB, "
+          f"peak RSS {float(peak):.0f} MB")
+
+
 COMMANDS = {
     "optimizer": (optimizer_args, optimizer, "the Attention Regulation optimiser against its reference"),
+    "load": (load_args, load, "peak memory of loading a checkpoint in a dtype"),
 }
 
 

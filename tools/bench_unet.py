@@ -1,18 +1,24 @@
-"""How fast is minisd's UNet next to diffusers' UNet2DConditionModel?
+"""How fast is minisd's UNet next to diffusers' UNet2DConditionModel, eager, compiled (minisd/fast.py) and under
+OpenVINO?
 
-One UNet call of the full SD 1.5 architecture, batch 2 (the two halves of classifier-free guidance), both
-implementations with the same weights (random, made key by key from the official names, so every process makes
-the same ones without a file) and the same thread count. Each (implementation, size, dtype) runs in its own
-process so that its peak resident memory (ru_maxrss) is its own; the time is the median of --runs calls after a
-warm-up call.
+One UNet call of the full SD 1.5 architecture, batch 2 (the two halves of classifier-free guidance), every path
+with the same weights (random, made key by key from the official names, so every process makes the same ones
+without a file) and the same thread count. Times are medians of interleaved rounds (each round calls every path
+once, so a change of load on a shared machine hits all alike), given as ratios to diffusers eager measured in
+the same process. Per (size, dtype) two processes:
+  compare   diffusers eager, minisd eager, minisd's fast path (--backend), and both minisd paths regulated
+            (Attention Regulation on the 5 default cross-attention layers, conditional half, as at a step < 25)
+  openvino  diffusers eager and diffusers' UNet converted with openvino.convert_model (hooks cannot run there);
+            float32 with INFERENCE_PRECISION_HINT f32, bfloat16 with bf16. Skipped if openvino is not installed.
+Outputs are compared with minisd eager float32 (same weights and inputs in every process; regulated paths with
+regulated minisd eager); "bf16 drift" is a
+path's bfloat16 output against its own float32 output (relative: max |diff| / max |float32 output|).
+"RSS +MB" is how much the process's peak resident memory grew while that path was built and first called
+(paths are built in the order of the table; weights shared between diffusers and minisd eager are counted once).
 
-    python -m tools.bench_unet                                # 512 and 256 px, float32 and bfloat16, 5 runs
-    python -m tools.bench_unet --sizes 64 --runs 2            # a quick check that it works
-    python -m tools.bench_unet --family tiny --sizes 64       # seconds: the tiny test model
-    python -m tools.bench_unet --family sdxl --sizes 512 --runs 1   # SDXL base (10 GB of float32 weights)
-
-SDXL's UNet also takes the pooled text and the six micro-conditioning numbers: diffusers as text_embeds and
-time_ids, minisd as the vector it makes of them (model.py's `vector`, inside the timed call).
+    python -m tools.bench unet --fast --sizes 256 --dtypes float32 bfloat16 --rounds 5
+    python -m tools.bench unet --backend openvino --sizes 256
+    python -m tools.bench unet --family tiny --sizes 128 --rounds 2 --fast     # seconds (plus compile): a check
 """
 import argparse
 import json
@@ -21,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -29,11 +36,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREFIX = "model.diffusion_model."
 
 
 def unet_config(family):
     from minisd.config import FAMILIES
-    return FAMILIES[family]().unet
+    return FAMILIES[family]()
 
 
 def official_unet_state(cfg, dtype, seed=0):
@@ -57,124 +65,215 @@ def official_unet_state(cfg, dtype, seed=0):
     return state
 
 
-def micro_cond_dim(family):
-    from minisd.config import FAMILIES
-    return FAMILIES[family]().micro_cond_dim
-
-
-def diffusers_unet(cfg, state, micro_dim=256):
+def diffusers_unet(cfg, state):
     """diffusers' UNet2DConditionModel filled from official-named weights by diffusers' own converter (not minisd's
     mapping: the two sides share nothing but the tensors). Works on the meta device too."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from tools.parity import diffusers_unet_config
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_config(cfg, micro_dim))
-    official = {"model.diffusion_model." + k: v for k, v in state.items()}
+        unet = UNet2DConditionModel(**diffusers_unet_config(cfg))
+    official = {PREFIX + k: v for k, v in state.items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(official, dict(unet.config)), strict=True, assign=True)
     return unet.eval()
 
 
-def build(impl, cfg, dtype, micro_dim=256):
-    """-> a function (x, t, context, sdxl=None) -> prediction, and the model's weight bytes. For SDXL, `sdxl` is
-    (pooled text, time_ids (b, 6))."""
+def minisd_unet(cfg, state):
+    """minisd's UNet on `state` (no copy), its attention layers named and sharing one hook list as in
+    StableDiffusion."""
+    from minisd.attention import Attention
+    from minisd.unet import UNet
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.load_state_dict(state, strict=True, assign=True)
+    unet.requires_grad_(False)
+    unet.hooks = []
+    for name, m in unet.named_modules():
+        if isinstance(m, Attention):
+            m.name, m.hooks = PREFIX + name, unet.hooks
+    return unet.eval()
+
+
+def regulation_hook(model_cfg, cond_rows):
+    """Attention Regulation on the default layers, two targets, as at step 0 of a 50-step run."""
+    from regulation.attention_regulation import AttentionRegulation
+    hook = AttentionRegulation([2, 5], 8, 50, model_config=model_cfg, generator=0)
+    hook.begin_step(0, cond_rows)
+    return hook
+
+
+class Plain(torch.nn.Module):
+    """diffusers' UNet as (x, t, context) -> tensor, for tracing."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context):
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_paths(kind, model_cfg, dtype, backend, inputs, log):
+    """-> {path name: (function () -> output, seconds of one-time compile or conversion, RSS growth MB)}."""
+    cfg = model_cfg.unet
+    x, t, ctx = inputs
+    paths = {}
+
+    def add(name, make):
+        rss, start = _rss_mb(), time.perf_counter()
+        fn = make()
+        with torch.inference_mode():
+            fn()  # warm-up; compiles where there is something to compile
+        paths[name] = (fn, time.perf_counter() - start, _rss_mb() - rss)
+        log(f"    built {name}: {paths[name][1]:.1f} s, peak RSS +{paths[name][2]:.0f} MB")
+
     state = official_unet_state(cfg, dtype)
-    nbytes = sum(v.numel() * v.element_size() for v in state.values())
-    if impl == "minisd":
-        from minisd.unet import UNet, timestep_embedding
-        with torch.device("meta"):
-            unet = UNet(cfg)
-        unet.load_state_dict(state, strict=True, assign=True)
-        unet.eval()
+    d = diffusers_unet(cfg, state)
+    add("diffusers eager", lambda: lambda: d(x, t, encoder_hidden_states=ctx, return_dict=False)[0])
+    if kind == "compare":
+        from minisd.fast import compile_unet
+        unet = minisd_unet(cfg, state)
+        hook = regulation_hook(model_cfg, slice(1, 2))
+        eager = unet.forward
 
-        def run(x, t, ctx, sdxl=None):
-            y = None
-            if sdxl is not None:  # as StableDiffusion.vector
-                pooled, ids = sdxl
-                y = torch.cat([pooled, timestep_embedding(ids.flatten(), micro_dim).reshape(len(ids), -1).to(pooled.dtype)], -1)
-            return unet(x, t, ctx, y)
-        return run, nbytes
-    unet = diffusers_unet(cfg, state, micro_dim)
+        def call(fn, hooks):
+            def run():
+                unet.hooks[:] = hooks
+                try:
+                    return fn(x, t, ctx)
+                finally:
+                    unet.hooks[:] = []
+            return run
+        add("minisd eager", lambda: call(eager, []))
+        add("minisd eager regulated", lambda: call(eager, [hook]))
+        if backend != "eager":
+            add(f"minisd {backend}", lambda: call(compile_unet(unet, backend, log=log), []))
+            add(f"minisd {backend} regulated", lambda: call(unet, [hook]))
+    else:
+        import openvino as ov
 
-    def run(x, t, ctx, sdxl=None):
-        extra = {} if sdxl is None else {"added_cond_kwargs": {"text_embeds": sdxl[0], "time_ids": sdxl[1]}}
-        return unet(x, t, encoder_hidden_states=ctx, return_dict=False, **extra)[0]
-    return run, nbytes
+        def convert():
+            # diffusers' UNet (minisd's turns the timestep into a constant when traced), converted from float32
+            # weights; the bf16 column asks OpenVINO to run in bf16
+            unet = diffusers_unet(cfg, official_unet_state(cfg, torch.float32))
+            wrapped = Plain(unet)
+            ex = (x.float(), t, ctx.float())
+            with torch.no_grad():
+                m = ov.convert_model(wrapped, example_input=ex)
+            del unet, wrapped
+            hint = "f32" if dtype == torch.float32 else "bf16"
+            compiled = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                           "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            request = compiled.create_infer_request()
+            feeds = [a.numpy() for a in ex]
+            return lambda: torch.from_numpy(request.infer(feeds)[0].copy())
+        add("openvino", convert)
+    return paths
 
 
-def measure(impl, family, px, dtype_name, runs, threads):
-    """Runs in the child process: build, warm up, time. -> a dict of results."""
+def measure(kind, family, px, dtype_name, rounds, threads, backend, out_path):
+    """Runs in a child process: build every path, then time them in interleaved rounds."""
     torch.set_num_threads(threads)
-    cfg, dtype = unet_config(family), DTYPES[dtype_name]
-    start = time.perf_counter()
-    micro = micro_cond_dim(family)
-    fn, nbytes = build(impl, cfg, dtype, micro)
-    built = time.perf_counter() - start
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    model_cfg, dtype = unet_config(family), DTYPES[dtype_name]
+    cfg = model_cfg.unet
     g = torch.Generator().manual_seed(0)
     side = px // 8
     x = torch.randn(2, cfg.in_channels, side, side, generator=g).to(dtype)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)
     t = torch.full((2,), 500)
-    sdxl = None
-    if cfg.adm_in_channels:
-        pooled = torch.randn(2, cfg.adm_in_channels - 6 * micro, generator=g).to(dtype)
-        sdxl = (pooled, torch.tensor([[px, px, 0, 0, px, px]] * 2, dtype=torch.float32))
-    times = []
+    paths = build_paths(kind, model_cfg, dtype, backend, (x, t, ctx), log)
+    times = {name: [] for name in paths}
+    outputs = {}
     with torch.inference_mode():
-        out = fn(x, t, ctx, sdxl)  # warm-up: one-time allocations and kernel choices
-        for _ in range(runs):
-            start = time.perf_counter()
-            out = fn(x, t, ctx, sdxl)
-            times.append(time.perf_counter() - start)
-    return dict(impl=impl, family=family, px=px, dtype=dtype_name, threads=threads, median_s=statistics.median(times),
-                times=times, build_s=built, weights_mb=nbytes / 2 ** 20, finite=bool(torch.isfinite(out).all()),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        for _ in range(rounds):
+            for name, (fn, _, _) in paths.items():
+                start = time.perf_counter()
+                outputs[name] = fn()
+                times[name].append(time.perf_counter() - start)
+    torch.save({k: v.float() for k, v in outputs.items()}, out_path)
+    return {name: dict(median_s=statistics.median(ts), times=ts, setup_s=paths[name][1], rss_mb=paths[name][2],
+                       finite=bool(torch.isfinite(outputs[name]).all()))
+            for name, ts in times.items()}
 
 
-def run_child(impl, family, px, dtype, runs, threads):
-    cmd = [sys.executable, "-m", "tools.bench_unet", "--child", impl, "--family", family, "--sizes", str(px),
-           "--dtypes", dtype, "--runs", str(runs), "--threads", str(threads)]
+def run_child(kind, args, px, dtype, out_path):
+    cmd = [sys.executable, "-m", "tools.bench_unet", "--child", kind, "--family", args.family, "--sizes", str(px),
+           "--dtypes", dtype, "--rounds", str(args.rounds), "--threads", str(args.threads), "--backend",
+           args.backend, "--out", str(out_path)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
-        print(f"  {impl} {px}px {dtype} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {kind} {px}px {dtype} failed (exit {p.returncode})", file=sys.stderr)
         return None
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 256], help="image sides in pixels")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    ap.add_argument("--runs", type=int, default=5, help="timed calls after the warm-up (median reported)")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, sdxl, tiny, tiny-sdxl ...")
-    ap.add_argument("--child", choices=["minisd", "diffusers"], help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(args.child, args.family, args.sizes[0], args.dtypes[0], args.runs, args.threads)))
-        return None
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
 
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m tools.bench unet", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sides in pixels")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds after the warm-up (median)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, tiny ...")
+    ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "openvino"],
+                    help="minisd's fast path (minisd/fast.py); eager: no fast path")
+    ap.add_argument("--fast", action="store_true", help="the same as --backend inductor")
+    ap.add_argument("--no-openvino", action="store_true", help="leave out the converted OpenVINO model")
+    ap.add_argument("--child", choices=["compare", "openvino"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.fast:
+        args.backend = "inductor"
+    if args.child:
+        print(json.dumps(measure(args.child, args.family, args.sizes[0], args.dtypes[0], args.rounds, args.threads,
+                                 args.backend, args.out)))
+        return None
     import diffusers
-    print(f"UNet of {args.family}, batch 2, {args.threads} threads, median of {args.runs} runs; "
-          f"torch {torch.__version__}, diffusers {diffusers.__version__}", flush=True)
-    rows = []
+    try:
+        import openvino
+        kinds, ov_version = ["compare"] + ([] if args.no_openvino else ["openvino"]), openvino.__version__
+    except ImportError:
+        kinds, ov_version = ["compare"], "not installed"
+    print(f"UNet of {args.family}, batch 2, {args.threads} threads, median of {args.rounds} interleaved rounds; "
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}, openvino {ov_version}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_unet_"))
+    rows, outs = [], {}
     for px in args.sizes:
-        for dtype in args.dtypes:
-            r = {impl: run_child(impl, args.family, px, dtype, args.runs, args.threads)
-                 for impl in ("minisd", "diffusers")}
-            if None in r.values():
-                continue
-            rows.append((px, dtype, r["minisd"], r["diffusers"]))
-            print(f"  {px} px {dtype}: minisd {r['minisd']['median_s']:.3f} s, "
-                  f"diffusers {r['diffusers']['median_s']:.3f} s", flush=True)
-    print("\n| px | dtype | minisd s | diffusers s | minisd/diffusers | weights MB | peak RSS MB minisd | "
-          "peak RSS MB diffusers |\n|---|---|---|---|---|---|---|---|")
-    for px, dtype, m, d in rows:
-        print(f"| {px} | {dtype} | {m['median_s']:.3f} | {d['median_s']:.3f} | {m['median_s'] / d['median_s']:.2f} | "
-              f"{m['weights_mb']:.0f} | {m['peak_rss_mb']:.0f} | {d['peak_rss_mb']:.0f} |")
-        if not (m["finite"] and d["finite"]):
-            print(f"  warning: non-finite output at {px} px {dtype} (minisd {m['finite']}, diffusers {d['finite']})")
+        for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):   # float32 first: the reference
+            for kind in kinds:
+                path = tmp / f"{px}-{dtype}-{kind}.pt"
+                print(f"  {px} px {dtype}: {kind} ...", flush=True)
+                r = run_child(kind, args, px, dtype, path)
+                if r is None:
+                    continue
+                outs.update({(px, dtype, name): o for name, o in torch.load(path).items()})
+                base = r["diffusers eager"]["median_s"]
+                for name, m in r.items():
+                    if kind == "openvino" and name == "diffusers eager":
+                        name = "diffusers eager (openvino process)"
+                    rows.append(dict(px=px, dtype=dtype, path=name, ratio=m["median_s"] / base, **m))
+    # regulated paths against regulated minisd eager, plain ones against plain minisd eager
+    ref = {(px, reg): outs.get((px, "float32", "minisd eager" + reg)) for px in args.sizes for reg in ("", " regulated")}
+    print("\n| px | dtype | path | time / diffusers eager | median s | one-time s | RSS +MB | max abs diff vs "
+          "minisd eager f32 | bf16 drift (rel.) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        px, dtype, name = r["px"], r["dtype"], r["path"].replace(" (openvino process)", "")
+        o = outs.get((px, dtype, name))
+        base = ref[px, " regulated" if name.endswith(" regulated") else ""]
+        diff = "" if base is None or o is None or dtype != "float32" else f"{(o - base).abs().max().item():.1e}"
+        f32 = outs.get((px, "float32", name))
+        drift = f"{_rel(o, f32):.1e}" if dtype != "float32" and o is not None and f32 is not None else ""
+        print(f"| {px} | {dtype} | {r['path']} | {r['ratio']:.2f} | {r['median_s']:.3f} | {r['setup_s']:.1f} | "
+              f"{r['rss_mb']:.0f} | {diff} | {drift} |" + ("" if r["finite"] else " non-finite!"))
     return rows
 
 
