@@ -20,7 +20,6 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2, sdxl
@@ -40,6 +39,11 @@ PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
          "cond_stage_model.": "the text encoder",
          "conditioner.embedders.0.": "SDXL's first text encoder (CLIP ViT-L, conditioner.embedders.0.transformer.*)",
          "conditioner.embedders.1.": "SDXL's second text encoder (OpenCLIP ViT-bigG, conditioner.embedders.1.model.*)"}
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointError(Exception):
@@ -71,10 +75,24 @@ def read_safetensors(path, dtype=None):
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")
-    if dtype is None:
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    stored = {SAFETENSORS_DTYPES.get(v["dtype"]) for v in entries.values()}
+    if dtype is None or all(d is None or d == dtype or not d.is_floating_point for d in stored):
+        # nothing to cast: safetensors' memory map, whose pages load only as the weights are used
         return load_file(str(path)), header.get("__metadata__") or {}
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
+    # read() into a buffer per tensor, not a memory map: mapped pages of the whole file would stay resident
+    tensors = {}
+    with open(path, "rb") as f:
+        for k, v in entries.items():
+            if v["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {k} has dtype {v['dtype']}, which minisd does not read")
+            start, stop = v["data_offsets"]
+            buf = bytearray(stop - start)
+            f.seek(8 + n + start)
+            f.readinto(buf)
+            t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[v["dtype"]]) if buf else \
+                torch.empty(0, dtype=SAFETENSORS_DTYPES[v["dtype"]])
+            tensors[k] = _cast(t.reshape(v["shape"]), dtype)
     return tensors, header.get("__metadata__") or {}
 
 

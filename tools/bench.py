@@ -92,7 +92,9 @@ def load(args):
             "print(minisd.__file__, n / 2 ** 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     here = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH") or here)
-    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, check=True)
+    # cwd "/": python -c puts the working directory first on sys.path, before PYTHONPATH
+    out = subprocess.run([sys.executable, "-c", code, str(path.resolve())], env=env, cwd="/", capture_output=True,
+                         text=True, check=True)
     where, weights, peak = out.stdout.split()
     print(f"load_model({path.name}, dtype={args.dtype}) with {where}: weights {float(weights):.0f} MB, "
           f"peak RSS {float(peak):.0f} MB")
