@@ -137,22 +137,22 @@ def build_paths(kind, model_cfg, dtype, backend, inputs, log):
     if kind == "compare":
         from minisd.fast import compile_unet
         unet = minisd_unet(cfg, state)
-        hook = regulation_hook(model_cfg, slice(1, 2))
         eager = unet.forward
 
-        def call(fn, hooks):
+        def call(fn, regulated):
             def run():
-                unet.hooks[:] = hooks
+                # a fresh editor per call: its random draws start from its seed, so calls compare
+                unet.hooks[:] = [regulation_hook(model_cfg, slice(1, 2))] if regulated else []
                 try:
                     return fn(x, t, ctx)
                 finally:
                     unet.hooks[:] = []
             return run
-        add("minisd eager", lambda: call(eager, []))
-        add("minisd eager regulated", lambda: call(eager, [hook]))
+        add("minisd eager", lambda: call(eager, False))
+        add("minisd eager regulated", lambda: call(eager, True))
         if backend != "eager":
-            add(f"minisd {backend}", lambda: call(compile_unet(unet, backend, log=log), []))
-            add(f"minisd {backend} regulated", lambda: call(unet, [hook]))
+            add(f"minisd {backend}", lambda: call(compile_unet(unet, backend, log=log), False))
+            add(f"minisd {backend} regulated", lambda: call(unet, True))
     else:
         import openvino as ov
 
