@@ -52,10 +52,10 @@ class CheckpointError(Exception):
 
 # ---------------------------------------------------------------------------------------------- reading files
 
-def read_safetensors(path, dtype=None):
+def read_safetensors(path, dtype=None, float32_prefixes=()):
     """-> (tensors, metadata). Checks the header first so a wrong or cut file says so instead of crashing.
     With `dtype`, floating tensors are cast one by one as they are read, so a float32 file loaded in bfloat16
-    never holds all its float32 tensors at once."""
+    never holds all its float32 tensors at once; those under `float32_prefixes` are read in float32 instead."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -76,10 +76,16 @@ def read_safetensors(path, dtype=None):
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}")
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    stored = {SAFETENSORS_DTYPES.get(v["dtype"]) for v in entries.values()}
-    if dtype is None or all(d is None or d == dtype or not d.is_floating_point for d in stored):
-        # nothing to cast: safetensors' memory map, whose pages load only as the weights are used
-        return load_file(str(path)), header.get("__metadata__") or {}
+    def target(k):
+        return torch.float32 if dtype is not None and k.startswith(float32_prefixes) else dtype
+
+    stored = {k: SAFETENSORS_DTYPES.get(v["dtype"]) for k, v in entries.items()}
+    if dtype is None or all(d is None or d == dtype or not d.is_floating_point
+                            for k, d in stored.items() if not k.startswith(float32_prefixes)):
+        # nothing to cast but the small float32 part: safetensors' memory map, whose pages load only as the
+        # weights are used
+        tensors = load_file(str(path))
+        return {k: _cast(v, target(k)) for k, v in tensors.items()}, header.get("__metadata__") or {}
     # read() into a buffer per tensor, not a memory map: mapped pages of the whole file would stay resident
     tensors = {}
     with open(path, "rb") as f:
@@ -92,7 +98,7 @@ def read_safetensors(path, dtype=None):
             f.readinto(buf)
             t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[v["dtype"]]) if buf else \
                 torch.empty(0, dtype=SAFETENSORS_DTYPES[v["dtype"]])
-            tensors[k] = _cast(t.reshape(v["shape"]), dtype)
+            tensors[k] = _cast(t.reshape(v["shape"]), target(k))
     return tensors, header.get("__metadata__") or {}
 
 
@@ -100,7 +106,7 @@ def _cast(t, dtype):
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
-def read_checkpoint(path, allow_pickle=False, dtype=None):
+def read_checkpoint(path, allow_pickle=False, dtype=None, float32_prefixes=()):
     """A single file: safetensors, or (only when the caller opts in) a pickle .ckpt read with weights_only=True."""
     path = Path(path)
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
@@ -116,7 +122,7 @@ def read_checkpoint(path, allow_pickle=False, dtype=None):
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         return obj.get("state_dict", obj), {}
-    return read_safetensors(path, dtype)
+    return read_safetensors(path, dtype, float32_prefixes)
 
 
 def inference_keys(state):
@@ -344,8 +350,9 @@ def config_from_diffusers(folder):
     return cfg
 
 
-def diffusers_to_official(folder, cfg, dtype=None):
-    """Rule 3: read a diffusers folder and rename its keys to the official ones, for the model built from cfg."""
+def diffusers_to_official(folder, cfg, dtype=None, vae_float32=False):
+    """Rule 3: read a diffusers folder and rename its keys to the official ones, for the model built from cfg.
+    Floating tensors are cast to `dtype` as they are read (the VAE's to float32 with `vae_float32`)."""
     folder = Path(folder)
     with torch.device("meta"):
         want = StableDiffusion(cfg).state_dict()
@@ -359,7 +366,8 @@ def diffusers_to_official(folder, cfg, dtype=None):
         sources["conditioner.embedders.1."] = ("text_encoder_2", [("transformer.", "")], [])
     state, missing, unexpected = {}, [], []
     for prefix, (sub, prefixes, inner) in sources.items():
-        tensors, _ = read_safetensors(_folder_file(folder, sub), dtype)
+        tensors, _ = read_safetensors(_folder_file(folder, sub), dtype,
+                                      ("",) if vae_float32 and sub == "vae" else ())
         if sub.startswith("text_encoder") and not any(k.startswith("text_model.") for k in tensors):
             # transformers 5 saves without that level
             tensors = {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in tensors.items()}
@@ -409,9 +417,9 @@ def check_state(want, state, path=""):
         raise CheckpointError(_mismatch_message(path, missing, unexpected, shapes, want))
 
 
-def load_state(path, allow_pickle=False, prediction=None, dtype=None):
+def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float32=False):
     """A checkpoint file or diffusers folder -> (config, state with official keys, metadata); floating tensors of
-    safetensors files in `dtype` if given (cast as they are read)."""
+    safetensors files in `dtype` if given (cast as they are read), the VAE's in float32 with `vae_float32`."""
     path = Path(path)
     if path.is_dir():
         if not (path / "unet").is_dir():
@@ -419,8 +427,8 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None):
         cfg = config_from_diffusers(path)
         if prediction:
             cfg.prediction = prediction
-        return cfg, diffusers_to_official(path, cfg, dtype), {}
-    raw, metadata = read_checkpoint(path, allow_pickle, dtype)
+        return cfg, diffusers_to_official(path, cfg, dtype, vae_float32), {}
+    raw, metadata = read_checkpoint(path, allow_pickle, dtype, ("first_stage_model.",) if vae_float32 else ())
     state = inference_keys(raw)
     cfg = detect_config(state, metadata, path, prediction)
     if "openclip" in (cfg.text.key_layout, cfg.text2.key_layout if cfg.text2 else None):
@@ -430,21 +438,24 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None):
 
 def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
     """Build Stable Diffusion for the checkpoint at `path` and load it, strictly. The model is built on the meta
-    device and takes the file's tensors, cast to `dtype` as they are read: no float32 copy of a bfloat16 model."""
-    cfg, state, metadata = load_state(path, allow_pickle, prediction, dtype)
+    device and takes the file's tensors, cast to `dtype` as they are read: no float32 copy of a bfloat16 model.
+    SDXL's VAE stays float32 in a float16 model (it overflows in float16), with the file's values, never rounded."""
+    # which model this is shows only once the file is read, so with float16 every VAE is read in float32 (a few
+    # hundred MB) and cast below unless the model keeps it
+    cfg, state, metadata = load_state(path, allow_pickle, prediction, dtype, vae_float32=dtype == torch.float16)
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model holds the tensors now; a cast below (pickle files) can free each as it goes
     for enc in model.text_encoders():
         emb = enc.text_model.embeddings  # a non-persistent buffer, still on meta
         emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata
     model.requires_grad_(False)  # inference: a gradient through the UNet (Attend-and-Excite) must not keep weight grads
-    model = model.to(device=device, dtype=dtype)
-    if cfg.vae_upcast and dtype == torch.float16:  # SDXL's VAE overflows in float16: keep it in float32
-        model.first_stage_model.to(device=device, dtype=torch.float32).load_state_dict(
-            {k[len("first_stage_model."):]: v for k, v in state.items() if k.startswith("first_stage_model.")})
+    vae32 = cfg.vae_upcast and dtype == torch.float16
+    for name, part in model.named_children():  # the model's tensors all live in its parts
+        part.to(device=device, dtype=torch.float32 if vae32 and name == "first_stage_model" else dtype)
     return model.eval()
 
 
