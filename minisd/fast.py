@@ -86,17 +86,19 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
                              options=options)
     seen = set()
 
-    def forward(x, t, context):
+    def forward(x, t, context, y=None):
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if torch.is_grad_enabled():
-            return eager(x, t, context)
-        key = (tuple(x.shape), x.dtype, t.dtype, tuple(context.shape), context.dtype, x.device)
+            return eager(x, t, context, y)
+        # y: SDXL's vector conditioning, None for SD 1/2 (a constant to the compiler: no guard churn either way)
+        key = (tuple(x.shape), x.dtype, t.dtype, tuple(context.shape), context.dtype, x.device,
+               None if y is None else (tuple(y.shape), y.dtype))
         if key in seen:
-            return compiled(x, t, context)
+            return compiled(x, t, context, y)
         start = time.perf_counter()
-        out = compiled(x, t, context)
+        out = compiled(x, t, context, y)
         unet.compile_seconds = getattr(unet, "compile_seconds", 0.0) + time.perf_counter() - start
         seen.add(key)
         if log:
