@@ -19,6 +19,10 @@ path's bfloat16 output against its own float32 output (relative: max |diff| / ma
     python -m tools.bench unet --fast --sizes 256 --dtypes float32 bfloat16 --rounds 5
     python -m tools.bench unet --backend openvino --sizes 256
     python -m tools.bench unet --family tiny --sizes 128 --rounds 2 --fast     # seconds (plus compile): a check
+    python -m tools.bench unet --family sdxl --sizes 512 --rounds 1   # SDXL base (10 GB of float32 weights)
+
+SDXL's UNet also takes the pooled text and the six micro-conditioning numbers: diffusers as text_embeds and
+time_ids, minisd as the vector it makes of them (model.py's `vector`, inside the timed call).
 """
 import argparse
 import json
@@ -39,9 +43,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PREFIX = "model.diffusion_model."
 
 
-def unet_config(family):
+def model_config(family):
     from minisd.config import FAMILIES
     return FAMILIES[family]()
+
+
+def unet_config(family):
+    return model_config(family).unet
+
+
+def micro_cond_dim(family):
+    return model_config(family).micro_cond_dim
 
 
 def official_unet_state(cfg, dtype, seed=0):
@@ -65,14 +77,14 @@ def official_unet_state(cfg, dtype, seed=0):
     return state
 
 
-def diffusers_unet(cfg, state):
+def diffusers_unet(cfg, state, micro_dim=256):
     """diffusers' UNet2DConditionModel filled from official-named weights by diffusers' own converter (not minisd's
     mapping: the two sides share nothing but the tensors). Works on the meta device too."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from tools.parity import diffusers_unet_config
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_config(cfg))
+        unet = UNet2DConditionModel(**diffusers_unet_config(cfg, micro_dim))
     official = {PREFIX + k: v for k, v in state.items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(official, dict(unet.config)), strict=True, assign=True)
     return unet.eval()
@@ -94,6 +106,34 @@ def minisd_unet(cfg, state):
     return unet.eval()
 
 
+def vector(sdxl, micro_dim):
+    """SDXL's (pooled text, time_ids (b, 6)) -> minisd's vector conditioning y, as StableDiffusion.vector; None
+    -> None (SD 1/2)."""
+    from minisd.unet import timestep_embedding
+    if sdxl is None:
+        return None
+    pooled, ids = sdxl
+    return torch.cat([pooled, timestep_embedding(ids.flatten(), micro_dim).reshape(len(ids), -1).to(pooled.dtype)], -1)
+
+
+def diffusers_extra(sdxl):
+    """SDXL's (pooled text, time_ids) as diffusers' UNet takes them."""
+    return {} if sdxl is None else {"added_cond_kwargs": {"text_embeds": sdxl[0], "time_ids": sdxl[1]}}
+
+
+def build(impl, cfg, dtype, micro_dim=256):
+    """One eager UNet, for the tests: -> a function (x, t, context, sdxl=None) -> prediction, and the model's weight
+    bytes. For SDXL, `sdxl` is (pooled text, time_ids (b, 6))."""
+    state = official_unet_state(cfg, dtype)
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    if impl == "minisd":
+        unet = minisd_unet(cfg, state)
+        return (lambda x, t, ctx, sdxl=None: unet(x, t, ctx, vector(sdxl, micro_dim))), nbytes
+    unet = diffusers_unet(cfg, state, micro_dim)
+    return (lambda x, t, ctx, sdxl=None:
+            unet(x, t, encoder_hidden_states=ctx, return_dict=False, **diffusers_extra(sdxl))[0]), nbytes
+
+
 def regulation_hook(model_cfg, cond_rows):
     """Attention Regulation on the default layers, two targets, as at step 0 of a 50-step run."""
     from regulation.attention_regulation import AttentionRegulation
@@ -103,14 +143,15 @@ def regulation_hook(model_cfg, cond_rows):
 
 
 class Plain(torch.nn.Module):
-    """diffusers' UNet as (x, t, context) -> tensor, for tracing."""
+    """diffusers' UNet as (x, t, context[, text_embeds, time_ids]) -> tensor, for tracing."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x, t, context):
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+    def forward(self, x, t, context, text_embeds=None, time_ids=None):
+        sdxl = None if text_embeds is None else (text_embeds, time_ids)
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False, **diffusers_extra(sdxl))[0]
 
 
 def _rss_mb():
@@ -119,8 +160,8 @@ def _rss_mb():
 
 def build_paths(kind, model_cfg, dtype, backend, inputs, log):
     """-> {path name: (function () -> output, seconds of one-time compile or conversion, RSS growth MB)}."""
-    cfg = model_cfg.unet
-    x, t, ctx = inputs
+    cfg, micro = model_cfg.unet, model_cfg.micro_cond_dim
+    x, t, ctx, sdxl = inputs
     paths = {}
 
     def add(name, make):
@@ -132,8 +173,9 @@ def build_paths(kind, model_cfg, dtype, backend, inputs, log):
         log(f"    built {name}: {paths[name][1]:.1f} s, peak RSS +{paths[name][2]:.0f} MB")
 
     state = official_unet_state(cfg, dtype)
-    d = diffusers_unet(cfg, state)
-    add("diffusers eager", lambda: lambda: d(x, t, encoder_hidden_states=ctx, return_dict=False)[0])
+    d = diffusers_unet(cfg, state, micro)
+    add("diffusers eager", lambda: lambda: d(x, t, encoder_hidden_states=ctx, return_dict=False,
+                                             **diffusers_extra(sdxl))[0])
     if kind == "compare":
         from minisd.fast import compile_unet
         unet = minisd_unet(cfg, state)
@@ -144,7 +186,7 @@ def build_paths(kind, model_cfg, dtype, backend, inputs, log):
                 # a fresh editor per call: its random draws start from its seed, so calls compare
                 unet.hooks[:] = [regulation_hook(model_cfg, slice(1, 2))] if regulated else []
                 try:
-                    return fn(x, t, ctx)
+                    return fn(x, t, ctx, vector(sdxl, micro))
                 finally:
                     unet.hooks[:] = []
             return run
@@ -159,9 +201,9 @@ def build_paths(kind, model_cfg, dtype, backend, inputs, log):
         def convert():
             # diffusers' UNet (minisd's turns the timestep into a constant when traced), converted from float32
             # weights; the bf16 column asks OpenVINO to run in bf16
-            unet = diffusers_unet(cfg, official_unet_state(cfg, torch.float32))
+            unet = diffusers_unet(cfg, official_unet_state(cfg, torch.float32), micro)
             wrapped = Plain(unet)
-            ex = (x.float(), t, ctx.float())
+            ex = (x.float(), t, ctx.float()) + (() if sdxl is None else (sdxl[0].float(), sdxl[1]))
             with torch.no_grad():
                 m = ov.convert_model(wrapped, example_input=ex)
             del unet, wrapped
@@ -179,14 +221,18 @@ def measure(kind, family, px, dtype_name, rounds, threads, backend, out_path):
     """Runs in a child process: build every path, then time them in interleaved rounds."""
     torch.set_num_threads(threads)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    model_cfg, dtype = unet_config(family), DTYPES[dtype_name]
+    model_cfg, dtype = model_config(family), DTYPES[dtype_name]
     cfg = model_cfg.unet
     g = torch.Generator().manual_seed(0)
     side = px // 8
     x = torch.randn(2, cfg.in_channels, side, side, generator=g).to(dtype)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)
     t = torch.full((2,), 500)
-    paths = build_paths(kind, model_cfg, dtype, backend, (x, t, ctx), log)
+    sdxl = None
+    if cfg.adm_in_channels:  # SDXL: pooled text and time_ids (original size, crop, target size)
+        pooled = torch.randn(2, cfg.adm_in_channels - 6 * model_cfg.micro_cond_dim, generator=g).to(dtype)
+        sdxl = (pooled, torch.tensor([[px, px, 0, 0, px, px]] * 2, dtype=torch.float32))
+    paths = build_paths(kind, model_cfg, dtype, backend, (x, t, ctx, sdxl), log)
     times = {name: [] for name in paths}
     outputs = {}
     with torch.inference_mode():
@@ -223,7 +269,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds after the warm-up (median)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, tiny ...")
+    ap.add_argument("--family", default="sd1", help="sd1 (SD 1.5, the default), sd2, sdxl, tiny, tiny-sdxl ...")
     ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "openvino"],
                     help="minisd's fast path (minisd/fast.py); eager: no fast path")
     ap.add_argument("--fast", action="store_true", help="the same as --backend inductor")
