@@ -18,7 +18,7 @@ The result is one official-format single-file safetensors (float16) with the mod
 same loader reads it as real SD weights.
 
     python -m tools.train --out weights/minisd-shapes.safetensors           # all stages, resumable
-    python -m tools.train --stage clip --clip-steps 200 --out /tmp/x.safetensors  # a quick try
+    python -m tools.train --stage clip --clip-steps 200 --run /tmp/try    # one stage: its state in --run only
     python -m tools.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
 
 `--run DIR` keeps the resumable state (rerun the same command to continue after an interruption).
@@ -341,8 +341,12 @@ def main(argv=None):
         clip_eval = json.loads((run / "clip_eval.json").read_text())
         from tools import tinyclip
         tinyclip.TinyCLIP(model.cond_stage_model, 0).load_state_dict(load_state(run / "clip.pt")["clip"])
+    if args.stage == "clip":
+        return  # one stage alone writes only its state in --run; the model file needs all three
     if args.stage in ("all", "vae"):
         timed("vae_s", train_vae, model, args, run)
+        if args.stage == "vae":
+            return
     else:
         model.first_stage_model.load_state_dict(load_state(run / "vae.pt")["vae"])
     metadata = {"minisd_training": json.dumps(vars(args)), "minisd_clip_heldout": json.dumps(clip_eval)}
