@@ -66,6 +66,23 @@ def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path)
         torch.testing.assert_close(v.float(), clip["text." + k].half().float())
 
 
+def test_training_one_stage_at_a_time(tmp_path):
+    out, run = tmp_path / "m.safetensors", tmp_path / "run"
+    argv = ["--out", str(out), "--run", str(run), "--threads", "1", "--clip-steps", "2", "--clip-batch", "8",
+            "--clip-pool", "32", "--clip-eval", "4", "--vae-steps", "2", "--vae-pool", "16", "--vae-batch", "2",
+            "--dataset", "16", "--unet-steps", "2", "--batch", "4"]
+    with pytest.raises(SystemExit, match="missing clip.pt, clip_eval.json, vae.pt"):
+        train.main(argv + ["--stage", "unet"])
+    train.main(argv + ["--stage", "clip"])
+    assert (run / "clip.pt").is_file() and not (run / "vae.pt").exists() and not out.exists()
+    with pytest.raises(SystemExit, match="missing vae.pt"):
+        train.main(argv + ["--stage", "unet"])
+    train.main(argv + ["--stage", "vae"])
+    assert (run / "vae.pt").is_file() and not (run / "unet.pt").exists() and not out.exists()
+    train.main(argv + ["--stage", "unet"])
+    assert (run / "unet.pt").is_file() and Pipeline.from_checkpoint(out).cfg.name == "minisd-shapes"
+
+
 def test_diagnose_runs_every_gate(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(build_model(tiny(image_size=32)), path)

@@ -335,6 +335,11 @@ def main(argv=None):
         (run / "timings.json").write_text(json.dumps(timings))
         return out
 
+    needed = {"vae": ["clip.pt", "clip_eval.json"], "unet": ["clip.pt", "clip_eval.json", "vae.pt"]}.get(args.stage, [])
+    missing = [name for name in needed if not (run / name).is_file()]
+    if missing:
+        raise SystemExit(f"--stage {args.stage} needs the earlier stages done in {run}: missing {', '.join(missing)} "
+                         f"(run them with --stage clip / --stage vae, or use --stage all)")
     if args.stage in ("all", "clip"):
         clip_eval = timed("clip_s", train_clip, model, args, run)
     else:
