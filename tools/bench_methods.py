@@ -2,23 +2,37 @@
 sampling, as the ratio method / plain (DPM-Solver++(2M), 50 steps, the same seed; Attention Regulation on the
 first 25 steps as in its paper, Attend-and-Excite with its defaults).
 
-    python -m tools.bench_methods [--only tiny|sd15] [--runs 3] [--threads N] [--size 512]
+    python -m tools.bench_methods [--only tiny|sd15|sdxl] [--runs 3] [--threads N] [--size 512]
 
 tiny: whole generations on the tiny shipped model (weights/minisd-shapes.safetensors; a random tiny model if it is
     absent), interleaved runs, median of --runs.
 sd15: the SD 1.5 architecture (random weights, bfloat16, CPU) at --size px: a whole 50-step run is too slow on a
     CPU, so it times one step of each kind (median of --runs after a warm-up) and projects the 50-step overhead:
       plain step      UNet on batch 2 (classifier-free guidance)
-      regulated step  the same with the 5 regulated layers edited
+      regulated step  the same with the default regulated layers edited (SD 1.5: 5)
+      regulate-layers the same with the --regulate-layers choice edited (sd15: only when given)
       A&E step        its conditional pass with gradient (batch 1, forward + backward) and the update, then the
                       plain step; no refinement
     regulate / plain = (25 regulated + 25 plain) / 50 plain
     A&E / plain      = (25 A&E + 25 plain) / 50 plain, with no refinement (its least), and with every refinement
                        of steps 0, 10, 20 running to its cap of 20 tries (its most: 60 more conditional passes
                        with gradient, each costing about A&E step - plain step)
-    It also reports the peak resident memory (VmHWM, reset before the step) of an A&E step.
+    It also reports the peak resident memory (VmHWM, reset before the step) of each kind of step.
+sdxl: the same steps on the SDXL base architecture (float32 by default: bfloat16 is slow on CPUs without bf16
+    units; 512 px by default: 1024 px is 4x the work). Only its UNet is built (random weights, 9.6 GiB in
+    float32), with random text embeddings and pooled text (zeros for the empty negative prompt) and the
+    micro-conditioning vector; the default regulated blocks are input_blocks.7/8 and output_blocks.0/1/2 (10
+    transformer blocks each: 50 layers, 16x16 maps at 512 px) and regulate-layers is one transformer block,
+    input_blocks.7.1.transformer_blocks.0, unless --regulate-layers says otherwise. `--methods` leaves steps
+    out (attend-excite: a backward pass through SDXL). Not run unless asked:
+        python -m tools.bench methods --only sdxl --runs 3 --threads 2
+    needs about 11 GiB of memory, 13.5 GiB with the A&E step, and the time of about 20 plain steps (each step
+    timed 4 times, an A&E step costing about 2 plain ones), a plain step roughly 0.5 to 1.5 min on 2 cores
+    (estimated from half-, quarter- and eighth-width models and tools/bench_unet.py's SDXL figure).
+    `--tiny` runs sd15 or sdxl on its tiny config (tiny, tiny-sdxl) in seconds, as the tests do.
 """
 import argparse
+from collections import namedtuple
 import os
 from pathlib import Path
 import resource
@@ -45,9 +59,9 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def make_hook(method, pipe, prompt, targets, steps, seed):
+def make_hook(method, pipe, prompt, targets, steps, seed, layers=None):
     from regulation.editors import make_editor
-    return None if method == "plain" else make_editor(method, pipe, prompt, targets, steps, seed=seed)
+    return None if method == "plain" else make_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers)
 
 
 # ---------------------------------------------------------------------------------------------- tiny model
@@ -94,7 +108,7 @@ def tiny(args):
     print(f"  attend-excite: {len(history)} steps altered; refinement (step: tries, gave up): {tries or 'none'}")
 
 
-# ---------------------------------------------------------------------------------------------- SD 1.5 steps
+# ---------------------------------------------------------------------------------------------- one step (SD 1.5, SDXL)
 
 def peak_rss_reset():
     """Reset the process's peak resident memory (Linux); False where that is not possible."""
@@ -116,35 +130,127 @@ def rss_gib(field):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def sd15(args):
-    from minisd.checkpoint import build_model
-    from minisd.config import sd1
-    from minisd.pipeline import Pipeline
-    from regulation.editors import choose_targets
+# The per-step parts: an architecture, the model it is built as, and the conditioning its UNet reads.
+Part = namedtuple("Part", "family tiny_family what dtype build conditioning")
 
-    dtype = getattr(torch, args.dtype)
-    t0 = time.perf_counter()
-    model = build_model(sd1()).to(dtype).eval()
+
+def whole_model(cfg, dtype):
+    """The whole model with random weights: the prompt goes through its text encoder as in a generation."""
+    from minisd.checkpoint import build_model
+    model = build_model(cfg).to(dtype).eval()
     model.requires_grad_(False)   # inference: A&E differentiates with respect to the latents only
-    pipe = Pipeline(model)
-    print(f"sd15: SD 1.5 architecture, random weights, {args.dtype}, CPU, {args.size} px, {args.runs} runs, "
+    return model
+
+
+def encoded_conditioning(pipe, prompt, size, generator):
+    """SD: the encoded empty negative prompt and the prompt; no vector conditioning."""
+    return pipe.encode_prompts(["", prompt]), None
+
+
+def unet_only_model(cfg, dtype):
+    """The model with random UNet weights (tools/bench_unet's, drawn tensor by tensor, so the float32 copy of a
+    bfloat16 model never exists whole) and its text encoders and VAE left on the meta device: SDXL's two text
+    encoders hold 3.3 GB in float32 and would only make embeddings that random weights make meaningless anyway."""
+    from minisd.model import StableDiffusion
+    from tools.bench_unet import official_unet_state
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
+    model.unet.load_state_dict(official_unet_state(cfg.unet, dtype), strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def random_conditioning(pipe, prompt, size, generator):
+    """SDXL without its text encoders: random text embeddings and pooled text in the prompt's row, zeros in the
+    empty negative prompt's (as the pipeline makes it: zero_empty_negative), and the vector the pipeline makes of
+    them with the micro-conditioning of a size x size image (original = target = size, crop 0, 0)."""
+    cfg = pipe.cfg
+    context = torch.randn(1, cfg.text.max_position_embeddings, cfg.unet.context_dim, generator=generator)
+    pooled = torch.randn(1, cfg.text2.projection_dim, generator=generator)
+    context, pooled = (torch.cat([torch.zeros_like(a), a]) for a in (context, pooled))
+    return context, pipe.model.vector(pooled, [size, size, 0, 0, size, size])
+
+
+PARTS = {
+    "sd15": Part("sd1", "tiny", "SD 1.5 architecture, random weights", "bfloat16", whole_model,
+                 encoded_conditioning),
+    "sdxl": Part("sdxl", "tiny-sdxl", "SDXL base architecture, random UNet weights, random text conditioning",
+                 "float32", unet_only_model, random_conditioning),
+}
+STEP_METHODS = ("plain", "regulate", "regulate-layers", "attend-excite")
+
+
+def one_block(cfg):
+    """The cheaper choice `--regulate-layers` offers: one transformer block (one cross-attention layer) of the first
+    default block, where SDXL's default blocks hold 10 each."""
+    return f"{cfg.default_blocks()[0]}.1.transformer_blocks.0"
+
+
+def per_step(part, args):
+    """Build the part's model (--tiny: its tiny config) and conditioning, then time its steps (step_costs)."""
+    from minisd.config import FAMILIES
+    from minisd.pipeline import Pipeline, size_unit
+    from regulation.editors import choose_targets
+    from regulation.layers import LayerSelector
+
+    spec = PARTS[part]
+    family = spec.tiny_family if args.tiny else spec.family
+    cfg = FAMILIES[family]()
+    size = args.size or (cfg.image_size if args.tiny else 512)
+    if size <= 0 or size % size_unit(cfg):
+        raise SystemExit(f"--size must be a positive multiple of {size_unit(cfg)} for {family}, got {size}")
+    dtype_name = args.dtype or spec.dtype
+    # the regulate-layers row runs where its layers are known: SDXL's one block by default, SD when asked
+    layers = args.regulate_layers or (one_block(cfg) if part == "sdxl" else None)
+    methods = [m for m in args.methods or STEP_METHODS if m != "regulate-layers" or layers]
+    if "regulate-layers" in methods:
+        try:   # a misspelt layer is an error before the minute SDXL takes to build
+            LayerSelector(layers, cfg)
+        except ValueError as e:
+            raise SystemExit(f"--regulate-layers: {e}")
+    t0 = time.perf_counter()
+    pipe = Pipeline(spec.build(cfg, getattr(torch, dtype_name)))
+    print(f"{part}: {spec.what} ({family}), {dtype_name}, CPU, {size} px, {args.runs} runs, "
           f"{torch.get_num_threads()} threads (built in {time.perf_counter() - t0:.0f} s)")
     prompt = args.prompt or "a cat and a dog"
-    targets = choose_targets(pipe.tokenizer, prompt, args.targets.split() if args.targets else None, log=_quiet)
-    context = pipe.encode_prompts(["", prompt])
-    f = pipe.cfg.vae.downsample
-    x = torch.randn(1, pipe.cfg.unet.in_channels, args.size // f, args.size // f,
-                    generator=torch.Generator().manual_seed(args.seed))
-    t, guidance = 921.0, 7.5
+    targets = choose_targets(pipe.tokenizers, prompt, args.targets.split() if args.targets else None, log=_quiet)
+    context, y = spec.conditioning(pipe, prompt, size, torch.Generator().manual_seed(args.seed + 1))
+    print_default_layers(cfg, size)
+    return step_costs(pipe, prompt, targets, context, y, size, getattr(torch, dtype_name), methods, layers, args)
+
+
+def print_default_layers(cfg, size):
+    """The editors regulate the blocks the rule picks at the model's own size, whatever the image size (as the
+    command line does); say which, and whether the rule would pick others at the benchmark's size."""
+    from dataclasses import replace
+    blocks, here = cfg.default_blocks(), replace(cfg, image_size=size).default_blocks()
+    same = "the same" if here == blocks else f"{', '.join(here)} (not used)"
+    print(f"  default regulated blocks (ModelConfig.default_blocks at the model's {cfg.image_size} px): "
+          f"{', '.join(blocks)}; the rule at {size} px picks {same}")
+
+
+def step_costs(pipe, prompt, targets, context, y, size, dtype, methods, layers, args):
+    """Time one step of each method on pipe's model with the conditioning (context, y: both rows of
+    classifier-free guidance, the empty negative prompt first; y None for SD) and print the projected 50-step
+    overhead. Returns {method: dict(wall, cpu (s, median), rss_before, peak (GiB), hook, out (the step's output))}."""
+    model, cfg = pipe.model, pipe.cfg
+    context, y = context.to(dtype), None if y is None else y.to(dtype)
+    f = cfg.vae.downsample
+    x = torch.randn(1, cfg.unet.in_channels, size // f, size // f, generator=torch.Generator().manual_seed(args.seed))
+    t, guidance = 921.0, cfg.default_guidance
+
+    def unet(latents, rows):
+        n = latents.shape[0]
+        return model.unet(latents.to(dtype), torch.tensor([t] * n), context[rows],
+                          None if y is None else y[rows]).float()
 
     def plain_step():
         with torch.no_grad():
-            out = model.unet(torch.cat([x, x]).to(dtype), torch.tensor([t, t]), context).float()
-        uncond, cond = out.chunk(2)
+            uncond, cond = unet(torch.cat([x, x]), slice(None)).chunk(2)
         return uncond + guidance * (cond - uncond)
 
     def cond_unet(latents, t):
-        return model.unet(latents.to(dtype), torch.tensor([t] * latents.shape[0]), context[1:]).float()
+        return unet(latents, slice(1, 2))
 
     def regulated_step(hook):
         hook.begin_step(0, slice(1, 2))   # step 0: regulated; the conditional row is the second
@@ -156,66 +262,100 @@ def sd15(args):
         hook.begin_step(1, slice(1, 2))
         return x_new, plain_step()
 
-    results, peaks = {}, {}
-    for method in METHOD_NAMES:
+    steps = {"plain": ("plain", plain_step), "regulate": ("regulate", regulated_step),
+             "regulate-layers": ("regulate", regulated_step), "attend-excite": ("attend-excite", excite_step)}
+    results = {}
+    for method in methods:
+        kind, step = steps[method]
         try:
-            hook = make_hook(method, pipe, prompt, targets, 50, args.seed)
-            step = {"plain": plain_step, "regulate": lambda: regulated_step(hook),
-                    "attend-excite": lambda: excite_step(hook)}[method]
+            hook = make_hook(kind, pipe, prompt, targets, 50, args.seed,
+                             layers=layers if method == "regulate-layers" else None)
+            run = (lambda: step(hook)) if hook else step
             model.set_hooks([hook] if hook else [])
-            step()                                          # warm-up
+            run()                                          # warm-up
             rss_before, reset = rss_gib("VmRSS"), peak_rss_reset()
-            times = [_timed(step)[0] for _ in range(args.runs)]
-            peaks[method] = (rss_before, rss_gib("VmHWM") if reset else None)
-            results[method] = _median(times)
+            timed = [_timed(run) for _ in range(args.runs)]
+            wall, cpu = _median([t for t, _ in timed])
+            peak = rss_gib("VmHWM") if reset else None
+            results[method] = dict(wall=wall, cpu=cpu, rss_before=rss_before, peak=peak, hook=hook, out=timed[-1][1])
         except ValueError as e:   # e.g. Attention Regulation's Gaussians do not fit the 2x2 maps of 64 px
             print(f"  {method}: not measured: {e}")
         finally:
             model.set_hooks([])
-    for m, (wall, cpu) in results.items():
-        before, peak = peaks[m]
-        mem = f"peak RSS {peak:.2f} GiB (RSS before {before:.2f} GiB)" if peak else "peak RSS: not available"
-        print(f"  {m:14s} step median {wall:8.2f} s wall {cpu:8.2f} s CPU   {mem}")
-    if "plain" not in results:
+    print_steps(model, results, layers)
+    print_projection(results)
+    return results
+
+
+def print_steps(model, results, layers):
+    hw = {m.name: m.hw for m in model.attention_layers(cross_only=True)}
+    for m, r in results.items():
+        mem = (f"peak RSS {r['peak']:.2f} GiB (RSS before {r['rss_before']:.2f} GiB)" if r["peak"]
+               else "peak RSS: not available")
+        print(f"  {m:15s} step median {r['wall']:8.2f} s wall {r['cpu']:8.2f} s CPU   {mem}")
+    for m in ("regulate", "regulate-layers"):
+        if m in results:   # the layers the editor actually edited, from its history
+            edited = sorted(results[m]["hook"].history)
+            sizes = sorted({"x".join(map(str, hw[name])) for name in edited})
+            which = f"--regulate-layers {layers}" if m == "regulate-layers" else "the default blocks"
+            print(f"  {m}: {which}: {len(edited)} cross-attention layer(s) edited, maps {', '.join(sizes)}")
+
+
+def print_projection(results):
+    if "plain" not in results or len(results) == 1:
         return
     print("  projected 50-step overhead (ratio to 50 plain steps; wall / CPU):")
-    p = results["plain"]
-    if "regulate" in results:
-        r = results["regulate"]
-        print("    regulate       (25 regulated + 25 plain) / 50 plain = "
-              + " / ".join(f"{(25 * r[k] + 25 * p[k]) / (50 * p[k]):.2f}x" for k in (0, 1)))
+    p = [results["plain"][k] for k in ("wall", "cpu")]
+    for m in ("regulate", "regulate-layers"):
+        if m in results:
+            r = [results[m][k] for k in ("wall", "cpu")]
+            print(f"    {m:15s} (25 regulated + 25 plain) / 50 plain = "
+                  + " / ".join(f"{(25 * r[k] + 25 * p[k]) / (50 * p[k]):.2f}x" for k in (0, 1)))
     if "attend-excite" in results:
-        a = results["attend-excite"]
+        a = [results["attend-excite"][k] for k in ("wall", "cpu")]
         least = [(25 * a[k] + 25 * p[k]) / (50 * p[k]) for k in (0, 1)]
         most = [(25 * a[k] + 25 * p[k] + 60 * (a[k] - p[k])) / (50 * p[k]) for k in (0, 1)]
-        print("    attend-excite  (25 A&E + 25 plain) / 50 plain = "
+        print("    attend-excite   (25 A&E + 25 plain) / 50 plain = "
               + " / ".join(f"{v:.2f}x" for v in least) + " with no refinement; "
               + " / ".join(f"{v:.2f}x" for v in most) + " if all 3 refinements hit their cap of 20 tries")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.bench_methods", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("tiny", "sd15"), help="run one part (default: both)")
+    parser.add_argument("--only", choices=("tiny", "sd15", "sdxl"),
+                        help="run one part (default: tiny and sd15; sdxl, 11-14 GiB, only when asked)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each method (after a warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     parser.add_argument("--steps", type=int, default=50, help="tiny: sampling steps")
     parser.add_argument("--weights", default=str(ROOT / "weights" / "minisd-shapes.safetensors"),
                         help="tiny: the checkpoint (a random tiny model when absent)")
-    parser.add_argument("--size", type=int, default=512, help="sd15: image side in px (a multiple of 64)")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="sd15: model dtype")
-    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (sd15)")
+    parser.add_argument("--size", type=int, help="sd15, sdxl: image side in px (default 512; with --tiny the tiny "
+                                                 "config's own size)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
+                        help="sd15, sdxl: model dtype (default: bfloat16 for sd15, float32 for sdxl)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="sd15, sdxl: build the architecture's tiny config (tiny, tiny-sdxl): the same code in "
+                             "seconds, a check rather than a measurement")
+    parser.add_argument("--methods", nargs="+", choices=STEP_METHODS,
+                        help="sd15, sdxl: the steps to time (default: all; regulate-layers on sd15 only with "
+                             "--regulate-layers)")
+    parser.add_argument("--regulate-layers",
+                        help="sd15, sdxl: the layers of the regulate-layers step, as minisd.sample takes them "
+                             "(default for sdxl: one transformer block, input_blocks.7.1.transformer_blocks.0)")
+    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (sd15, sdxl)")
     parser.add_argument("--targets", help="target words, space separated (default: the prompt's objects)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    if args.size <= 0 or args.size % 64:
-        parser.error(f"--size must be a positive multiple of 64, got {args.size}")
     torch.set_num_threads(args.threads)
+    results = {}
     if args.only in (None, "tiny"):
         tiny(args)
-    if args.only in (None, "sd15"):
-        sd15(args)
+    for part in ("sd15", "sdxl"):
+        if args.only == part or (args.only is None and part == "sd15"):
+            results[part] = per_step(part, args)
+    return results
 
 
 if __name__ == "__main__":

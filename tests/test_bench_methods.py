@@ -1,0 +1,56 @@
+"""tools/bench_methods.py's per-step part on SDXL, run on the tiny SDXL config (--tiny): the same code that times
+the full-size architecture, in seconds. Checks that every figure is a positive number and that the regulated steps
+really edited the layers they name (the editor's history, and a step output that differs from the plain one)."""
+import re
+
+import torch
+
+from minisd.config import tiny_sdxl
+from tools import bench_methods
+from tools.bench_methods import STEP_METHODS, one_block
+
+PREFIX = "model.diffusion_model."
+
+
+def block_of(name):
+    """`model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2` -> `input_blocks.3`."""
+    return re.match(PREFIX + r"((?:input|output)_blocks\.\d+|middle_block)\.", name).group(1)
+
+
+def run(capsys, *extra):
+    # the tests' own thread count: main sets torch's, and would otherwise take every core for the rest of the run
+    results = bench_methods.main(["--only", "sdxl", "--tiny", "--runs", "1", "--threads",
+                                  str(torch.get_num_threads()), *extra])
+    return results["sdxl"], capsys.readouterr().out
+
+
+def test_sdxl_steps_are_timed_and_regulation_edits(capsys):
+    results, out = run(capsys)
+    assert list(results) == list(STEP_METHODS)
+    for method, r in results.items():
+        assert r["wall"] > 0 and r["cpu"] > 0, (method, r)
+        assert r["peak"] is None or r["peak"] > 0
+    ratios = [float(v) for v in re.findall(r"([\d.]+)x", out.split("projected 50-step overhead")[1])]
+    assert len(ratios) == 2 * 2 + 4 and all(v > 0 for v in ratios), out   # 2 regulate rows, A&E least and most
+
+    cfg = tiny_sdxl()
+    edited = {m: sorted(results[m]["hook"].history) for m in ("regulate", "regulate-layers")}
+    # the default blocks: every cross-attention layer in them, and nothing else
+    blocks = {block_of(name) for name in edited["regulate"]}
+    assert blocks == set(cfg.default_blocks()) and all(n.endswith(".attn2") for n in edited["regulate"])
+    assert edited["regulate-layers"] == [PREFIX + one_block(cfg) + ".attn2"]
+    assert "1 cross-attention layer(s) edited" in out
+    plain = results["plain"]["out"]
+    for method in ("regulate", "regulate-layers"):
+        assert not torch.equal(results[method]["out"], plain), f"{method} did not change the step's output"
+    x_new, after = results["attend-excite"]["out"]
+    assert torch.equal(after, plain) and results["attend-excite"]["hook"].history[1]["loss_before"]
+
+
+def test_sdxl_methods_subset_and_layers(capsys):
+    """--methods leaves steps out (a user skips SDXL's backward pass); --regulate-layers names the cheaper row."""
+    cfg = tiny_sdxl()
+    block = cfg.default_blocks()[-1]
+    results, out = run(capsys, "--methods", "plain", "regulate-layers", "--regulate-layers", block)
+    assert list(results) == ["plain", "regulate-layers"] and "attend-excite" not in out
+    assert {block_of(n) for n in results["regulate-layers"]["hook"].history} == {block}
