@@ -94,6 +94,18 @@ def test_diagnose_runs_every_gate(tmp_path):
     assert set(out["pass"]) == {"a", "b", "c", "d"} and lines[-1].startswith("gates:")
 
 
+def test_region_lift():
+    mask = np.zeros((128, 128), bool)
+    mask[:64, :32] = True                                   # an eighth of the image
+    assert diagnose.region_lift(torch.ones(16, 16), mask) == pytest.approx(1)
+    inside = torch.zeros(16, 16)
+    inside[:8, :4] = 1                                      # all of the attention on the region's cells
+    assert diagnose.region_lift(inside, mask) == pytest.approx(8)
+    outside = torch.zeros(16, 16)
+    outside[8:, 8:] = 1
+    assert diagnose.region_lift(outside, mask) == 0
+
+
 def test_swapped_context_keeps_words_of_one_prompt_and_padding_of_the_other():
     pipe = Pipeline(build_model(tiny(image_size=32)).eval())
     a, b = "a red circle", "a blue square"
