@@ -1,5 +1,6 @@
 """The testbed's own tools: the tiny CLIP's hard negatives, the swapped end-of-text/padding states of training,
 the whole training command on a toy budget, the diagnostics, and gate (a) on the shipped model."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path)
     pipe = Pipeline.from_checkpoint(out)
     assert pipe.cfg.default_blocks() == ("input_blocks.1", "output_blocks.4", "output_blocks.5")
     first = load_file(out)
+    seconds = json.loads((run / "timings.json").read_text())["unet_s"]
+    assert seconds > 0 and torch.load(run / "unet.pt", weights_only=True)["seconds"] == pytest.approx(seconds, rel=0.5)
     train.main(argv)   # everything done: resumes to the same weights without another step
+    assert json.loads((run / "timings.json").read_text())["unet_s"] == seconds   # and adds no training time
     again = load_file(out)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
     # the text encoder is frozen in the UNet stage: the model's text weights are the CLIP stage's

@@ -220,17 +220,18 @@ def train_unet(model, args, run, data, metadata):
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
-    state, step = load_state(run / "unet.pt"), 0
+    state, step, before = load_state(run / "unet.pt"), 0, 0.0
     if state:
         unet.load_state_dict(state["unet"]), opt.load_state_dict(state["opt"])
         ema, step = state["ema"], state["step"]
+        before = state.get("seconds", 0.0)  # training time of the earlier, interrupted sessions
     scale = model.cfg.vae.scale_factor
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     rng = np.random.default_rng(args.seed + 3 + step)
     log = (run / "unet_log.jsonl").open("a")
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
     unet.train()
-    t_start, losses = time.time(), []
+    t_start, losses, first = time.time(), [], step
     while step < args.unet_steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
         z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
@@ -268,8 +269,9 @@ def train_unet(model, args, run, data, metadata):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % args.save_every == 0 or step == args.unet_steps:
-            save_state(run / "unet.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step)
-            log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=time.time() - t_start)) + "\n")
+            seconds = before + time.time() - t_start
+            save_state(run / "unet.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, seconds=seconds)
+            log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=seconds)) + "\n")
             log.flush()
             losses = []
         if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps:
@@ -285,6 +287,7 @@ def train_unet(model, args, run, data, metadata):
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
+    return before + (time.time() - t_start if step > first else 0.0)
 
 
 def main(argv=None):
@@ -359,7 +362,9 @@ def main(argv=None):
         data = timed("encode_s", encode_dataset, model, args, run)
         # SD's trick: scale latents to unit variance so the noise schedule fits them
         cfg.vae.scale_factor = float(1.0 / data["mean"].float().std())
-        timed("unet_s", train_unet, model, args, run, data, metadata)
+        # the UNet stage counts its own time across interruptions (a killed session never returns to timed())
+        timings["unet_s"] = train_unet(model, args, run, data, metadata)
+        (run / "timings.json").write_text(json.dumps(timings))
     model.cfg = cfg
     snapshot(model, args.out, dict(metadata, minisd_timings=json.dumps(timings)))
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
