@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "minisd-shapes.safetensors"
 # 2 prompts x 2 seeds = 4 units, 2 methods each; rank 0 draws units 0 and 2, rank 1 units 1 and 3
 ARGS = ["--checkpoint", str(SHIPPED), "--judge", "tools.judge:ColourJudge", "--limit", "2", "--seeds", "2",
-        "--steps", "4", "--threads", "1", "--examples", "2"]
+        "--steps", "2", "--threads", "1", "--examples", "2"]
+# 2 steps: plain misses objects, so there are examples to gather from the ranks (the shipped model gets every
+# colour right in 4 steps)
 
 pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model weights/minisd-shapes.safetensors is absent")
 
@@ -57,7 +59,8 @@ def test_two_ranks_give_the_rows_of_one_process(one_process, tmp_path):
     run = torchrun(out)
     assert run.returncode == 0, run.stderr[-3000:]
     assert without_timing(rows_of(out / "results.csv")) == without_timing(one_process)
-    assert (out / "table.md").is_file() and (out / "examples.png").is_file()
+    plain_missed = any(r["method"] == "plain" and r["all_found"] == "0" for r in one_process)
+    assert plain_missed and (out / "table.md").is_file() and (out / "examples.png").is_file()
     assert "2 rank(s)" in (out / "table.md").read_text()
     # each rank wrote its own part, round-robin: rank r drew units r, r + 2
     parts = {p.name: {(r["prompt_id"], r["seed"]) for r in rows_of(p)} for p in evaluate.part_files(out)}
