@@ -231,7 +231,7 @@ def train_unet(model, args, run, data, metadata):
     log = (run / "unet_log.jsonl").open("a")
     bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
     unet.train()
-    t_start, losses, first = time.time(), [], step
+    t_start, losses, seconds = time.time(), [], before
     while step < args.unet_steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
         z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
@@ -269,7 +269,7 @@ def train_unet(model, args, run, data, metadata):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % args.save_every == 0 or step == args.unet_steps:
-            seconds = before + time.time() - t_start
+            seconds = before + time.time() - t_start  # what the state (and the stage's timing) records
             save_state(run / "unet.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, seconds=seconds)
             log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=seconds)) + "\n")
             log.flush()
@@ -287,7 +287,7 @@ def train_unet(model, args, run, data, metadata):
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    return before + (time.time() - t_start if step > first else 0.0)
+    return seconds
 
 
 def main(argv=None):
