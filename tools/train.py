@@ -331,11 +331,14 @@ def main(argv=None):
     model = StableDiffusion(cfg)
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
 
+    def record(name, seconds):
+        timings[name] = seconds
+        (run / "timings.json").write_text(json.dumps(timings))
+
     def timed(name, fn, *a):
         t0 = time.time()
         out = fn(*a)
-        timings[name] = timings.get(name, 0) + time.time() - t0
-        (run / "timings.json").write_text(json.dumps(timings))
+        record(name, timings.get(name, 0) + time.time() - t0)
         return out
 
     needed = {"vae": ["clip.pt", "clip_eval.json"], "unet": ["clip.pt", "clip_eval.json", "vae.pt"]}.get(args.stage, [])
@@ -363,8 +366,7 @@ def main(argv=None):
         # SD's trick: scale latents to unit variance so the noise schedule fits them
         cfg.vae.scale_factor = float(1.0 / data["mean"].float().std())
         # the UNet stage counts its own time across interruptions (a killed session never returns to timed())
-        timings["unet_s"] = train_unet(model, args, run, data, metadata)
-        (run / "timings.json").write_text(json.dumps(timings))
+        record("unet_s", train_unet(model, args, run, data, metadata))
     model.cfg = cfg
     snapshot(model, args.out, dict(metadata, minisd_timings=json.dumps(timings)))
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
