@@ -194,3 +194,29 @@ def test_example_maps_come_from_the_regulated_layers(ckpt, layers):
     assert maps[1].shape[0] == 2                      # step steps // 4, one map per target word
     sheet = evaluate.examples_sheet([unit])
     assert sheet.width > 0
+
+
+def _rows(plain, method):
+    """CSV-like rows: plain[i][s], method[i][s] = all_found of prompt i, seed s."""
+    rows = []
+    for i, (ps, ms) in enumerate(zip(plain, method)):
+        for s, (p, m) in enumerate(zip(ps, ms)):
+            for name, v in (("plain", p), ("regulate", m)):
+                rows.append(dict(prompt=f"p{i}", seed=str(s), method=name, all_found=str(v), recall=str(v), swap="",
+                                 mad="0", ssim="1", seconds="1", scores=""))
+    return rows
+
+
+def test_paired_bootstrap_interval_over_prompts():
+    # half the prompts fixed on both seeds, half unchanged: +50 points, an interval around it that excludes 0
+    plain = [[0, 0] if i % 2 else [1, 1] for i in range(40)]
+    summary = evaluate.summarise(_rows(plain, [[1, 1]] * 40), ["plain", "regulate"])
+    diff, lo, hi = summary["regulate"]["ci"]
+    assert diff == pytest.approx(50.0) and 30 < lo < 50 < hi < 70
+    assert summary["plain"]["ci"] is None
+    assert "+50.0 [" in evaluate.format_table(summary)
+    # the same images: no difference, a zero-width interval
+    assert evaluate.summarise(_rows(plain, plain), ["plain", "regulate"])["regulate"]["ci"] == (0.0, 0.0, 0.0)
+    # per-prompt pairing: one prompt's seeds disagreeing both ways average to 0 for that prompt
+    d, lo, hi = evaluate.paired_ci([("a", 0, 1), ("a", 1, 0), ("b", 0, 0)])
+    assert (d, lo, hi) == (0.0, 0.0, 0.0)

@@ -52,9 +52,12 @@ def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path)
     out, run = tmp_path / "m.safetensors", tmp_path / "run"
     argv = ["--out", str(out), "--run", str(run), "--threads", "1", "--clip-steps", "2", "--clip-batch", "8",
             "--clip-pool", "32", "--clip-eval", "4", "--vae-steps", "2", "--vae-pool", "16", "--vae-batch", "2",
-            "--dataset", "16", "--unet-steps", "2", "--batch", "4", "--save-every", "1", "--snapshot-every", "1"]
+            "--dataset", "16", "--unet-steps", "2", "--ground-steps", "2", "--batch", "4", "--save-every", "1",
+            "--snapshot-every", "1"]
     train.main(argv)
     assert (run / "snapshot-000001.safetensors").is_file() and (run / "clip_eval.json").is_file()
+    assert (run / "snapshot-ground-000001.safetensors").is_file() and (run / "ground.pt").is_file()
+    assert len((run / "ground_log.jsonl").read_text().splitlines()) == 2
     pipe = Pipeline.from_checkpoint(out)
     assert pipe.cfg.default_blocks() == ("input_blocks.1", "output_blocks.4", "output_blocks.5")
     first = load_file(out)
@@ -74,7 +77,7 @@ def test_training_one_stage_at_a_time(tmp_path):
     out, run = tmp_path / "m.safetensors", tmp_path / "run"
     argv = ["--out", str(out), "--run", str(run), "--threads", "1", "--clip-steps", "2", "--clip-batch", "8",
             "--clip-pool", "32", "--clip-eval", "4", "--vae-steps", "2", "--vae-pool", "16", "--vae-batch", "2",
-            "--dataset", "16", "--unet-steps", "2", "--batch", "4"]
+            "--dataset", "16", "--unet-steps", "2", "--ground-steps", "0", "--batch", "4"]
     with pytest.raises(SystemExit, match="missing clip.pt, clip_eval.json, vae.pt"):
         train.main(argv + ["--stage", "unet"])
     train.main(argv + ["--stage", "clip"])
@@ -130,3 +133,69 @@ def test_shipped_model_draws_single_objects():
 
 
 GATE_A_MIN = 5
+
+
+def test_object_masks_cover_each_object_where_it_is_drawn():
+    scene = shapes.sample_scene(np.random.default_rng(3), n_objects=2)
+    masks = shapes.object_masks(scene, 16)
+    img = shapes.render(scene, 128)
+    assert masks.shape == (2, 16, 16) and masks.min() >= 0 and masks.max() <= 1
+    for o, m in zip(scene.objects, masks):
+        # the cell under the object's centre is (nearly) all object, and the object's painted pixels sit in its mask
+        assert m[int(o.cy * 16), int(o.cx * 16)] > 0.5
+        painted = np.abs(img.astype(int) - shapes.COLOURS[o.colour]).sum(-1) < 30
+        cells = painted.reshape(16, 8, 16, 8).any((1, 3))
+        assert (m[cells] > 0).all()
+    assert (masks[0] * masks[1]).sum() < 0.5      # objects do not overlap
+
+
+def test_noun_columns_mark_each_objects_noun_in_caption_order():
+    tok = Tokenizer()
+    keys = [("red", "circle"), ("blue", "circle"), ("green", "star")]
+    cap = shapes.caption_for(keys, np.random.default_rng(0), shuffle=False)
+    cols = train.noun_columns(tok, [(cap, keys), ("", [])])
+    ids = tok([cap])[0].tolist()
+    words = [tok.decoder[i] for i in ids]
+    marked = [[words[p] for p in torch.nonzero(cols[0, :, j]).flatten().tolist()] for j in range(3)]
+    assert marked == [["circle</w>"], ["circle</w>"], ["star</w>"]]
+    first, second = (torch.nonzero(cols[0, :, j]).item() for j in (0, 1))
+    assert first < second       # the second circle is the second object's
+    assert cols[1].sum() == 0
+
+
+def test_grounding_loss_is_zero_inside_and_one_outside():
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1
+    cols = torch.zeros(1, 77, 3)
+    cols[0, 5, 0] = 1
+    probs = torch.full((1, 2, 256, 77), 1e-6)
+    inside = probs.clone().view(1, 2, 16, 16, 77)
+    inside[:, :, :8, :8, 5] = 1
+    assert train.grounding_loss([((16, 16), inside.view(1, 2, 256, 77))], cols, masks) < 1e-4
+    outside = probs.clone().view(1, 2, 16, 16, 77)
+    outside[:, :, 8:, 8:, 5] = 1
+    assert train.grounding_loss([((16, 16), outside.view(1, 2, 256, 77))], cols, masks) > 0.99
+    # a flat map at 8x8: the share inside is the object's area share (a quarter)
+    flat = torch.ones(1, 2, 64, 77)
+    assert train.grounding_loss([((8, 8), flat)], cols, masks) == pytest.approx(0.75 ** 2)
+
+
+def test_ground_stage_from_a_checkpoint_pulls_the_nouns_attention_inside(tmp_path):
+    init, out, run = tmp_path / "init.safetensors", tmp_path / "g.safetensors", tmp_path / "run"
+    cfg = train.shapes_config()
+    save_checkpoint(build_model(cfg), init, metadata={"minisd_timings": json.dumps({"unet_s": 5.0})})
+    argv = ["--stage", "ground", "--init", str(init), "--out", str(out), "--run", str(run), "--threads", "1",
+            "--dataset", "32", "--ground-steps", "6", "--ground-weight", "10", "--ground-lr", "3e-3",
+            "--ground-warmup", "1", "--batch", "8", "--save-every", "1"]
+    train.main(argv)
+    log = [json.loads(line) for line in (run / "ground_log.jsonl").read_text().splitlines()]
+    assert len(log) == 6 and log[-1]["ground"] < log[0]["ground"]
+    meta = Pipeline.from_checkpoint(out).model.metadata
+    timings = json.loads(meta["minisd_timings"])
+    assert timings["unet_s"] == 5.0 and timings["ground_s"] > 0 and meta["minisd_init"] == str(init)
+    # the frozen parts are the checkpoint's own
+    a, b = load_file(init), load_file(out)
+    assert all(torch.equal(a[k].half(), b[k]) for k in a if not k.startswith("model.diffusion_model."))
+    assert any(not torch.equal(a[k].half(), b[k]) for k in a if k.startswith("model.diffusion_model."))
+    with pytest.raises(SystemExit, match="--init is for --stage ground"):
+        train.main(["--stage", "unet", "--init", str(init), "--run", str(run)])

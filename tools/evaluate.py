@@ -62,6 +62,8 @@ DEFINITIONS = """\
   A swap: a named noun is seen with another named object's attribute ("a red circle and a blue square": a blue
   circle or a red square). The judge is asked about these swapped objects as about the named ones.
 - fixed / broke: images where plain missed an object and the method found all / plain found all and the method did not.
+- detection vs plain, 95% CI: the method's detection minus plain's, in points, with a paired bootstrap interval
+  (per-prompt differences averaged over seeds; prompts resampled with replacement, 10,000 times).
 - MAD, SSIM: the method's image against plain's of the same prompt and seed: mean absolute difference of pixels
   in [0, 1], and SSIM (Wang et al. 2004) of the grey (BT.601 luma) images over 7x7 uniform windows.
 - scores: the scorers' means (tools.real_judges.ClipScore: CLIP cosine similarity of the image with the whole
@@ -355,6 +357,21 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
 # ----------------------------------------------------------------------------------------------------------
 # the table and the examples
 
+def paired_ci(pairs, resamples=10_000, seed=0):
+    """Detection difference (method - plain, in points) and its 95% interval: the images' differences are
+    averaged per prompt (its seeds), and the prompts are resampled with replacement (paired bootstrap), since
+    prompts, not seeds, are what varies most. pairs: [(prompt, plain 0/1, method 0/1)]. None without pairs."""
+    per = {}
+    for prompt, p, m in pairs:
+        per.setdefault(prompt, []).append(m - p)
+    if not per:
+        return None
+    d = np.array([np.mean(v) for v in per.values()])
+    boot = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return 100 * float(d.mean()), 100 * float(lo), 100 * float(hi)
+
+
 def summarise(rows, names):
     """{variant: metrics} from CSV rows (strings); a fraction is None where nothing could be judged.
     metrics["scores"]: {score name: mean over the images that have it}."""
@@ -366,12 +383,15 @@ def summarise(rows, names):
         rs = [r for r in rows if r["method"] == name]
         judged = [r for r in rs if r["all_found"] != ""]
         pair = [(plain.get((r["prompt"], r["seed"])), num(r, "all_found")) for r in judged]
+        ci = paired_ci([(r["prompt"], p, m) for r, (p, m) in zip(judged, pair) if p is not None]) \
+            if name != "plain" else None
         scores = [json.loads(r["scores"]) for r in rs if r["scores"]]
         keys = list(dict.fromkeys(k for sc in scores for k in sc))
         out[name] = dict(images=len(rs), judged=len(judged), detection=mean([num(r, "all_found") for r in judged]),
                          recall=mean([num(r, "recall") for r in judged]),
                          binding=mean([1 - num(r, "swap") for r in rs if r["swap"] != ""]),
                          fixed=sum(p == 0 and m == 1 for p, m in pair), broke=sum(p == 1 and m == 0 for p, m in pair),
+                         ci=ci,
                          mad=mean([num(r, "mad") for r in rs]), ssim=mean([num(r, "ssim") for r in rs]),
                          seconds=mean([num(r, "seconds") for r in rs]),
                          scores={k: mean([sc[k] for sc in scores if k in sc]) for k in keys})
@@ -382,11 +402,13 @@ def format_table(summary):
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
     base = summary["plain"]["seconds"]
     keys = list(dict.fromkeys(k for m in summary.values() for k in m["scores"]))
-    lines = ["| method | images | detection | object recall | binding | fixed / broke | " +
+    lines = ["| method | images | detection | object recall | binding | fixed / broke | detection vs plain, 95% CI | " +
              "".join(f"{k} | " for k in keys) + "MAD | SSIM | s / image | overhead |",
-             "|---|--:|--:|--:|--:|--:|" + "--:|" * len(keys) + "--:|--:|--:|--:|"]
+             "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * len(keys) + "--:|--:|--:|--:|"]
     for name, m in summary.items():
         fb = "" if name == "plain" or not m["judged"] else f"+{m['fixed']} / -{m['broke']}"
+        ci = m.get("ci")
+        fb += " | " + ("" if ci is None else f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]")
         sc = "".join("n/a | " if m["scores"].get(k) is None else f"{m['scores'][k]:.4f} | " for k in keys)
         lines.append(f"| {name} | {m['images']} | {pct(m['detection'])} | {pct(m['recall'])} | {pct(m['binding'])} | "
                      f"{fb} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")

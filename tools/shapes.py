@@ -139,6 +139,20 @@ def render(scene, size=128):
     return np.clip(out.round(), 0, 255).astype(np.uint8)
 
 
+def object_masks(scene, res, size=128):
+    """Each object's share of every cell of a res x res grid over the image: float32 (objects, res, res), in the
+    scene's order. The training stage that grounds cross-attention (tools/train.py) uses it at the latent grid."""
+    out = []
+    for o in scene.objects:
+        _check_obj(o)
+        img = Image.new("L", (size, size), 0)
+        pts = POLYGONS[o.shape] * o.size * size + np.array([o.cx, o.cy]) * size
+        ImageDraw.Draw(img).polygon([tuple(p) for p in pts], fill=255)
+        m = np.asarray(img, dtype=np.float32) / 255
+        out.append(m.reshape(res, size // res, res, size // res).mean((1, 3)))
+    return np.stack(out) if out else np.zeros((0, res, res), np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # held-out pairs and sampling
 

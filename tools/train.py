@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from minisd.checkpoint import save_checkpoint
 from minisd.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from minisd.attention import AttentionHook
 from minisd.model import StableDiffusion
 from minisd.samplers import Schedule
 from minisd.tokenizer import Tokenizer
@@ -59,18 +60,21 @@ def shapes_config():
     )
 
 
-def render_pool(seed, n, size=128):
-    """n training scenes -> (images uint8 (n, 3, size, size), object lists). Rendering is the slow part of a step
-    on CPU, so scenes are rendered once (2x supersampling instead of 4x: the edges differ by a fraction of a
-    pixel) and captions are drawn afresh from the templates every time a scene is used."""
+def render_pool(seed, n, size=128, mask_res=0):
+    """n training scenes -> (images uint8 (n, 3, size, size), object lists, object masks or None). Rendering is
+    the slow part of a step on CPU, so scenes are rendered once (2x supersampling instead of 4x: the edges differ
+    by a fraction of a pixel) and captions are drawn afresh from the templates every time a scene is used.
+    mask_res: also each object's coverage of a mask_res x mask_res grid (shapes.object_masks), float16."""
     rng = np.random.default_rng(seed)
     shapes.SUPERSAMPLE = 2
-    imgs, objs = [], []
+    imgs, objs, masks = [], [], []
     for _ in tqdm(range(n), desc="render", leave=False):
         scene = shapes.sample_scene(rng)
         imgs.append(shapes.render(scene, size))
         objs.append([o.key for o in scene.objects])
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), objs
+        if mask_res:
+            masks.append(torch.from_numpy(shapes.object_masks(scene, mask_res, size)).half())
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), objs, (masks if mask_res else None)
 
 
 def to_pixels(x):
@@ -98,7 +102,7 @@ def train_clip(model, args, run):
         clip.load_state_dict(state["clip"]), opt.load_state_dict(state["opt"])
         step = state["step"]
     if step < args.clip_steps:
-        pool, objs = render_pool(args.seed + 20, args.clip_pool, size=64)
+        pool, objs, _ = render_pool(args.seed + 20, args.clip_pool, size=64)
         pool = to_pixels(pool)
         rng = np.random.default_rng(args.seed + 21 + step)
         torch.manual_seed(args.seed + 22 + step)
@@ -152,7 +156,7 @@ def train_vae(model, args, run):
             opt.load_state_dict(state["opt"])
     if step >= args.vae_steps:
         return
-    pool, _ = render_pool(args.seed + 10, args.vae_pool)
+    pool, _, _ = render_pool(args.seed + 10, args.vae_pool)
     rng = np.random.default_rng(args.seed + step)
     torch.manual_seed(args.seed + step)
     bar = tqdm(total=args.vae_steps, initial=step, desc="vae")
@@ -176,17 +180,18 @@ def train_vae(model, args, run):
 
 @torch.no_grad()
 def encode_dataset(model, args, run):
-    """Render and encode the UNet's training scenes once: latent posterior mean and std, and each scene's objects."""
+    """Render and encode the UNet's training scenes once: latent posterior mean and std, each scene's objects and
+    their masks on the latent grid (for the ground stage)."""
     path = run / "latents.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    pool, objs = render_pool(args.seed + 1, args.dataset)
+    pool, objs, masks = render_pool(args.seed + 1, args.dataset, mask_res=128 // 8)
     vae = model.first_stage_model.eval()
     means, stds = [], []
     for i in tqdm(range(0, args.dataset, 64), desc="encode"):
         post = vae.encode(to_pixels(pool[i:i + 64]))
         means.append(post.mean.half()), stds.append(post.std.half())
-    data = dict(mean=torch.cat(means), std=torch.cat(stds), objects=objs)
+    data = dict(mean=torch.cat(means), std=torch.cat(stds), objects=objs, masks=masks)
     torch.save(data, path)
     return data
 
@@ -209,9 +214,68 @@ def swap_tail(context, ids, eot_id):
     return torch.where(tail[..., None], taken, context)
 
 
-def train_unet(model, args, run, data, metadata):
-    """The UNet alone: the text encoder and the VAE are frozen."""
+class GroundingHook(AttentionHook):
+    """Keeps, with their gradient, the cross-attention probabilities of every layer whose map is at least
+    `min_side` cells high and wide (at 128 px: the 16x16 and 8x8 maps, not the 4x4 one)."""
+
+    def __init__(self, min_side=8):
+        self.min_side, self.seen = min_side, []
+
+    def wants(self, layer):
+        return layer.is_cross and min(layer.hw) >= self.min_side
+
+    def edit_probs(self, layer, logits, probs):
+        self.seen.append((layer.hw, probs))
+        return probs
+
+
+def noun_columns(tok, captions_objects):
+    """(captions, [[(colour, shape)] in caption order]) -> (b, 77, 3) float: column j marks the token
+    positions of the j-th object's noun (all its sub-tokens), zeros for missing objects."""
+    from regulation.targets import resolve_targets
+    out = torch.zeros(len(captions_objects), 77, 3)
+    for i, (cap, keys) in enumerate(captions_objects):
+        if not keys:
+            continue
+        specs = [f"{s}#{[k[1] for k in keys[:j]].count(s) + 1}" for j, (_, s) in enumerate(keys)]
+        for j, t in enumerate(resolve_targets(tok, cap, specs)):
+            out[i, t.positions, j] = 1
+    return out
+
+
+def grounding_loss(seen, columns, masks):
+    """TokenCompose's token loss (Wang et al., CVPR 2024): for each object named in the caption, the share of its
+    noun's cross-attention (mean over heads) that falls outside the object, squared; mean over objects and layers.
+    columns (b, 77, 3) from noun_columns, masks (b, 3, 16, 16) each object's coverage of the latent grid."""
+    present = columns.sum(1) > 0                                                    # (b, 3)
+    if not present.any():
+        return torch.zeros(())
+    losses = []
+    for (h, w), probs in seen:
+        a = probs.mean(1) @ columns                                                 # (b, hw, 3)
+        m = F.adaptive_avg_pool2d(masks, (h, w)).flatten(2).transpose(1, 2)         # (b, hw, 3)
+        inside = (a * m).sum(1) / a.sum(1).clamp_min(1e-8)                          # (b, 3)
+        losses.append(((1 - inside) ** 2)[present].mean())
+    return torch.stack(losses).mean()
+
+
+def train_unet(model, args, run, data, metadata, stage="unet"):
+    """The UNet alone: the text encoder and the VAE are frozen.
+
+    stage "unet": the diffusion loss from the model's initial weights. Stage "ground": continues from the unet
+    stage's result (its EMA weights) with a fresh optimiser, adding `--ground-weight` x the grounding loss: each
+    noun's cross-attention, at the 16x16 and 8x8 layers, pulled into its own object's region."""
     tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
+    ground = stage == "ground"
+    steps, lr0, warmup = ((args.ground_steps, args.ground_lr, args.ground_warmup) if ground
+                          else (args.unet_steps, args.lr, args.warmup))
+    seed = args.seed + (5 if ground else 2)
+    hook = GroundingHook()
+    if ground:
+        if data.get("masks") is None:
+            raise SystemExit(f"{run / 'latents.pt'} has no object masks (written by an older version of this "
+                             "tool): delete it and rerun to encode the dataset again")
+        model.set_hooks([hook])
     n = len(data["objects"])
     empty = tok([""])
     sched = Schedule.for_model(model.cfg)
@@ -220,22 +284,26 @@ def train_unet(model, args, run, data, metadata):
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
-    state, step, before = load_state(run / "unet.pt"), 0, 0.0
+    state, step, before = load_state(run / f"{stage}.pt"), 0, 0.0
     if state:
         unet.load_state_dict(state["unet"]), opt.load_state_dict(state["opt"])
         ema, step = state["ema"], state["step"]
         before = state.get("seconds", 0.0)  # training time of the earlier, interrupted sessions
     scale = model.cfg.vae.scale_factor
-    g = torch.Generator().manual_seed(args.seed + 2 + step)
-    rng = np.random.default_rng(args.seed + 3 + step)
-    log = (run / "unet_log.jsonl").open("a")
-    bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
+    g = torch.Generator().manual_seed(seed + step)
+    rng = np.random.default_rng(seed + 1 + step)
+    log = (run / f"{stage}_log.jsonl").open("a")
+    bar = tqdm(total=steps, initial=step, desc=stage)
     unet.train()
-    t_start, losses, seconds = time.time(), [], before
-    while step < args.unet_steps:
+    t_start, losses, glosses, seconds = time.time(), [], [], before
+    while step < steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
         z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
-        ids = tok([shapes.caption_for(data["objects"][k], rng) for k in idx.tolist()])
+        # each caption names its scene's objects in a random order; `order` keeps which object came where
+        order = [rng.permutation(len(data["objects"][k])) for k in idx.tolist()]
+        caps = [shapes.caption_for([data["objects"][k][j] for j in o], rng, shuffle=False)
+                for k, o in zip(idx.tolist(), order)]
+        ids = tok(caps)
         drop = torch.rand(args.batch, generator=g) < 0.1  # unconditional examples teach guidance
         ids[drop] = empty
         with torch.no_grad():
@@ -249,13 +317,24 @@ def train_unet(model, args, run, data, metadata):
         eps = torch.randn(z.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z + (1 - a).sqrt() * eps
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.5 * (1 + math.cos(math.pi * step / args.unet_steps)) * 0.9 + 0.1)
+        lr = lr0 * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
         # min-SNR-gamma weighting (Hang et al., ICCV 2023) for epsilon prediction: min(SNR, gamma) / SNR
         snr = abar[t] / (1 - abar[t])
         w = snr.clamp(max=args.min_snr) / snr
+        hook.seen = []
         loss = (w * (unet(zt, t, context) - eps).pow(2).mean((1, 2, 3))).mean()
+        if ground:
+            keys = [[] if drop[i] else [data["objects"][k][j] for j in o]
+                    for i, (k, o) in enumerate(zip(idx.tolist(), order))]
+            masks = torch.zeros(args.batch, 3, 16, 16)
+            for i, (k, o) in enumerate(zip(idx.tolist(), order)):
+                masks[i, :len(o)] = data["masks"][k][torch.as_tensor(o)].float()
+            gl = grounding_loss(hook.seen, noun_columns(tok, list(zip(caps, keys))), masks)
+            glosses.append(gl.item())
+            loss = loss + args.ground_weight * gl
+        hook.seen = []
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -267,34 +346,54 @@ def train_unet(model, args, run, data, metadata):
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
-        if step % args.save_every == 0 or step == args.unet_steps:
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", **({"ground": f"{glosses[-1]:.3f}"} if ground else {}))
+        if step % args.save_every == 0 or step == steps:
             seconds = before + time.time() - t_start  # what the state (and the stage's timing) records
-            save_state(run / "unet.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, seconds=seconds)
-            log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=seconds)) + "\n")
+            save_state(run / f"{stage}.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, seconds=seconds)
+            log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=seconds,
+                                      **({"ground": float(np.mean(glosses))} if ground else {}))) + "\n")
             log.flush()
-            losses = []
-        if args.snapshot_every and step % args.snapshot_every == 0 and step < args.unet_steps:
+            losses, glosses = [], []
+        if args.snapshot_every and step % args.snapshot_every == 0 and step < steps:
             live = [p.detach().clone() for p in params]
             with torch.no_grad():
                 for e, p in zip(ema, params):
                     p.copy_(e)
-            snapshot(model, run / f"snapshot-{step:06d}.safetensors", dict(metadata, minisd_unet_step=str(step)))
+            snapshot(model, run / f"snapshot-{'ground-' if ground else ''}{step:06d}.safetensors",
+                     dict(metadata, **{f"minisd_{stage}_step": str(step)}))
             with torch.no_grad():
                 for v, p in zip(live, params):
                     p.copy_(v)
     bar.close()
+    model.set_hooks([])
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
     return seconds
 
 
+def ground_from(args, run, record):
+    """The ground stage on a checkpoint this tool wrote: its frozen CLIP and VAE, its UNet as the start. The
+    training times of the checkpoint (its metadata) and of this stage are added up in the new file's metadata."""
+    from minisd.checkpoint import load_model
+    model = load_model(args.init)
+    meta = model.metadata or {}
+    model.unet.requires_grad_(True)
+    data = encode_dataset(model, args, run)  # the checkpoint's own VAE: the latents its UNet was trained on
+    metadata = {"minisd_training": json.dumps(vars(args)), "minisd_clip_heldout": meta.get("minisd_clip_heldout", "{}"),
+                "minisd_init": str(args.init), "minisd_init_training": meta.get("minisd_training", "{}")}
+    seconds = train_unet(model, args, run, data, metadata, stage="ground")
+    record("ground_s", seconds)
+    timings = dict(json.loads(meta.get("minisd_timings", "{}")), ground_s=seconds)
+    snapshot(model, args.out, dict(metadata, minisd_timings=json.dumps(timings)))
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="weights/minisd-shapes.safetensors")
     ap.add_argument("--run", default="runs/shapes", help="folder for resumable state (default: %(default)s)")
-    ap.add_argument("--stage", choices=["all", "clip", "vae", "unet"], default="all",
+    ap.add_argument("--stage", choices=["all", "clip", "vae", "unet", "ground"], default="all",
                     help="run one stage (the others must be done in --run) or all of them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -319,6 +418,13 @@ def main(argv=None):
     ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting")
     ap.add_argument("--pad-swap", type=float, default=0.5,
                     help="share of examples whose end-of-text and padding states come from another caption")
+    ap.add_argument("--ground-steps", type=int, default=1000,
+                    help="steps of the ground stage after the unet stage (0: none)")
+    ap.add_argument("--ground-weight", type=float, default=0.1, help="weight of the grounding loss")
+    ap.add_argument("--ground-lr", type=float, default=3e-4)
+    ap.add_argument("--ground-warmup", type=int, default=50)
+    ap.add_argument("--init", help="--stage ground only: start from a checkpoint this tool wrote (its frozen CLIP, "
+                                   "VAE and UNet) instead of the stages' state in --run")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--snapshot-every", type=int, default=0, help="write run/snapshot-STEP.safetensors this often")
     args = ap.parse_args(argv)
@@ -341,7 +447,12 @@ def main(argv=None):
         record(name, timings.get(name, 0) + time.time() - t0)
         return out
 
-    needed = {"vae": ["clip.pt", "clip_eval.json"], "unet": ["clip.pt", "clip_eval.json", "vae.pt"]}.get(args.stage, [])
+    if args.init and args.stage != "ground":
+        raise SystemExit("--init is for --stage ground only")
+    if args.stage == "ground" and args.init:
+        return ground_from(args, run, record)
+    needed = {"vae": ["clip.pt", "clip_eval.json"], "unet": ["clip.pt", "clip_eval.json", "vae.pt"],
+              "ground": ["clip.pt", "clip_eval.json", "vae.pt", "unet.pt"]}.get(args.stage, [])
     missing = [name for name in needed if not (run / name).is_file()]
     if missing:
         raise SystemExit(f"--stage {args.stage} needs the earlier stages done in {run}: missing {', '.join(missing)} "
@@ -361,12 +472,19 @@ def main(argv=None):
     else:
         model.first_stage_model.load_state_dict(load_state(run / "vae.pt")["vae"])
     metadata = {"minisd_training": json.dumps(vars(args)), "minisd_clip_heldout": json.dumps(clip_eval)}
+    data = timed("encode_s", encode_dataset, model, args, run)
+    # SD's trick: scale latents to unit variance so the noise schedule fits them
+    cfg.vae.scale_factor = float(1.0 / data["mean"].float().std())
     if args.stage in ("all", "unet"):
-        data = timed("encode_s", encode_dataset, model, args, run)
-        # SD's trick: scale latents to unit variance so the noise schedule fits them
-        cfg.vae.scale_factor = float(1.0 / data["mean"].float().std())
-        # the UNet stage counts its own time across interruptions (a killed session never returns to timed())
+        # each UNet stage counts its own time across interruptions (a killed session never returns to timed())
         record("unet_s", train_unet(model, args, run, data, metadata))
+    if args.stage == "ground":
+        state = load_state(run / "unet.pt")
+        with torch.no_grad():
+            for e, p in zip(state["ema"], model.unet.parameters()):
+                p.copy_(e)
+    if args.stage in ("all", "ground") and args.ground_steps:
+        record("ground_s", train_unet(model, args, run, data, metadata, stage="ground"))
     model.cfg = cfg
     snapshot(model, args.out, dict(metadata, minisd_timings=json.dumps(timings)))
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
