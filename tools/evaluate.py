@@ -407,11 +407,10 @@ def format_table(summary):
              "|---|--:|--:|--:|--:|--:|--:|" + "--:|" * len(keys) + "--:|--:|--:|--:|"]
     for name, m in summary.items():
         fb = "" if name == "plain" or not m["judged"] else f"+{m['fixed']} / -{m['broke']}"
-        ci = m.get("ci")
-        fb += " | " + ("" if ci is None else f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]")
+        ci = "" if m["ci"] is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*m["ci"])
         sc = "".join("n/a | " if m["scores"].get(k) is None else f"{m['scores'][k]:.4f} | " for k in keys)
         lines.append(f"| {name} | {m['images']} | {pct(m['detection'])} | {pct(m['recall'])} | {pct(m['binding'])} | "
-                     f"{fb} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
+                     f"{fb} | {ci} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
     return "\n".join(lines)
 
 

@@ -307,10 +307,13 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
     while step < steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
         z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
-        # each caption names its scene's objects in a random order; `order` keeps which object came where
-        order = [rng.permutation(len(data["objects"][k])) for k in idx.tolist()]
-        caps = [shapes.caption_for([data["objects"][k][j] for j in o], rng, shuffle=False)
-                for k, o in zip(idx.tolist(), order)]
+        # each caption names its scene's objects in a random order; `order` keeps which object came where. The
+        # draws interleave per caption as caption_for(shuffle=True) makes them: the unet stage's captions are the
+        # ones that trained the shipped model
+        order, caps = [], []
+        for k in idx.tolist():
+            order.append(rng.permutation(len(data["objects"][k])))
+            caps.append(shapes.caption_for([data["objects"][k][j] for j in order[-1]], rng, shuffle=False))
         ids = tok(caps)
         drop = torch.rand(args.batch, generator=g) < 0.1  # unconditional examples teach guidance
         ids[drop] = empty
@@ -331,18 +334,16 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
         # min-SNR-gamma weighting (Hang et al., ICCV 2023) for epsilon prediction: min(SNR, gamma) / SNR
         snr = abar[t] / (1 - abar[t])
         w = snr.clamp(max=args.min_snr) / snr
-        hook.seen = []
         loss = (w * (unet(zt, t, context) - eps).pow(2).mean((1, 2, 3))).mean()
         if ground:
-            keys = [[] if drop[i] else [data["objects"][k][j] for j in o]
-                    for i, (k, o) in enumerate(zip(idx.tolist(), order))]
-            masks = torch.zeros(args.batch, 3, 16, 16)
+            keys, masks = [], torch.zeros(args.batch, 3, *data["masks"][0].shape[-2:])
             for i, (k, o) in enumerate(zip(idx.tolist(), order)):
+                keys.append([] if drop[i] else [data["objects"][k][j] for j in o])
                 masks[i, :len(o)] = data["masks"][k][torch.as_tensor(o)].float()
             gl = grounding_loss(hook.seen, noun_columns(tok, list(zip(caps, keys))), masks)
             glosses.append(gl.item())
             loss = loss + args.ground_weight * gl
-        hook.seen = []
+        hook.seen = []  # the kept probabilities hold this step's graph
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
