@@ -199,3 +199,38 @@ def test_ground_stage_from_a_checkpoint_pulls_the_nouns_attention_inside(tmp_pat
     assert any(not torch.equal(a[k].half(), b[k]) for k in a if k.startswith("model.diffusion_model."))
     with pytest.raises(SystemExit, match="--init is for --stage ground"):
         train.main(["--stage", "unet", "--init", str(init), "--run", str(run)])
+    # --ground-max-t 0: no example is noised below timestep 0, so nothing is grounded (the loss is the diffusion
+    # loss alone), and the identity term's option runs through the same loop
+    run0 = tmp_path / "run0"
+    (run0).mkdir()
+    (run0 / "latents.pt").write_bytes((run / "latents.pt").read_bytes())
+    train.main([a if a != str(run) else str(run0) for a in argv[:-2]] + ["--ground-steps", "2", "--save-every", "1",
+               "--ground-max-t", "0", "--ground-contrast", "1.0"])
+    log0 = [json.loads(line) for line in (run0 / "ground_log.jsonl").read_text().splitlines()]
+    assert len(log0) == 2 and all(entry["ground"] == 0 for entry in log0)
+
+
+def test_grounding_contrast_term_wants_each_object_to_take_its_own_noun():
+    """Two objects, each noun's attention inside an object: the token loss is the same whichever noun sits on
+    which object; the identity term is small when each sits on its own object and large when they are swapped."""
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1
+    masks[0, 1, 8:, 8:] = 1
+    cols = torch.zeros(1, 77, 3)
+    cols[0, 3, 0] = cols[0, 7, 1] = 1
+
+    def probs(first_on, second_on):
+        p = torch.full((1, 2, 16, 16, 77), 1e-6)
+        p[:, :, first_on, first_on, 3] = 1
+        p[:, :, second_on, second_on, 7] = 1
+        return [((16, 16), p.view(1, 2, 256, 77))]
+
+    own, swapped = probs(slice(0, 8), slice(8, 16)), probs(slice(8, 16), slice(0, 8))
+    token_own = train.grounding_loss(own, cols, masks)
+    assert token_own < 1e-4 and train.grounding_loss(own, cols, masks, contrast=1.0) < 1e-4
+    token_swapped = train.grounding_loss(swapped, cols, masks)
+    assert train.grounding_loss(swapped, cols, masks, contrast=1.0) > token_swapped + 5  # -log(1e-6 share)
+    # one object named: nothing to tell apart, the term adds nothing
+    one = cols.clone()
+    one[0, :, 1] = 0
+    assert train.grounding_loss(swapped, one, masks, contrast=1.0) == train.grounding_loss(swapped, one, masks)
