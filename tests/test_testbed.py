@@ -46,6 +46,13 @@ def test_swap_tail_takes_the_next_captions_end_of_text_and_padding():
     # caption 1 takes caption 0's (the batch wraps around)
     assert torch.equal(out[1, :eot[1]], ctx[1, :eot[1]])
     assert torch.equal(out[1, eot[1]:], ctx[0, eot[0]:eot[0] + 77 - eot[1]])
+    # from a given source (the empty prompt's states, "clean padding"): its tail from its own end-of-text on
+    blank_ids = tok([""]).expand(2, -1)
+    blank = -torch.arange(77, dtype=torch.float32).view(1, 77, 1).expand(2, -1, 3)
+    clean = train.swap_tail(ctx, ids, tok.eos_id, blank, blank_ids)
+    assert torch.equal(clean[0, :eot[0]], ctx[0, :eot[0]])
+    assert torch.equal(clean[0, eot[0]:], blank[0, 1:1 + 77 - eot[0]])
+    assert clean[0, eot[0], 0] == -1 and clean[1, eot[1], 0] == -1   # the empty prompt's end-of-text is at 1
 
 
 def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path):
@@ -200,12 +207,12 @@ def test_ground_stage_from_a_checkpoint_pulls_the_nouns_attention_inside(tmp_pat
     with pytest.raises(SystemExit, match="--init is for --stage ground"):
         train.main(["--stage", "unet", "--init", str(init), "--run", str(run)])
     # --ground-max-t 0: no example is noised below timestep 0, so nothing is grounded (the loss is the diffusion
-    # loss alone), and the identity term's option runs through the same loop
+    # loss alone); the identity term and clean padding run through the same loop
     run0 = tmp_path / "run0"
     (run0).mkdir()
     (run0 / "latents.pt").write_bytes((run / "latents.pt").read_bytes())
     train.main([a if a != str(run) else str(run0) for a in argv[:-2]] + ["--ground-steps", "2", "--save-every", "1",
-               "--ground-max-t", "0", "--ground-contrast", "1.0"])
+               "--ground-max-t", "0", "--ground-contrast", "1.0", "--pad-clean", "1.0"])
     log0 = [json.loads(line) for line in (run0 / "ground_log.jsonl").read_text().splitlines()]
     assert len(log0) == 2 and all(entry["ground"] == 0 for entry in log0)
 

@@ -211,14 +211,18 @@ def snapshot(model, path, metadata):
     save_checkpoint(half.half(), path, metadata=metadata)
 
 
-def swap_tail(context, ids, eot_id):
+def swap_tail(context, ids, eot_id, source=None, source_ids=None):
     """Each caption's states from its end-of-text token on, replaced by the next caption's (in the batch) from
-    that caption's own end-of-text token on: the end-of-text state and the padding that follows it."""
+    that caption's own end-of-text token on: the end-of-text state and the padding that follows it. With `source`
+    and `source_ids` (same shapes as context and ids) the tail comes from those rows instead."""
+    if source is None:
+        source, source_ids = context.roll(-1, 0), ids.roll(-1, 0)
     pos = torch.arange(ids.shape[1])
     eot = (ids == eot_id).int().argmax(1)
     tail = pos[None] >= eot[:, None]                                                  # (b, 77)
-    src = (eot.roll(-1, 0)[:, None] + (pos[None] - eot[:, None])).clamp(0, ids.shape[1] - 1)
-    taken = context.roll(-1, 0).gather(1, src[..., None].expand(-1, -1, context.shape[-1]))
+    src_eot = (source_ids == eot_id).int().argmax(1)
+    src = (src_eot[:, None] + (pos[None] - eot[:, None])).clamp(0, ids.shape[1] - 1)
+    taken = source.gather(1, src[..., None].expand(-1, -1, context.shape[-1]))
     return torch.where(tail[..., None], taken, context)
 
 
@@ -338,6 +342,15 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
             swap = (torch.rand(args.batch, generator=g) < args.pad_swap) & ~drop & ~drop.roll(-1)
             if swap.any():
                 context = torch.where(swap[:, None, None], swap_tail(context, ids, tok.eos_id), context)
+            # "clean padding": of the others, this share get the empty prompt's end-of-text and padding states,
+            # which describe no image (drawn only when asked for: the default run's random stream stays the one
+            # that trained the shipped model)
+            if args.pad_clean:
+                clean = (torch.rand(args.batch, generator=g) < args.pad_clean) & ~drop & ~swap
+            if args.pad_clean and clean.any():
+                blank = text(empty).expand(args.batch, -1, -1)
+                context = torch.where(clean[:, None, None], swap_tail(context, ids, tok.eos_id, blank,
+                                                                      empty.expand(args.batch, -1)), context)
         t = torch.randint(0, sched.num_train_timesteps, (args.batch,), generator=g)
         eps = torch.randn(z.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
@@ -444,6 +457,9 @@ def main(argv=None):
     ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting")
     ap.add_argument("--pad-swap", type=float, default=0.5,
                     help="share of examples whose end-of-text and padding states come from another caption")
+    ap.add_argument("--pad-clean", type=float, default=0.0,
+                    help="share of the other examples whose end-of-text and padding states are the empty prompt's "
+                         "(default 0)")
     ap.add_argument("--ground-steps", type=int, default=0,
                     help="steps of the ground stage after the unet stage (default 0: none; the shipped model has "
                          "none, see the README's testbed section for what 900 did)")
