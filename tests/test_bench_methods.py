@@ -54,3 +54,14 @@ def test_sdxl_methods_subset_and_layers(capsys):
     results, out = run(capsys, "--methods", "plain", "regulate-layers", "--regulate-layers", block)
     assert list(results) == ["plain", "regulate-layers"] and "attend-excite" not in out
     assert {block_of(n) for n in results["regulate-layers"]["hook"].history} == {block}
+
+
+def test_regulation_edges_tool_runs_and_the_optimiser_is_deterministic():
+    """tools.regulation_edges on the tiny config: with no noise every draw gives the same best loss (the optimiser
+    is a deterministic function of its logits and seed), so differences it reports at some noise are the edit's
+    edges, not run-to-run noise."""
+    from tools import regulation_edges
+    rows = regulation_edges.main(["--family", "tiny", "--px", "64", "--noise", "0", "1e-3", "--draws", "3",
+                                  "--threads", "1"])
+    assert len(set(rows[0.0])) == 1 and len(rows[1e-3]) == 3
+    assert all(v == v and v > 0 for v in rows[1e-3])   # finite, positive losses
