@@ -209,7 +209,7 @@ def test_ground_stage_from_a_checkpoint_pulls_the_nouns_attention_inside(tmp_pat
     # --ground-max-t 0: no example is noised below timestep 0, so nothing is grounded (the loss is the diffusion
     # loss alone); the identity term and clean padding run through the same loop
     run0 = tmp_path / "run0"
-    (run0).mkdir()
+    run0.mkdir()
     (run0 / "latents.pt").write_bytes((run / "latents.pt").read_bytes())
     train.main([a if a != str(run) else str(run0) for a in argv[:-2]] + ["--ground-steps", "2", "--save-every", "1",
                "--ground-max-t", "0", "--ground-contrast", "1.0", "--pad-clean", "1.0"])

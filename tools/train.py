@@ -276,7 +276,7 @@ def grounding_loss(seen, columns, masks, contrast=0.0):
         inside = (a * m).sum(1) / a.sum(1).clamp_min(1e-8)                          # (b, 3)
         loss = ((1 - inside) ** 2)[present].mean()
         if contrast and several.any():
-            share = a / (a * present[:, None]).sum(-1, keepdim=True).clamp_min(1e-8)  # (b, hw, 3)
+            share = a / a.sum(-1, keepdim=True).clamp_min(1e-8)   # (b, hw, 3); absent objects' columns are 0
             nll = -(share.clamp_min(1e-8).log() * m).sum(1) / m.sum(1).clamp_min(1e-8)  # (b, 3)
             keep = present & several[:, None] & (m.sum(1) > 0)
             if keep.any():
@@ -307,6 +307,9 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
     sched = Schedule.for_model(model.cfg)
     abar = sched.alphas_cumprod
     unet, text = model.unet, model.cond_stage_model.eval().requires_grad_(False)
+    if args.pad_clean:   # the frozen encoder's states of the empty prompt, as swap_tail's source rows
+        with torch.no_grad():
+            blank = (text(empty).expand(args.batch, -1, -1), empty.expand(args.batch, -1))
     params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
@@ -347,10 +350,7 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
             # that trained the shipped model)
             if args.pad_clean:
                 clean = (torch.rand(args.batch, generator=g) < args.pad_clean) & ~drop & ~swap
-            if args.pad_clean and clean.any():
-                blank = text(empty).expand(args.batch, -1, -1)
-                context = torch.where(clean[:, None, None], swap_tail(context, ids, tok.eos_id, blank,
-                                                                      empty.expand(args.batch, -1)), context)
+                context = torch.where(clean[:, None, None], swap_tail(context, ids, tok.eos_id, *blank), context)
         t = torch.randint(0, sched.num_train_timesteps, (args.batch,), generator=g)
         eps = torch.randn(z.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
