@@ -241,3 +241,26 @@ def test_grounding_contrast_term_wants_each_object_to_take_its_own_noun():
     one = cols.clone()
     one[0, :, 1] = 0
     assert train.grounding_loss(swapped, one, masks, contrast=1.0) == train.grounding_loss(swapped, one, masks)
+
+
+def test_grounding_pixel_term_wants_the_noun_to_take_the_row_inside_its_object():
+    """The token loss only asks that a noun's attention sit inside its object, whatever its share of each row: a
+    noun holding 1% of the rows there (the rest on the padding) meets it as well as one holding them all. The pixel
+    term tells the two apart."""
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1
+    cols = torch.zeros(1, 77, 3)
+    cols[0, 5, 0] = 1
+
+    def probs(share):
+        p = torch.zeros(1, 2, 16, 16, 77)
+        p[..., 10:] = 1 / 67  # the padding takes what the noun leaves
+        p[:, :, :8, :8, 5] = share
+        p[:, :, :8, :8, 10:] = (1 - share) / 67
+        return [((16, 16), p.view(1, 2, 256, 77))]
+
+    full, faint = probs(0.999), probs(0.01)
+    assert train.grounding_loss(full, cols, masks) < 1e-4 and train.grounding_loss(faint, cols, masks) < 1e-4
+    assert train.grounding_loss(full, cols, masks, pixel=1.0) < 0.01
+    # -log(0.01) over the object's quarter of the map
+    assert train.grounding_loss(faint, cols, masks, pixel=1.0) == pytest.approx(0.25 * 4.605, rel=1e-3)
