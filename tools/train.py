@@ -7,12 +7,13 @@ Four stages, each seeded and resumable, in the order Stable Diffusion's parts we
   vae    minisd's own AutoencoderKL (a small config) on random crops of rendered scenes.
   unet   the UNet alone, on latents of a fixed set of encoded training scenes, epsilon prediction on SD's noise
          schedule with min-SNR-5 loss weighting, 10% empty captions for classifier-free guidance, EMA.
-  ground (optional, off by default) the UNet continued with a grounding loss added (TokenCompose, Wang et al.,
-         CVPR 2024): each noun's cross-attention at the 16x16 and 8x8 layers is pulled inside its own object,
-         whose mask the renderer knows. SD's maps localise objects by themselves, learnt from billions of images;
-         a UNet this small, on this budget, reads the words without placing them (issue: testbed, gate d). Tried
-         on the shipped model, the maps localise but the model draws and follows the words worse (README); it is
-         kept as a tool for the next attempt, not in the shipped recipe.
+  ground the UNet continued for 900 steps with a grounding loss added (TokenCompose, Wang et al., CVPR 2024):
+         each noun's cross-attention at the 16x16 and 8x8 layers is pulled inside its own object, whose mask the
+         renderer knows (token loss), and inside it the noun must take the row (pixel loss). SD's maps localise
+         objects by themselves, learnt from billions of images; a UNet this small, on this budget, reads the
+         words without placing them (issue: testbed, gate d). The token loss alone, or with an identity term,
+         localised the maps by emptying the words into the padding (README); with the pixel loss the model kept
+         drawing and following the words, and that is the shipped recipe (`--ground-steps 0` leaves it out).
 
 The text encoder is frozen, so whatever it puts in the end-of-text and padding positions is there for the UNet to
 read, and in a world this small those positions summarise the whole prompt: a UNet trained naively reads the
@@ -26,8 +27,8 @@ same loader reads it as real SD weights.
     python -m tools.train --out weights/minisd-shapes.safetensors           # all stages, resumable
     python -m tools.train --stage clip --clip-steps 200 --run /tmp/try    # one stage: its state in --run only
     python -m tools.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
-    python -m tools.train --stage ground --init weights/minisd-shapes.safetensors --ground-steps 900 \
-        --run /tmp/g --out /tmp/g/grounded.safetensors   # the ground stage alone, on the shipped model
+    python -m tools.train --stage ground --init FILE --run /tmp/g --out /tmp/g/grounded.safetensors
+                                  # the ground stage alone, on a checkpoint of the unet stage
 
 `--run DIR` keeps the resumable state (rerun the same command to continue after an interruption).
 """
@@ -458,7 +459,7 @@ def main(argv=None):
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--vae-pool", type=int, default=3000, help="scenes the VAE's crops come from")
     ap.add_argument("--dataset", type=int, default=10000, help="training scenes encoded for the UNet")
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
@@ -469,19 +470,18 @@ def main(argv=None):
     ap.add_argument("--pad-clean", type=float, default=0.0,
                     help="share of the other examples whose end-of-text and padding states are the empty prompt's "
                          "(default 0)")
-    ap.add_argument("--ground-steps", type=int, default=0,
-                    help="steps of the ground stage after the unet stage (default 0: none; the shipped model has "
-                         "none, see the README's testbed section for what 900 did)")
-    ap.add_argument("--ground-weight", type=float, default=0.1, help="weight of the grounding loss")
+    ap.add_argument("--ground-steps", type=int, default=900,
+                    help="steps of the ground stage after the unet stage (default %(default)s; 0: none)")
+    ap.add_argument("--ground-weight", type=float, default=0.03, help="weight of the grounding loss")
     ap.add_argument("--ground-lr", type=float, default=1e-4)
-    ap.add_argument("--ground-max-t", type=int, default=1000,
-                    help="ground only the examples noised to a timestep below this (default 1000: all)")
+    ap.add_argument("--ground-max-t", type=int, default=600,
+                    help="ground only the examples noised to a timestep below this (default %(default)s; 1000: all)")
     ap.add_argument("--ground-contrast", type=float, default=0.0,
                     help="weight of the grounding loss's identity term (inside each object its own noun, not the "
-                         "other's; default 0: TokenCompose's token loss alone)")
-    ap.add_argument("--ground-pixel", type=float, default=0.0,
+                         "other's; default 0: none)")
+    ap.add_argument("--ground-pixel", type=float, default=1.0,
                     help="weight of TokenCompose's pixel loss: inside its object the noun takes the row's attention, "
-                         "outside it none (default 0)")
+                         "outside it none (default %(default)s; 0: the token loss alone)")
     ap.add_argument("--ground-warmup", type=int, default=50)
     ap.add_argument("--init", help="--stage ground only: start from a checkpoint this tool wrote (its frozen CLIP, "
                                    "VAE and UNet) instead of the stages' state in --run")
