@@ -73,7 +73,10 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
             import openvino.torch  # noqa: F401  (registers the "openvino" backend)
         except ImportError:
             raise ImportError("backend 'openvino' needs the openvino package: pip install -e '.[openvino]'") from None
-        options = {"device": "CPU"}
+        # aot_autograd: OpenVINO 2026.4's default path re-traces the graph with make_fx in fake mode, whose new
+        # shape symbols break dynamo's guards under torch 2.13 ("sources must not be empty for symbol s7", even
+        # for two convolutions); through aot_autograd it receives the graph dynamo already traced
+        options = {"device": "CPU", "aot_autograd": True}
         if next(unet.parameters()).dtype == torch.float32:
             # OpenVINO runs float32 models in bfloat16 where the CPU has it unless told otherwise
             options["config"] = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -84,6 +87,11 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
     eager = unet.forward
     compiled = torch.compile(eager, backend=backend, dynamic=False, fullgraph=backend == "inductor",
                              options=options)
+    if backend == "openvino":
+        # OpenVINO hands back its output buffer, which its next call overwrites: a sampler that keeps earlier
+        # outputs (DPM-Solver++ 2M) would silently read the newer one. A copy costs microseconds next to a call.
+        run = compiled
+        compiled = lambda *a: run(*a).clone()
     seen = set()
 
     def forward(x, t, context, y=None):

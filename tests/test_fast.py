@@ -144,6 +144,26 @@ def test_eager_backend_leaves_the_unet_alone():
     assert Pipeline(model).compile("eager").model.unet.forward == forward
 
 
+def test_hooks_work_on_openvino():
+    """OpenVINO's torch.compile backend: its partitioner runs the supported ops in OpenVINO and leaves the opaque
+    attention operator to PyTorch, so the hooks run as on the other paths (float32, OpenVINO told to keep f32)."""
+    pytest.importorskip("openvino", reason="the openvino backend needs the openvino package (pip install -e '.[test]')")
+    torch._dynamo.reset()
+    try:
+        _check_hooks_on_fast_path("openvino", TOL_INDUCTOR)
+        # an output stays what it was after the next call (OpenVINO reuses its output buffer)
+        model = _model()
+        x, t, ctx = _inputs(model.cfg)
+        want = _plain(model, (x, t, ctx))
+        compile_unet(model.unet, "openvino", log=None)
+        with torch.no_grad():
+            first = model.unet(x, t, ctx)
+            model.unet(2 * x, t, ctx)
+        assert (first - want).abs().max() < TOL_INDUCTOR
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_hooks_work_on_inductor():
     _check_hooks_on_fast_path("inductor", TOL_INDUCTOR)
