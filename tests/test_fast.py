@@ -148,6 +148,8 @@ def test_hooks_work_on_openvino():
     """OpenVINO's torch.compile backend: its partitioner runs the supported ops in OpenVINO and leaves the opaque
     attention operator to PyTorch, so the hooks run as on the other paths (float32, OpenVINO told to keep f32)."""
     pytest.importorskip("openvino", reason="the openvino backend needs the openvino package (pip install -e '.[test]')")
+    # the earlier tests' compiled UNets hold entries in dynamo's cache for UNet.forward's code; past its recompile
+    # limit dynamo would compile the submodules one by one instead of one graph
     torch._dynamo.reset()
     try:
         _check_hooks_on_fast_path("openvino", TOL_INDUCTOR)
