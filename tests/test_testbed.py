@@ -192,8 +192,8 @@ def test_ground_stage_from_a_checkpoint_pulls_the_nouns_attention_inside(tmp_pat
     cfg = train.shapes_config()
     save_checkpoint(build_model(cfg), init, metadata={"minisd_timings": json.dumps({"unet_s": 5.0})})
     argv = ["--stage", "ground", "--init", str(init), "--out", str(out), "--run", str(run), "--threads", "1",
-            "--dataset", "32", "--ground-steps", "6", "--ground-weight", "10", "--ground-lr", "3e-3", "--ground-max-t", "1000",
-            "--ground-warmup", "1", "--batch", "8", "--save-every", "1"]
+            "--dataset", "32", "--ground-steps", "6", "--ground-weight", "10", "--ground-lr", "3e-3",
+            "--ground-max-t", "1000", "--ground-warmup", "1", "--batch", "8", "--save-every", "1"]
     train.main(argv)
     log = [json.loads(line) for line in (run / "ground_log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and log[-1]["ground"] < log[0]["ground"]
