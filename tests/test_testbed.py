@@ -102,7 +102,7 @@ def test_diagnose_runs_every_gate(tmp_path):
     save_checkpoint(build_model(tiny(image_size=32)), path)
     lines = []
     out = diagnose.diagnose(path, steps=2, seeds_a=1, n_two=2, seeds_b=1, n_swap=2, log=lines.append)
-    assert out["a"]["n"] == 36 and out["c"]["n"] == 4 and out["bd"]["n"] == 2
+    assert out["a"]["n"] == 36 and out["c"]["n"] == 4 and out["bd"]["n"] == 2 and out["f"]["n"] == 2
     shares = [out["bd"][k] for k in ("attention_start", "attention_words", "attention_end_pad")]
     assert abs(sum(shares) - 1) < 1e-4
     assert set(out["pass"]) == {"a", "b", "c", "d"} and lines[-1].startswith("gates:")
@@ -264,3 +264,38 @@ def test_grounding_pixel_term_wants_the_noun_to_take_the_row_inside_its_object()
     assert train.grounding_loss(full, cols, masks, pixel=1.0) < 0.01
     # -log(0.01) over the object's quarter of the map
     assert train.grounding_loss(faint, cols, masks, pixel=1.0) == pytest.approx(0.25 * 4.605, rel=1e-3)
+
+
+def test_inject_layout_gives_each_object_to_its_noun_and_keeps_the_rest_in_proportion():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 2, 16, 77), -1)
+    cols = torch.zeros(2, 77, 3)
+    cols[0, 2, 0] = 1
+    cols[0, 5, 1] = cols[0, 6, 1] = 1           # a noun of two sub-tokens: the share is split between them
+    masks = torch.zeros(2, 3, 4, 4)
+    masks[0, 0, :2, :2] = 1
+    masks[0, 1, 2:, 2:] = 1
+    masks[0, 1, 0, 3] = 0.5                      # an object covering half a cell gets half the share there
+    out = train.inject_layout(probs, cols, masks)
+    assert torch.allclose(out.sum(-1), torch.ones(2, 2, 16))
+    assert torch.allclose(out[0, :, 0, 2], torch.tensor(0.9)) and torch.all(out[0, :, 0, 5:7] == 0)
+    assert torch.allclose(out[0, :, 15, 5:7], torch.tensor(0.45)) and torch.all(out[0, :, 15, 2] == 0)
+    assert torch.allclose(out[0, :, 3, 5:7], torch.tensor(0.225))
+    # a cell outside every object: the nouns get nothing, the other positions keep their ratios
+    others = [i for i in range(77) if i not in (2, 5, 6)]
+    ratio = out[0, :, 2, others] / probs[0, :, 2, others]
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5) and torch.all(out[0, :, 2, [2, 5, 6]] == 0)
+    # a caption naming no object is left as it was
+    assert torch.allclose(out[1], probs[1], rtol=1e-5)
+
+
+def test_ground_stage_with_injected_layouts_runs_and_grounds_only_the_others(tmp_path):
+    init, out, run = tmp_path / "init.safetensors", tmp_path / "g.safetensors", tmp_path / "run"
+    save_checkpoint(build_model(train.shapes_config()), init)
+    argv = ["--stage", "ground", "--init", str(init), "--out", str(out), "--run", str(run), "--threads", "1",
+            "--dataset", "16", "--ground-steps", "2", "--ground-max-t", "1000", "--ground-warmup", "1",
+            "--batch", "4", "--save-every", "1"]
+    train.main(argv + ["--ground-inject", "1.0"])
+    log = [json.loads(line) for line in (run / "ground_log.jsonl").read_text().splitlines()]
+    # every conditional example injected: none is left for the grounding loss
+    assert len(log) == 2 and all(entry["ground"] == 0 for entry in log) and out.is_file()

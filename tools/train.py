@@ -227,19 +227,40 @@ def swap_tail(context, ids, eot_id, source=None, source_ids=None):
     return torch.where(tail[..., None], taken, context)
 
 
+def inject_layout(probs, columns, masks, share=0.9):
+    """Attention with a layout written in: in each cell, the j-th object's noun takes `share` x that object's
+    coverage of the cell (split over its sub-tokens), and the other positions keep their proportions of the rest.
+    probs (b, heads, hw, 77) float32, columns (b, 77, 3) from noun_columns, masks (b, 3, H, W) on the latent grid.
+    A caption that names no object keeps its attention (renormalised)."""
+    h = w = int(probs.shape[2] ** 0.5)
+    m = F.adaptive_avg_pool2d(masks, (h, w)).flatten(2).transpose(1, 2) * share            # (b, hw, 3)
+    total = m.sum(-1, keepdim=True)
+    m = m * (share / total).clamp(max=1)     # overlapping objects share one `share` of the row
+    total = m.sum(-1, keepdim=True)
+    nouns = (columns.sum(-1) > 0).float()                                                   # (b, 77)
+    per_position = columns / columns.sum(1, keepdim=True).clamp_min(1)
+    rest = probs * (1 - nouns)[:, None, None]
+    rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-8) * (1 - total)[:, None]
+    return rest + (m @ per_position.transpose(1, 2))[:, None]
+
+
 class GroundingHook(AttentionHook):
     """Keeps, with their gradient, the cross-attention probabilities of every layer whose map is at least
-    `min_side` cells high and wide (at 128 px: the 16x16 and 8x8 maps, not the 4x4 one)."""
+    `min_side` cells high and wide (at 128 px: the 16x16 and 8x8 maps, not the 4x4 one). With `inject` set to
+    (rows, columns, masks), those rows of the batch get the layout written into their attention (inject_layout)."""
 
     def __init__(self, min_side=8):
-        self.min_side, self.seen = min_side, []
+        self.min_side, self.seen, self.inject = min_side, [], None
 
     def wants(self, layer):
         return layer.is_cross and min(layer.hw) >= self.min_side
 
     def edit_probs(self, layer, logits, probs):
         self.seen.append((layer.hw, probs))
-        return probs
+        if self.inject is None:
+            return probs
+        rows, columns, masks = self.inject
+        return torch.where(rows[:, None, None, None], inject_layout(probs, columns, masks), probs)
 
 
 def noun_columns(tok, captions_objects):
@@ -371,16 +392,25 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
         # min-SNR-gamma weighting (Hang et al., ICCV 2023) for epsilon prediction: min(SNR, gamma) / SNR
         snr = abar[t] / (1 - abar[t])
         w = snr.clamp(max=args.min_snr) / snr
-        loss = (w * (unet(zt, t, context) - eps).pow(2).mean((1, 2, 3))).mean()
         if ground:
+            # a share of the conditional examples, at every timestep, get their scene's layout written into the
+            # nouns' attention (--ground-inject): the drawn object must then follow the noun that holds a region
+            inject = (torch.rand(args.batch, generator=g) < args.ground_inject) & ~drop if args.ground_inject else None
             keys, masks = [], torch.zeros(args.batch, 3, *data["masks"][0].shape[-2:])
             for i, (k, o) in enumerate(zip(idx.tolist(), order)):
-                # no target for unconditional examples, nor (with --ground-max-t) where the noise hides the layout
-                skip = drop[i] or t[i] >= args.ground_max_t
-                keys.append([] if skip else [data["objects"][k][j] for j in o])
                 masks[i, :len(o)] = data["masks"][k][torch.as_tensor(o)].float()
+                keys.append([data["objects"][k][j] for j in o])
+            if inject is not None:
+                hook.inject = (inject, noun_columns(tok, [(c, kk if r else []) for c, kk, r in
+                                                         zip(caps, keys, inject.tolist())]), masks)
+            # no grounding target for unconditional or injected examples, nor (with --ground-max-t) where the
+            # noise hides the layout
+            keys = [[] if drop[i] or t[i] >= args.ground_max_t or (inject is not None and inject[i]) else kk
+                    for i, kk in enumerate(keys)]
+        loss = (w * (unet(zt, t, context) - eps).pow(2).mean((1, 2, 3))).mean()
+        if ground:
             gl = grounding_loss(hook.seen, noun_columns(tok, list(zip(caps, keys))), masks,
-                                    contrast=args.ground_contrast, pixel=args.ground_pixel)
+                                contrast=args.ground_contrast, pixel=args.ground_pixel)
             glosses.append(gl.item())
             loss = loss + args.ground_weight * gl
         hook.seen = []  # the kept probabilities hold this step's graph
@@ -482,6 +512,8 @@ def main(argv=None):
     ap.add_argument("--ground-pixel", type=float, default=1.0,
                     help="weight of TokenCompose's pixel loss: inside its object the noun takes the row's attention, "
                          "outside it none (default %(default)s; 0: the token loss alone)")
+    ap.add_argument("--ground-inject", type=float, default=0.0,
+                    help="share of examples whose nouns' attention gets the scene's layout written in (any timestep)")
     ap.add_argument("--ground-warmup", type=int, default=50)
     ap.add_argument("--init", help="--stage ground only: start from a checkpoint this tool wrote (its frozen CLIP, "
                                    "VAE and UNet) instead of the stages' state in --run")
