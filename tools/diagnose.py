@@ -9,6 +9,9 @@ figure (issue: testbed), on held-out seeds:
   d  attention localises where regulation acts: at the regulated layers (the model's default blocks), each
      found object's noun attends inside that object's region this many times the flat-map share (lift), and
      more than inside the other object's region; plus where the cross-attention goes (start / words / end+pad)
+  f  the handle regulation pulls: gate b's prompts with a layout of their two objects written into the nouns'
+     attention at the regulated layers during the first half of the steps; are both objects drawn, and where
+     the layout put them? (A diagnostic beside the issue's gates, without a goal of its own: compare with b.)
 
     python -m tools.diagnose --checkpoint weights/minisd-shapes.safetensors
     python -m tools.diagnose --checkpoint run/snapshot-002000.safetensors --quick --json out.json
@@ -23,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minisd.maps import AttentionMaps
+from minisd.attention import AttentionHook
+from minisd.maps import AttentionMaps, block_of
 from minisd.pipeline import Pipeline
 from regulation.editors import choose_targets
 from tools import judge as J
@@ -158,7 +162,60 @@ def gate_bd(pipe, prompts, seeds, steps, log):
     return res
 
 
-def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, n_swap=20, log=print):
+class LayoutHook(AttentionHook):
+    """Writes a layout into the nouns' cross-attention (tools.train.inject_layout: inside each object's region its
+    noun takes 0.9 of the row) at the regulated blocks, in the conditional half, during the steps regulation
+    edits (the first half): the most direct form of what regulation does, with the regions given."""
+
+    def __init__(self, columns, masks, blocks, edit_steps):
+        self.columns, self.masks, self.edit_steps = columns, masks, edit_steps
+        self.blocks = set(blocks)
+
+    def wants(self, layer):
+        return layer.is_cross and self.step < self.edit_steps and block_of(layer.name) in self.blocks
+
+    def edit_probs(self, layer, logits, probs):
+        from tools.train import inject_layout
+        out = probs.clone()
+        cond = probs[self.cond]
+        out[self.cond] = inject_layout(cond, self.columns.expand(cond.shape[0], -1, -1),
+                                       self.masks.expand(cond.shape[0], -1, -1, -1))
+        return out
+
+
+def gate_f(pipe, prompts, seeds, steps, log):
+    """The handle regulation pulls: the same two-object prompts as gate b, each with a random layout of its two
+    objects (a scene the renderer places) written into the nouns' attention at the regulated layers during the
+    first half of the steps. Both found, and both found where the layout put them, against gate b's plain rate.
+    Stable Diffusion has this handle (editing its early cross-attention maps moves and brings back objects:
+    Prompt-to-Prompt, Directed Diffusion); a testbed without it cannot show what regulation does."""
+    from tools.train import noun_columns
+    blocks = pipe.cfg.default_blocks()
+    res = pipe.cfg.image_size // pipe.cfg.vae.downsample
+    found_both = placed_both = 0
+    n = 0
+    for k_item, item in enumerate(prompts):
+        keys = [tuple(o) for o in item["objects"]]
+        columns = noun_columns(pipe.tokenizer, [(item["prompt"], keys)])
+        for k in range(seeds):
+            scene = shapes.sample_scene(np.random.default_rng(SEED0 + 7919 * k_item + k), keys=keys)
+            masks = torch.zeros(1, 3, res, res)
+            masks[0, :2] = torch.as_tensor(shapes.object_masks(scene, res, pipe.cfg.image_size))
+            hook = LayoutHook(columns, masks, blocks, steps // 2)
+            img = to_uint8(pipe(item["prompt"], steps=steps, seed=SEED0 + 1000 + k, hooks=[hook]).images[0])
+            found = object_masks(img)
+            full = shapes.object_masks(scene, pipe.cfg.image_size, pipe.cfg.image_size) > 0.5
+            found_both += all(key in found for key in keys)
+            placed_both += all(key in found and (found[key] & full[i]).sum() >= 0.5 * found[key].sum()
+                               for i, key in enumerate(keys))
+            n += 1
+    res = dict(both=found_both / n, placed=placed_both / n, n=n)
+    log(f"f: a layout written into the nouns' attention at {', '.join(blocks)}: both found {res['both']:.1%}, "
+        f"both where the layout put them {res['placed']:.1%} of {n}")
+    return res
+
+
+def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, n_swap=20, handle=True, log=print):
     torch.manual_seed(0)
     pipe = Pipeline.from_checkpoint(checkpoint)
     t0 = time.time()
@@ -172,7 +229,10 @@ def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, n_swap=20, lo
         if a[0] != b[0] and a[1] != b[1]:
             pairs.append((a, b))
     out["c"] = gate_c(pipe, pairs, steps, log)
-    out["bd"] = gate_bd(pipe, shapes.benchmark_prompts(n_two, seed=99), seeds_b, steps, log)
+    two = shapes.benchmark_prompts(n_two, seed=99)
+    out["bd"] = gate_bd(pipe, two, seeds_b, steps, log)
+    if handle:
+        out["f"] = gate_f(pipe, two, seeds_b, steps, log)
     out["seconds"] = time.time() - t0
     out["pass"] = {"a": out["a"]["rate"] >= 0.9, "b": 0.2 <= out["bd"]["both"] <= 0.8,
                    "c": out["c"]["words"] >= 0.8,
@@ -193,13 +253,15 @@ def main(argv=None):
     ap.add_argument("--swap", type=int, default=20, help="pairs for the swap test (each both ways)")
     ap.add_argument("--quick", action="store_true", help="fewer images: 1 seed, 12 two-object prompts, 10 pairs")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-handle", action="store_true", help="leave out diagnostic f (the layout written in)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds_a, args.two, args.seeds_b, args.swap = 1, 12, 1, 10
-    out = diagnose(args.checkpoint, args.steps, args.seeds_a, args.two, args.seeds_b, args.swap)
+    out = diagnose(args.checkpoint, args.steps, args.seeds_a, args.two, args.seeds_b, args.swap,
+                   handle=not args.no_handle)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
