@@ -6,10 +6,13 @@ What it does, and why:
   - The whole UNet is one compiled graph (no graph breaks), with inductor's freezing on: the weights become
     constants, so convolutions and Linear layers run on prepacked oneDNN weights and elementwise ops fuse into
     them. That is where the CPU speed-up comes from (plain inductor without freezing gains little).
-  - Every attention core (`Attention.attend`: softmax(q k^T) v) is one opaque operator in that graph,
+  - Every cross-attention core (`Attention.attend`: softmax(q k^T) v) is one opaque operator in that graph,
     `minisd::attend`, whose body runs eagerly: it asks the hooks which layers they want and takes the SDPA or the
     explicit float32 path, exactly as in eager mode. The compiler sees only tensors in and a tensor out, so hook
     state (step index, which layers, maps being recorded) is never a guard and never forces a recompile.
+    Self-attention, which no hook of minisd's wants, stays inside the graph; a hook that wants it is refused.
+  - backend "openvino": the graph is cut at the opaque operators and each stretch between them is converted with
+    `openvino.convert_model`, the weights baked in as constants (as freezing does for inductor).
   - Passes with gradient (Attend-and-Excite's conditional pass) run the eager UNet: their hooks keep the maps'
     autograd graph, which an opaque operator would cut.
   - The timestep always reaches the compiled graph as a tensor, so its value is not specialised on either.
@@ -53,6 +56,104 @@ def _routed_attend(attn, index):
     return attend
 
 
+def _openvino_backend(unet):
+    """A torch.compile backend that cuts dynamo's graph of `unet` at its attention cores and hands each stretch in
+    between to OpenVINO with the weights as constants.
+
+    Why not OpenVINO's own torch.compile backend: there the weights reach OpenVINO as graph inputs (dynamo lifts
+    them), so it can neither fold them nor prepack them for its convolution and GEMM kernels; that path ran at
+    about twice the time of the same UNet converted with `openvino.convert_model`, which bakes them in. Here the
+    weights are frozen as inductor's freezing does: changing the UNet's weights in place after the first call (per
+    input shape) is not seen; load them before compiling. The attention cores (`minisd::attend`) stay in PyTorch,
+    so the hooks run in them exactly as in eager mode."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("backend 'openvino' needs the openvino package: pip install -e '.[openvino]'") from None
+    from torch.fx.passes.split_module import split_module
+    core = ov.Core()
+    # OpenVINO runs float32 models in bfloat16 where the CPU has it unless told otherwise
+    dtype = next(unet.parameters()).dtype
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == torch.bfloat16 else "f32",
+              "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    weights = {id(w) for w in (*unet.parameters(), *unet.buffers())}
+
+    def backend(gm, example_inputs):
+        # each attention core alone in its partition, the stretches between them numbered in order
+        part, n = {}, 0
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.minisd.attend.default:
+                part[node], n = n + 1, n + 2
+            else:
+                part[node] = n
+        split = split_module(gm, None, lambda node: part[node])
+        for name, seg in list(split.named_children()):
+            if not any(node.target is torch.ops.minisd.attend.default for node in seg.graph.nodes):
+                setattr(split, name, _OpenVINOSegment(seg, weights, core, config))
+        return split
+    return backend
+
+
+class _OpenVINOSegment(torch.nn.Module):
+    """One stretch of the UNet's graph between attention cores, converted to OpenVINO at its first call (when its
+    inputs are known): the inputs that are the UNet's weights become constants, the others stay inputs."""
+
+    def __init__(self, seg, weights, core, config):
+        super().__init__()
+        self.seg, self.weights, self.core, self.config = seg, weights, core, config
+        self.request = None
+
+    def _convert(self, args):
+        import openvino as ov
+        self.frozen = {i for i, a in enumerate(args) if id(a) in self.weights}
+        inputs = tuple(a for i, a in enumerate(args) if i not in self.frozen)
+        seg, frozen = self.seg, self.frozen
+
+        class Frozen(torch.nn.Module):
+            def forward(self, *inputs):
+                it = iter(inputs)
+                # tensors that reach the trace other than as its inputs become constants of the traced graph
+                return seg(*(a if i in frozen else next(it) for i, a in enumerate(args)))
+        with torch.no_grad():
+            # check_trace would run the segment twice more to compare: nothing here depends on the values
+            traced = torch.jit.trace(Frozen(), inputs, check_trace=False)
+            model = ov.convert_model(traced, example_input=inputs)
+        self.request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        outs = next(n for n in seg.graph.nodes if n.op == "output").args[0]
+        self.single = not isinstance(outs, tuple)
+        self.dtypes = [n.meta["example_value"].dtype for n in ((outs,) if self.single else outs)]
+        del self.seg   # its graph takes the weights as inputs; OpenVINO holds its own copy now
+
+    def forward(self, *args):
+        if self.request is None:
+            self._convert(args)
+        self.request.infer([_ov_tensor(a) for i, a in enumerate(args) if i not in self.frozen], share_inputs=True,
+                           share_outputs=True)
+        # OpenVINO's own output buffers, valid until this segment's next call (the UNet's output is copied)
+        outs = [_torch_tensor(self.request.get_output_tensor(i), dtype) for i, dtype in enumerate(self.dtypes)]
+        return outs[0] if self.single else tuple(outs)
+
+
+def _ov_tensor(t):
+    import openvino as ov
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:   # numpy has no bfloat16: hand OpenVINO the bits
+        return ov.Tensor(t.view(torch.int16).numpy(), list(t.shape), ov.Type.bf16)
+    return ov.Tensor(t.numpy(), shared_memory=True)
+
+
+def _torch_tensor(tensor, dtype):
+    return torch.from_numpy(tensor.data).view(dtype)
+
+
+def _inline_attend(attn):
+    def attend(q, k, v):
+        if torch.is_grad_enabled():   # the eager UNet of passes with gradient: the hooks' side door as always
+            return Attention.attend(attn, q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return attend
+
+
 def compile_unet(unet, backend="inductor", mode=None, log=print):
     """Make `unet` (minisd.unet.UNet) run compiled from its next call on, in place; returns it. The first call per
     input shape pays the compile cost, which the wrapper logs once. backend "eager" leaves the UNet as it is."""
@@ -62,30 +163,27 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
         return unet
     if getattr(unet, "compiled_backend", None):
         raise ValueError(f"this UNet is already compiled with {unet.compiled_backend}")
-    options = None
+    compiler, options = backend, None
     if backend == "inductor":
         # freezing: weights become constants -> prepacked oneDNN convolutions/GEMMs, weight layouts chosen once
         options = {"freezing": True}
         if mode:
             options["max_autotune"] = "max-autotune" in mode
     elif backend == "openvino":
-        try:
-            import openvino.torch  # noqa: F401  (registers the "openvino" backend)
-        except ImportError:
-            raise ImportError("backend 'openvino' needs the openvino package: pip install -e '.[openvino]'") from None
-        # aot_autograd: OpenVINO 2026.4's default path re-traces the graph with make_fx in fake mode, whose new
-        # shape symbols break dynamo's guards under torch 2.13 ("sources must not be empty for symbol s7", even
-        # for two convolutions); through aot_autograd it receives the graph dynamo already traced
-        options = {"device": "CPU", "aot_autograd": True}
-        if next(unet.parameters()).dtype == torch.float32:
-            # OpenVINO runs float32 models in bfloat16 where the CPU has it unless told otherwise
-            options["config"] = {"INFERENCE_PRECISION_HINT": "f32"}
+        compiler = _openvino_backend(unet)
+    selfs = []
     for m in unet.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, Attention) and m.is_cross:
             _layers.append(m)
             m.attend = _routed_attend(m, len(_layers) - 1)
+        elif isinstance(m, Attention):
+            # self-attention stays inside the graph (the compiler's own SDPA): 17 fewer cuts in SD 1.5's graph, and
+            # every hook minisd has wants cross-attention only; a hook that wants a self-attention layer is refused
+            m.attend = _inline_attend(m)
+            selfs.append(m)
     eager = unet.forward
-    compiled = torch.compile(eager, backend=backend, dynamic=False, fullgraph=backend == "inductor",
+    # one graph for the real backends; the test backend lets an error raised in the UNet reach the caller as it is
+    compiled = torch.compile(eager, backend=compiler, dynamic=False, fullgraph=backend != "aot_eager",
                              options=options)
     if backend == "openvino":
         # OpenVINO hands back its output buffer, which its next call overwrites: a sampler that keeps earlier
@@ -100,6 +198,11 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
             t = t.expand(x.shape[0])
         if torch.is_grad_enabled():
             return eager(x, t, context, y)
+        hooks = selfs[0].hooks if selfs else []
+        wanted = [m.name for m in selfs for h in hooks if h.wants(m)]
+        if wanted:
+            raise ValueError(f"a hook wants self-attention layers ({', '.join(wanted[:3])} ...): on the compiled "
+                             f"UNet only cross-attention runs the hooks; use the eager backend for these")
         # y: SDXL's vector conditioning, None for SD 1/2 (a constant to the compiler: no guard churn either way)
         key = (tuple(x.shape), x.dtype, t.dtype, tuple(context.shape), context.dtype, x.device,
                None if y is None else (tuple(y.shape), y.dtype))

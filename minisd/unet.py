@@ -123,7 +123,8 @@ class UNet(nn.Module):
     def forward(self, x, t, context, y=None):
         """x: noisy latents (b, 4, h, w); t: timesteps (b,) or a number; context: text embeddings (b, 77, d);
         y: SDXL's vector conditioning (b, adm_in_channels), see model.py."""
-        t = torch.as_tensor(t, device=x.device)
+        # a tensor stays a tensor: torch.as_tensor on one is a constant to torch.jit.trace (OpenVINO's converter)
+        t = t.to(x.device) if torch.is_tensor(t) else torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))

@@ -145,8 +145,9 @@ def test_eager_backend_leaves_the_unet_alone():
 
 
 def test_hooks_work_on_openvino():
-    """OpenVINO's torch.compile backend: its partitioner runs the supported ops in OpenVINO and leaves the opaque
-    attention operator to PyTorch, so the hooks run as on the other paths (float32, OpenVINO told to keep f32)."""
+    """The openvino backend: the stretches of the graph between the opaque cross-attention operators run as
+    OpenVINO models with the weights baked in, the operators in PyTorch, so the hooks run as on the other paths
+    (float32, OpenVINO told to keep f32)."""
     pytest.importorskip("openvino", reason="the openvino backend needs the openvino package (pip install -e '.[test]')")
     # the earlier tests' compiled UNets hold entries in dynamo's cache for UNet.forward's code; past its recompile
     # limit dynamo would compile the submodules one by one instead of one graph
@@ -189,3 +190,30 @@ def test_regulated_generation_on_inductor_equals_eager():
     (a, ma), (b, mb) = runs
     assert np.abs(a - b).max() <= 1
     assert all((ma[s] - mb[s]).abs().max() < TOL_INDUCTOR for s in ma)
+
+
+def test_a_hook_on_self_attention_is_refused_on_the_compiled_unet():
+    """Self-attention runs inside the compiled graph (no hooks there): a hook that wants a self-attention layer gets
+    a clear error naming it, not a silent miss; the same hook works on the eager UNet."""
+    model = _model()
+    x, t, ctx = _inputs(model.cfg)
+
+    class SelfMaps(AttentionMaps):
+        def wants(self, layer):
+            return not layer.is_cross
+
+        def edit_probs(self, layer, logits, probs):
+            seen.append(layer.name)
+            return probs
+
+    seen = []
+    model.set_hooks([SelfMaps([2], [0], [])])
+    try:
+        with torch.no_grad():
+            model.unet(x, t, ctx)
+        assert seen and all(".attn1" in name for name in seen)
+        compile_unet(model.unet, "aot_eager", log=None)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"self-attention layers \(.*attn1"):
+            model.unet(x, t, ctx)
+    finally:
+        model.set_hooks([])
