@@ -47,24 +47,27 @@ def _(q, k, v, layer, h, w):
     return q.new_empty((b, n, heads, v.shape[-1]), dtype=v.dtype)
 
 
-def _routed_attend(attn, index):
+def _routed_attend(attn, index=None):
+    """index: the cross-attention layer's place in _layers; None for self-attention, which stays in the graph."""
     def attend(q, k, v):
         if torch.is_grad_enabled():   # evaluated while tracing too: compiled graphs only ever see no-grad mode
             return Attention.attend(attn, q, k, v)
+        if index is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         h, w = attn.hw or (-1, -1)   # plain ints while tracing (the shapes are static)
         return _attend_op(q, k, v, index, h, w).transpose(1, 2)
     return attend
 
 
 def _openvino_backend(unet):
-    """A torch.compile backend that cuts dynamo's graph of `unet` at its attention cores and hands each stretch in
-    between to OpenVINO with the weights as constants.
+    """A torch.compile backend that cuts dynamo's graph of `unet` at its cross-attention cores and hands each stretch
+    in between to OpenVINO with the weights as constants.
 
     Why not OpenVINO's own torch.compile backend: there the weights reach OpenVINO as graph inputs (dynamo lifts
     them), so it can neither fold them nor prepack them for its convolution and GEMM kernels; that path ran at
     about twice the time of the same UNet converted with `openvino.convert_model`, which bakes them in. Here the
     weights are frozen as inductor's freezing does: changing the UNet's weights in place after the first call (per
-    input shape) is not seen; load them before compiling. The attention cores (`minisd::attend`) stay in PyTorch,
+    input shape) is not seen; load them before compiling. The cross-attention cores (`minisd::attend`) stay in PyTorch,
     so the hooks run in them exactly as in eager mode."""
     try:
         import openvino as ov
@@ -79,7 +82,7 @@ def _openvino_backend(unet):
     weights = {id(w) for w in (*unet.parameters(), *unet.buffers())}
 
     def backend(gm, example_inputs):
-        # each attention core alone in its partition, the stretches between them numbered in order
+        # each cross-attention core alone in its partition, the stretches between them numbered in order
         part, n = {}, 0
         for node in gm.graph.nodes:
             if node.target is torch.ops.minisd.attend.default:
@@ -95,7 +98,7 @@ def _openvino_backend(unet):
 
 
 class _OpenVINOSegment(torch.nn.Module):
-    """One stretch of the UNet's graph between attention cores, converted to OpenVINO at its first call (when its
+    """One stretch of the UNet's graph between cross-attention cores, converted to OpenVINO at its first call (when its
     inputs are known): the inputs that are the UNet's weights become constants, the others stay inputs."""
 
     def __init__(self, seg, weights, core, config):
@@ -130,7 +133,8 @@ class _OpenVINOSegment(torch.nn.Module):
         self.request.infer([_ov_tensor(a) for i, a in enumerate(args) if i not in self.frozen], share_inputs=True,
                            share_outputs=True)
         # OpenVINO's own output buffers, valid until this segment's next call (the UNet's output is copied)
-        outs = [_torch_tensor(self.request.get_output_tensor(i), dtype) for i, dtype in enumerate(self.dtypes)]
+        outs = [torch.from_numpy(self.request.get_output_tensor(i).data).view(dtype)
+                for i, dtype in enumerate(self.dtypes)]
         return outs[0] if self.single else tuple(outs)
 
 
@@ -140,18 +144,6 @@ def _ov_tensor(t):
     if t.dtype == torch.bfloat16:   # numpy has no bfloat16: hand OpenVINO the bits
         return ov.Tensor(t.view(torch.int16).numpy(), list(t.shape), ov.Type.bf16)
     return ov.Tensor(t.numpy(), shared_memory=True)
-
-
-def _torch_tensor(tensor, dtype):
-    return torch.from_numpy(tensor.data).view(dtype)
-
-
-def _inline_attend(attn):
-    def attend(q, k, v):
-        if torch.is_grad_enabled():   # the eager UNet of passes with gradient: the hooks' side door as always
-            return Attention.attend(attn, q, k, v)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return attend
 
 
 def compile_unet(unet, backend="inductor", mode=None, log=print):
@@ -179,7 +171,7 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
         elif isinstance(m, Attention):
             # self-attention stays inside the graph (the compiler's own SDPA): 17 fewer cuts in SD 1.5's graph, and
             # every hook minisd has wants cross-attention only; a hook that wants a self-attention layer is refused
-            m.attend = _inline_attend(m)
+            m.attend = _routed_attend(m)
             selfs.append(m)
     eager = unet.forward
     # one graph for the real backends; the test backend lets an error raised in the UNet reach the caller as it is
