@@ -167,6 +167,36 @@ def test_hooks_work_on_openvino():
         torch._dynamo.reset()
 
 
+def test_openvino_in_bfloat16():
+    """A bfloat16 UNet on the openvino backend: its stretches are traced in float32 and run under OpenVINO's bf16
+    hint, taking and giving bfloat16 tensors. Its output is bfloat16 and as near the float32 model's as eager
+    bfloat16's is (bfloat16 keeps 8 bits: a relative error of a few 1e-2 is its rounding; reading the bits wrongly
+    would be far off), and a regulated call still edits."""
+    pytest.importorskip("openvino", reason="the openvino backend needs the openvino package (pip install -e '.[test]')")
+    torch._dynamo.reset()
+    try:
+        model = _model()
+        inputs = _inputs(model.cfg)
+        want = _plain(model, inputs)
+        model = model.to(torch.bfloat16)
+        bf16 = tuple(a.to(torch.bfloat16) if a.is_floating_point() else a for a in inputs)
+        eager = _plain(model, bf16)
+        compile_unet(model.unet, "openvino", log=None)
+        got = _plain(model, bf16)
+        rel = lambda a: ((a.float() - want).abs().max() / want.abs().max()).item()
+        assert got.dtype == torch.bfloat16
+        assert rel(got) < max(0.1, 3 * rel(eager)), (rel(got), rel(eager))
+        model.set_hooks([_regulation(model)])
+        model.hooks[0].begin_step(0, slice(1, 2))
+        try:
+            regulated = _plain(model, bf16)
+        finally:
+            model.set_hooks([])
+        assert (regulated.float() - got.float()).abs().max() > 1e-2
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_hooks_work_on_inductor():
     _check_hooks_on_fast_path("inductor", TOL_INDUCTOR)
