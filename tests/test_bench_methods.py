@@ -1,8 +1,11 @@
 """tools/bench_methods.py's per-step part on SDXL, run on the tiny SDXL config (--tiny): the same code that times
 the full-size architecture, in seconds. Checks that every figure is a positive number and that the regulated steps
-really edited the layers they name (the editor's history, and a step output that differs from the plain one)."""
+really edited the layers they name (the editor's history, and a step output that differs from the plain one).
+And its whole-generation part (--generations) on the fast path."""
 import re
 
+import numpy as np
+import pytest
 import torch
 
 from minisd.config import tiny_sdxl
@@ -65,3 +68,16 @@ def test_regulation_edges_tool_runs_and_the_optimiser_is_deterministic():
                                   "--threads", "1"])
     assert len(set(rows[0.0])) == 1 and len(rows[1e-3]) == 3
     assert all(v == v and v > 0 for v in rows[1e-3])   # finite, positive losses
+
+
+def test_whole_generations_on_the_fast_path(capsys):
+    """--generations times whole runs, plain and regulated, on the OpenVINO fast path (the tiny config, 3 steps):
+    both are timed and the regulated image is not the plain one, so the hooks ran inside the compiled UNet."""
+    pytest.importorskip("openvino")
+    r = bench_methods.main(["--only", "sd15", "--generations", "--tiny", "--steps", "3", "--runs", "1",
+                            "--backend", "openvino", "--dtype", "float32", "--threads", str(torch.get_num_threads())])
+    med, out = r["sd15"], capsys.readouterr().out
+    assert all(med[m][0] > 0 and med[m][1] > 0 for m in ("plain", "regulate")), out
+    assert "backend openvino" in out and re.search(r"regulate .*/ plain: [\d.]+x wall", out), out
+    plain, regulated = (np.asarray(med["images"][m].images[0], dtype=np.float32) for m in ("plain", "regulate"))
+    assert np.abs(plain - regulated).max() > 0, "regulation changed nothing on the fast path"

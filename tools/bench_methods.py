@@ -30,6 +30,10 @@ sdxl: the same steps on the SDXL base architecture (float32 by default: bfloat16
     timed 4 times, an A&E step costing about 2 plain ones), a plain step roughly 0.5 to 1.5 min on 2 cores
     (estimated from half-, quarter- and eighth-width models and tools/bench_unet.py's SDXL figure).
     `--tiny` runs sd15 or sdxl on its tiny config (tiny, tiny-sdxl) in seconds, as the tests do.
+    `--backend inductor|openvino` times the steps on minisd's fast path (A&E's pass with gradient stays eager).
+sd15 --generations: whole generations instead of steps, plain and regulated, interleaved: the measured ratio, e.g.
+    on the fast path (the speed issue's goal: a regulated 50-step run within 2% of a plain one):
+        python -m tools.bench_methods --only sd15 --generations --backend openvino --size 256 --dtype float32
 """
 import argparse
 from collections import namedtuple
@@ -106,6 +110,49 @@ def tiny(args):
     history = hooks["attend-excite"].history
     tries = {i: (h["tries"], h["gave_up"]) for i, h in history.items() if h["loss_refined"] is not None}
     print(f"  attend-excite: {len(history)} steps altered; refinement (step: tries, gave up): {tries or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------- whole runs, SD 1.5
+
+def generations(args):
+    """--only sd15 --generations: whole --steps-step generations (DPM-Solver++(2M), text encoding and VAE decode
+    included) of the SD 1.5 architecture with random weights at --size px, plain and regulated, interleaved, on
+    --backend: the measured regulate / plain ratio, where the per-step part projects it."""
+    from minisd.config import FAMILIES
+    from minisd.pipeline import Pipeline
+    from regulation.editors import choose_targets
+
+    cfg = FAMILIES["tiny" if args.tiny else "sd1"]()
+    size = args.size or (cfg.image_size if args.tiny else 512)
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    pipe = Pipeline(whole_model(cfg, dtype))
+    if args.backend != "eager":
+        pipe.compile(args.backend)
+    prompt = args.prompt or "a cat and a dog"
+    targets = choose_targets(pipe.tokenizers, prompt, args.targets.split() if args.targets else None, log=_quiet)
+    run = dict(steps=args.steps, sampler="dpmpp_2m", seed=args.seed, height=size, width=size)
+    methods = ("plain", "regulate")
+
+    def generate(method):
+        hook = make_hook(method, pipe, prompt, targets, args.steps, args.seed)
+        return pipe(prompt, hooks=[hook] if hook else [], **run)
+
+    warm = {m: _timed(lambda: generate(m))[0][0] for m in methods}   # the first compiles
+    times, images = {m: [] for m in methods}, {}
+    for _ in range(args.runs):
+        for m in methods:
+            t, images[m] = _timed(lambda: generate(m))
+            times[m].append(t)
+    med = {m: _median(t) for m, t in times.items()}
+    print(f"sd15 generations: SD 1.5 architecture, random weights, {str(dtype).removeprefix('torch.')}, {size} px, "
+          f"{args.steps} steps dpmpp_2m, backend {args.backend}, {args.runs} interleaved runs after a warm-up "
+          f"({', '.join(f'{m} {w:.0f} s' for m, w in warm.items())}), {torch.get_num_threads()} threads")
+    print(f"  prompt {prompt!r}, targets {[t.word for t in targets]}")
+    for m, (wall, cpu) in med.items():
+        per = [a[0] / b[0] for a, b in zip(times[m], times["plain"])]
+        print(f"  {m:9s} median {wall:7.2f} s wall {cpu:7.2f} s CPU   / plain: {wall / med['plain'][0]:.3f}x wall "
+              f"(per run {', '.join(f'{r:.3f}' for r in per)}), {cpu / med['plain'][1]:.3f}x CPU")
+    return dict(med, images=images)
 
 
 # ---------------------------------------------------------------------------------------------- one step (SD 1.5, SDXL)
@@ -210,6 +257,8 @@ def per_step(part, args):
             raise SystemExit(f"--regulate-layers: {e}")
     t0 = time.perf_counter()
     pipe = Pipeline(spec.build(cfg, getattr(torch, dtype_name)))
+    if args.backend != "eager":
+        pipe.compile(args.backend)
     print(f"{part}: {spec.what} ({family}), {dtype_name}, CPU, {size} px, {args.runs} runs, "
           f"{torch.get_num_threads()} threads (built in {time.perf_counter() - t0:.0f} s)")
     prompt = args.prompt or "a cat and a dog"
@@ -326,7 +375,7 @@ def main(argv=None):
                         help="run one part (default: tiny and sd15; sdxl, 11-14 GiB, only when asked)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each method (after a warm-up)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-    parser.add_argument("--steps", type=int, default=50, help="tiny: sampling steps")
+    parser.add_argument("--steps", type=int, default=50, help="tiny, sd15 --generations: sampling steps")
     parser.add_argument("--weights", default=str(ROOT / "weights" / "minisd-shapes.safetensors"),
                         help="tiny: the checkpoint (a random tiny model when absent)")
     parser.add_argument("--size", type=int, help="sd15, sdxl: image side in px (default 512; with --tiny the tiny "
@@ -345,13 +394,21 @@ def main(argv=None):
     parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (sd15, sdxl)")
     parser.add_argument("--targets", help="target words, space separated (default: the prompt's objects)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="eager", choices=("eager", "inductor", "openvino"),
+                        help="sd15, sdxl: run the UNet on minisd's fast path (minisd/fast.py)")
+    parser.add_argument("--generations", action="store_true",
+                        help="sd15: time whole generations (--steps steps), plain and regulated, instead of steps")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     torch.set_num_threads(args.threads)
     results = {}
-    if args.only in (None, "tiny"):
+    if args.only in (None, "tiny") and not args.generations:
         tiny(args)
+    if args.generations:
+        if args.only != "sd15":
+            parser.error("--generations needs --only sd15")
+        return {"sd15": generations(args)}
     for part in ("sd15", "sdxl"):
         if args.only == part or (args.only is None and part == "sd15"):
             results[part] = per_step(part, args)
