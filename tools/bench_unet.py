@@ -23,7 +23,7 @@ path's bfloat16 output against its own float32 output (relative: max |diff| / ma
     python -m tools.bench unet --fast --sizes 256 --dtypes float32 bfloat16 --rounds 5
     python -m tools.bench unet --backend openvino --sizes 256
     python -m tools.bench unet --family tiny --sizes 128 --rounds 2 --fast     # seconds (plus compile): a check
-    python -m tools.bench unet --family sdxl --sizes 512 --rounds 1   # SDXL base (10 GB of float32 weights)
+    python -m tools.bench unet --family sdxl --sizes 512 --rounds 1 --no-openvino   # SDXL base (10 GB of float32 weights)
 
 SDXL's UNet also takes the pooled text and the six micro-conditioning numbers: diffusers as text_embeds and
 time_ids, minisd as the vector it makes of them (model.py's `vector`, inside the timed call).
