@@ -114,13 +114,14 @@ class _OpenVINOSegment(torch.nn.Module):
         # A bfloat16 stretch is traced in float32 and run under the bf16 hint, its inputs and outputs still bfloat16:
         # from bfloat16 weights OpenVINO ran SD 1.5's UNet at 1.43x the converted model's time, from float32 at 1.22x
         # (256 px, tools.bench unet).
-        bf16 = [a.dtype == torch.bfloat16 for a in args]
-        if any(bf16):
+        bf16 = any(a.dtype == torch.bfloat16 for a in args)
+        if bf16:
             for node in seg.graph.nodes:   # the graph's own casts (`.to(x.dtype)`) follow
                 node.args, node.kwargs = torch.fx.node.map_aggregate((node.args, node.kwargs), _f32)
             seg.recompile()
-        consts = [a.float() if b else a for a, b in zip(args, bf16)]
-        inputs = tuple(a for i, a in enumerate(consts) if i not in frozen)
+        consts = [a.float() if a.dtype == torch.bfloat16 else a for a in args]
+        live = [i for i in range(len(args)) if i not in frozen]
+        inputs = tuple(consts[i] for i in live)
 
         class Frozen(torch.nn.Module):
             def forward(self, *inputs):
@@ -135,10 +136,10 @@ class _OpenVINOSegment(torch.nn.Module):
         outs = next(n for n in seg.graph.nodes if n.op == "output").args[0]
         self.single = not isinstance(outs, tuple)
         self.dtypes = [n.meta["example_value"].dtype for n in ((outs,) if self.single else outs)]
-        if any(bf16):
+        if bf16:
             ppp = ov.preprocess.PrePostProcessor(model)
-            for j, b in enumerate(b for i, b in enumerate(bf16) if i not in frozen):
-                if b:
+            for j, i in enumerate(live):
+                if args[i].dtype == torch.bfloat16:
                     ppp.input(j).tensor().set_element_type(ov.Type.bf16)
             for j, dtype in enumerate(self.dtypes):
                 if dtype == torch.bfloat16:

@@ -173,8 +173,7 @@ def build_paths(model_cfg, dtype, backend, inputs, log, warmup=2, openvino=True)
         fn = make()
         with torch.inference_mode():
             fn()  # compiles where there is something to compile
-        setup = time.perf_counter() - start
-        with torch.inference_mode():
+            setup = time.perf_counter() - start
             for _ in range(warmup - 1):
                 fn()
         paths[name] = (fn, setup, _rss_mb() - rss)
