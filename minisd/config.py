@@ -94,16 +94,14 @@ class ModelConfig:
 
     def default_blocks(self):
         """The blocks whose cross-attention is regulated (and shown) by default, by one rule for every family:
-        the deepest UNet level with attention whose maps are at least 16x16 at the default image size (the
-        paper's Gaussian width, side // 16, needs 16 cells). SD 1.x/2.x at 512 px: the 16x16 maps
-        (input_blocks.7/8, output_blocks.3/4/5); SDXL at 1024 px: the 32x32 maps; the shipped shapes model at
-        128 px: its 16x16 maps. A model whose maps are all smaller gets its largest. `regulate_blocks` overrides."""
+        the deepest level of the UNet's down and up paths that has cross-attention (the middle block aside),
+        where SD decides the layout. SD 1.x/2.x: input_blocks.7/8 and output_blocks.3/4/5 (16x16 maps at 512 px,
+        the paper's layers); SDXL: input_blocks.7/8 and output_blocks.0/1/2 (32x32 at 1024 px); the shipped
+        shapes model: input_blocks.3 and output_blocks.2/3 (8x8 at 128 px). It does not depend on the image
+        size. `regulate_blocks` overrides it."""
         if self.regulate_blocks is not None:
             return tuple(self.regulate_blocks)
-        levels = attention_levels(self.unet)
-        side = self.image_size // self.vae.downsample
-        big = [d for d in levels if side // 2 ** d >= 16]
-        return level_blocks(self.unet, max(big) if big else min(levels))
+        return level_blocks(self.unet, max(attention_levels(self.unet)))
 
     def to_json(self):
         return json.dumps(asdict(self))
@@ -132,11 +130,6 @@ def attention_levels(unet):
     if not levels:
         raise ValueError("this UNet has no attention level")
     return levels
-
-
-def deepest_attention_blocks(unet):
-    """The blocks of the deepest UNet level that has attention."""
-    return level_blocks(unet, max(attention_levels(unet)))
 
 
 def level_blocks(unet, d):

@@ -362,8 +362,8 @@ def build_parser():
                         'prompt, within its first 77 tokens)')
     g.add_argument("--regulate-layers", default=None,
                    help="layers: checkpoint names (input_blocks.7), diffusers names (down_blocks.2) or map sizes "
-                        "(16x16); also the layers --save-attention shows (default: the model's; SD: the "
-                        "1/32-side layers)")
+                        "(16x16); also the layers --save-attention shows (default: the deepest level of "
+                        "the down and up paths with cross-attention; SD: the 1/32-side layers)")
     g.add_argument("--edit-steps", type=int, default=None,
                    help="regulate the first N of the --steps steps, 0..steps (default: half of --steps; "
                         "Attend-and-Excite: 25, at most --steps)")

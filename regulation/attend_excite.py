@@ -34,9 +34,12 @@ which follows the authors' code for SD 1.4. Where this module differs, on purpos
     `subtokens="max"` (default) takes the largest smoothed maximum of its sub-tokens (the word is attended if any
     piece of it is, and the gradient excites that piece), `"sum"` smooths the summed map of its sub-tokens.
     With one sub-token both equal diffusers.
-  - Diffusers averages the maps of every cross-attention layer at 1/32 of the image side; here the layers are
-    `regulation.layers.LayerSelector(config.layers)`, by default the model's regulation layers: the same five
-    layers for SD at any size (the middle block's 8x8 maps are not among them at 512 px, nor in diffusers).
+  - Which layers: the authors' `attention_res = 16` (diffusers' default too), the maps they found most semantic,
+    written as a rule for any model: `default_layers`, the down and up blocks of the UNet level whose maps are
+    closest to 16x16 at the model's default size (SD 1.x/2.x: input_blocks.7/8, output_blocks.3/4/5, the same
+    five layers as diffusers at 512 px, where the middle block's 8x8 maps are left out there too; SDXL at 1024
+    px: its 32x32 level; the shipped shapes model: its 16x16 maps). Attention Regulation takes the deepest level
+    instead (ModelConfig.default_blocks); on SD the two rules give the same layers. `config.layers` overrides.
   - The maps go into the loss in float32 whatever the model's dtype (the attention's explicit path gives
     float32 probabilities).
   - The softmax runs over positions 1..L-2 as in diffusers (it slices `[1:-1]`, so with SD 1.x's end-of-text
@@ -67,7 +70,7 @@ class AttendExciteConfig:
     temperature: float = 100.0      # the averaged maps are multiplied by this before the softmax over text tokens
     softmax_span: str = "all"       # "all": positions 1..L-2 (diffusers); "prompt": 1..eot-1 (needs the eot)
     subtokens: str = "max"          # how a target's sub-tokens combine: "max" or "sum" (module docstring)
-    layers: tuple | None = None     # regulation.layers.LayerSelector specs; None = the model's regulation layers
+    layers: tuple | None = None     # regulation.layers.LayerSelector specs; None = default_layers(model config)
     measure_after: bool = False     # also measure the loss after each step's update (one more conditional pass)
 
     def __post_init__(self):
@@ -82,6 +85,15 @@ class AttendExciteConfig:
         bad = {k: v for k, v in self.thresholds.items() if not 0.0 <= v <= 1.0}
         if bad:
             raise ValueError(f"thresholds are maximum attentions in [0, 1], got {bad}")
+
+
+def default_layers(model_config):
+    """The blocks of the attention level whose maps are closest to 16x16 at the model's default image size (ties:
+    the larger maps): the authors' attention_res = 16 as a rule (module docstring)."""
+    from minisd.config import attention_levels, level_blocks
+    side = model_config.image_size // model_config.vae.downsample
+    level = min(attention_levels(model_config.unet), key=lambda d: (abs(side / 2 ** d - 16), d))
+    return level_blocks(model_config.unet, level)
 
 
 def step_sizes(num_steps, config=None):
@@ -179,7 +191,7 @@ class AttendExcite(AttentionHook):
             if model_config is None:
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
             from regulation.layers import LayerSelector
-            select = LayerSelector(cfg.layers, model_config)
+            select = LayerSelector(cfg.layers or default_layers(model_config), model_config)
         self.select = select
         self._collecting = False
         self.reset()

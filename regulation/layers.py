@@ -10,9 +10,9 @@ With nrb = unet.num_res_blocks, diffusers' `down_blocks.i` is `input_blocks[1 + 
 `up_blocks.i` is `output_blocks[i*(nrb+1) + j]` for j <= nrb, and `mid_block` is `middle_block`.
 
 The paper regulates the layers at 1/32 of the image side (16x16 maps at 512 px): in SD, input_blocks.7/8 and
-output_blocks.3/4/5. The default for every family is one rule, `ModelConfig.default_blocks`: the deepest UNet
-level with attention whose maps are at least 16x16 at the model's default size (that same set for SD; for
-SDXL input_blocks.7/8 and output_blocks.0/1/2, 32x32 at 1024 px, ten transformer blocks each).
+output_blocks.3/4/5, the deepest level of the UNet's down and up paths that has cross-attention. That is the
+default for every family, `ModelConfig.default_blocks` (SDXL: input_blocks.7/8 and output_blocks.0/1/2, ten
+transformer blocks each; the shipped shapes model: its 8x8 maps).
 """
 import re
 

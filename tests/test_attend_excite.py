@@ -12,10 +12,9 @@ from minisd.checkpoint import build_model
 from minisd.config import tiny
 from minisd.maps import block_of
 from minisd.pipeline import Pipeline
-from regulation.attend_excite import (AttendExcite, AttendExciteConfig, excite_loss, smooth, smoothing_kernel,
-                                      step_sizes)
+from regulation.attend_excite import (AttendExcite, AttendExciteConfig, default_layers, excite_loss, smooth,
+                                      smoothing_kernel, step_sizes)
 from regulation.editors import METHODS, make_editor
-from regulation.layers import default_blocks
 from regulation.targets import resolve_targets
 
 try:
@@ -206,7 +205,7 @@ def tiny_step(pipe, x, i, config, dtype=torch.float32):
     ours = hook.edit_latents(x, 901.0, i, cond_unet)
     ref = None
     if dtype == torch.float32:
-        blocks = set(default_blocks(pipe.cfg))
+        blocks = set(default_layers(pipe.cfg))
         store = ReferenceStore(lambda layer: block_of(layer.name) in blocks)
         model.set_hooks([store])
         ref, _ = reference_step(lambda latent, t, r: cond_unet(latent, t, slice(r, r + 1)), store, x, 901.0, i, targets, 50,
@@ -223,7 +222,7 @@ def test_tiny_model_step_equals_reference(pipe):
     ours, ref, hook = tiny_step(pipe, x, 0, cfg)
     rec = hook.history[0]
     assert rec["tries"] == 2 and all(rec["gave_up"])
-    assert hook._layers and all(block_of(n) in default_blocks(pipe.cfg) for n in hook._layers)
+    assert hook._layers and all(block_of(n) in default_layers(pipe.cfg) for n in hook._layers)
     # the update is small on a random model: compare the updates, not just the latents
     torch.testing.assert_close(ours - x, ref - x, rtol=1e-3, atol=1e-6)
     assert (ours - x).abs().max() > 1e-4

@@ -322,21 +322,38 @@ def _selected(selector):
 
 
 def test_default_layers():
+    """One rule for every family: the deepest level of the down and up paths with cross-attention. On SD it gives
+    the paper's layers (16x16 at 512 px), whatever the image size; on the shipped model its 8x8 maps."""
+    from minisd.config import sd2, sdxl
     sd_blocks = ["input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4", "output_blocks.5"]
-    assert default_blocks(sd1()) == sd_blocks and default_blocks(sd2()) == sd_blocks   # the 16x16 maps at 512 px
+    assert default_blocks(sd1()) == sd_blocks and default_blocks(sd2()) == sd_blocks
+    assert default_blocks(sd2(v_prediction=True)) == sd_blocks   # 768 px: 24x24 maps, the same blocks
+    assert default_blocks(sdxl()) == ["input_blocks.7", "input_blocks.8", "output_blocks.0", "output_blocks.1",
+                                      "output_blocks.2"]
     assert _selected(LayerSelector(None, sd1())) == sd_blocks
-    # the tiny test family at 64 px: latents 32x32 with attention at 32, 16 and 8 -> the 16x16 level (level 1)
+    # the tiny test family: attention at all three levels -> the deepest (8x8 at 64 px), at any image size
     t = tiny()
     assert t.regulate_blocks is None
-    assert default_blocks(t) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
+    assert default_blocks(t) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
     sel = LayerSelector(None, t)
-    assert sel(_attn2("input_blocks.3")) and sel(_attn2("output_blocks.3")) and not sel(_attn2("input_blocks.5"))
-    # maps all below 16: the largest ones
+    assert sel(_attn2("input_blocks.5")) and sel(_attn2("output_blocks.1")) and not sel(_attn2("input_blocks.3"))
     t.image_size = 16
-    assert default_blocks(t) == ["input_blocks.1", "output_blocks.4", "output_blocks.5"]
-    # the shipped model's family (tools/train.py): 128 px, latents 16x16, attention at 16 and 8 -> its 16x16 maps
+    assert default_blocks(t) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
+    # the shipped model's family (tools/train.py): cross-attention at 16x16 and 8x8 -> its 8x8 maps
     from tools.train import shapes_config
-    assert default_blocks(shapes_config()) == ["input_blocks.1", "output_blocks.4", "output_blocks.5"]
+    assert default_blocks(shapes_config()) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
+
+
+def test_attend_excite_layers():
+    """Attend-and-Excite's own rule: the level whose maps are closest to 16x16 at the default size (the authors'
+    attention_res = 16). On SD it agrees with regulation's rule; on the shipped model it keeps the 16x16 maps."""
+    from minisd.config import sd2, sdxl
+    from regulation.attend_excite import default_layers
+    from tools.train import shapes_config
+    for cfg in (sd1(), sd2(), sd2(v_prediction=True), sdxl()):
+        assert default_layers(cfg) == cfg.default_blocks(), cfg.name
+    assert default_layers(shapes_config()) == ("input_blocks.1", "output_blocks.4", "output_blocks.5")
+    assert default_layers(tiny()) == ("input_blocks.3", "output_blocks.2", "output_blocks.3")   # 16x16 at 64 px
 
 
 def test_diffusers_names_and_sizes():

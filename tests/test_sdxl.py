@@ -341,7 +341,9 @@ def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, method):
     text = image.text["parameters"]
     assert "Model: tiny-sdxl" in text
     assert ("Regulation: Attention Regulation" if method == "regulate" else "Regulation: Attend-and-Excite") in text
-    assert f"Regulation layers: {' '.join(xl.cfg.default_blocks())}," in text  # the model's rule, one level
+    from regulation.attend_excite import default_layers
+    blocks = xl.cfg.default_blocks() if method == "regulate" else default_layers(xl.cfg)   # each method's rule
+    assert f"Regulation layers: {' '.join(blocks)}," in text
 
 
 def test_float16_model_decodes_in_float32(xl):

@@ -66,7 +66,7 @@ def test_training_runs_every_stage_resumes_and_writes_a_loadable_model(tmp_path)
     assert (run / "snapshot-ground-000001.safetensors").is_file() and (run / "ground.pt").is_file()
     assert len((run / "ground_log.jsonl").read_text().splitlines()) == 2
     pipe = Pipeline.from_checkpoint(out)
-    assert pipe.cfg.default_blocks() == ("input_blocks.1", "output_blocks.4", "output_blocks.5")
+    assert pipe.cfg.default_blocks() == ("input_blocks.3", "output_blocks.2", "output_blocks.3")
     first = load_file(out)
     seconds = json.loads((run / "timings.json").read_text())["unet_s"]
     assert seconds > 0 and torch.load(run / "unet.pt", weights_only=True)["seconds"] == pytest.approx(seconds, rel=0.5)

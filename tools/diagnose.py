@@ -16,7 +16,8 @@ figure (issue: testbed), on held-out seeds:
     python -m tools.diagnose --checkpoint weights/minisd-shapes.safetensors
     python -m tools.diagnose --checkpoint run/snapshot-002000.safetensors --quick --json out.json
 
-Gate (e), the layer rule, is ModelConfig.default_blocks: one rule for every family, fixed before any benchmark.
+Gate (e), the layer rule, is ModelConfig.default_blocks: one rule for every family (the deepest level of the
+UNet's down and up paths that has cross-attention), fixed before the benchmark it is measured with.
 """
 import argparse
 import json

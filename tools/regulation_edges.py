@@ -21,7 +21,7 @@ def first_layer_logits(family, px, seed=0):
     cfg = mc.unet
     unet = minisd_unet(cfg, official_unet_state(cfg, torch.float32))
     g = torch.Generator().manual_seed(seed)
-    side = px // 8
+    side = px // mc.vae.downsample
     x = torch.randn(2, cfg.in_channels, side, side, generator=g)
     ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
     hook, seen = regulation_hook(mc, slice(1, 2)), []

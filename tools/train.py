@@ -59,8 +59,8 @@ def shapes_config():
     """The shipped model: 128 px images, 16x16x4 latents (VAE factor 8), a 3-level UNet (16x16, 8x8, 4x4) with
     cross-attention at 16x16 and 8x8: objects of 28-52 px span 4-7 cells of a 16x16 map. Most channels sit at
     the coarse levels, where a shape is decided, and cost little there. The regulated layers follow the one rule
-    for every family (ModelConfig.default_blocks): the deepest attention level whose maps are at least 16x16 at
-    the default size, here the 16x16 maps."""
+    for every family (ModelConfig.default_blocks): the deepest level of the down and up paths that has
+    cross-attention, here the 8x8 maps."""
     return ModelConfig(
         name="minisd-shapes",
         unet=UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(1, 2),
