@@ -115,11 +115,11 @@ def test_judge_is_asked_about_swapped_attributes():
         asked.extend(objects)
         return [o in {("red", "circle"), ("blue", "circle")} for o in objects]
     image = Image.new("RGB", (8, 8))
-    found, swap = evaluate.judge_image(judge, image, [("red", "circle"), ("blue", "square")])
-    assert found == [True, False] and swap is True
+    found, swap, types = evaluate.judge_image(judge, image, [("red", "circle"), ("blue", "square")])
+    assert found == [True, False] and swap is True and types is None   # this judge reports no failure types
     assert set(asked[2:]) == {("blue", "circle"), ("red", "square")}
-    assert evaluate.judge_image(judge, image, [("red", "circle")]) == ([True], None)
-    assert evaluate.judge_image(judge, image, None) == (None, None)
+    assert evaluate.judge_image(judge, image, [("red", "circle")]) == ([True], None, None)
+    assert evaluate.judge_image(judge, image, None) == (None, None, None)
     with pytest.raises(ValueError, match="answers"):
         evaluate.judge_image(lambda i, o: [True], image, [("red", "circle"), ("blue", "square")])
 
@@ -196,15 +196,41 @@ def test_example_maps_come_from_the_regulated_layers(ckpt, layers):
     assert sheet.width > 0
 
 
-def _rows(plain, method):
-    """CSV-like rows: plain[i][s], method[i][s] = all_found of prompt i, seed s."""
+def _rows(plain, method, types=None):
+    """CSV-like rows: plain[i][s], method[i][s] = all_found of prompt i, seed s; types(name, i, s) -> the
+    failure-type dict of that image, or None."""
     rows = []
     for i, (ps, ms) in enumerate(zip(plain, method)):
         for s, (p, m) in enumerate(zip(ps, ms)):
             for name, v in (("plain", p), ("regulate", m)):
+                t = types(name, i, s) if types else None
                 rows.append(dict(prompt=f"p{i}", seed=str(s), method=name, all_found=str(v), recall=str(v), swap="",
-                                 mad="0", ssim="1", seconds="1", scores=""))
+                                 types=json.dumps(t) if t else "", mad="0", ssim="1", seconds="1", scores=""))
     return rows
+
+
+def test_failure_types_lead_the_table_with_presence():
+    """With a judge that reports failure types, the table leads with presence and its interval, then strict;
+    each type is a share of the images. Here plain has every shape in half its images, the method in all, and
+    the method's images are strict in none: presence +50 points, strict -50."""
+    plain = [[1, 1] if i % 2 else [0, 0] for i in range(20)]
+
+    def types(name, i, s):
+        ok = name == "regulate" or i % 2 == 1
+        return dict(presence=int(ok), strict=int(name == "plain" and ok), omission=int(not ok), wrong_shape=0,
+                    colour_swap=int(name == "regulate"), wrong_colour=0, extra=0)
+    summary = evaluate.summarise(_rows(plain, [[0, 0]] * 20, types), ["plain", "regulate"])
+    share, (d, lo, hi), fixed, broke = summary["regulate"]["types"]["presence"]
+    assert share == 1.0 and d == pytest.approx(50.0) and lo > 0 and (fixed, broke) == (20, 0)
+    share, (d, lo, hi), fixed, broke = summary["regulate"]["types"]["strict"]
+    assert share == 0.0 and d == pytest.approx(-50.0) and hi < 0 and (fixed, broke) == (0, 20)
+    assert summary["plain"]["types"]["omission"][0] == 0.5 and summary["regulate"]["types"]["colour_swap"][0] == 1.0
+    table = evaluate.format_table(summary)
+    header = table.splitlines()[0]
+    assert header.index("presence") < header.index("strict") < header.index("omission") < header.index("colour swap")
+    assert "| regulate | 40 | 100.0% | +50.0 [" in table and "+20 / -0" in table and "+0 / -20" in table
+    # a judge without failure types keeps the detection table
+    assert "| detection |" in evaluate.format_table(evaluate.summarise(_rows(plain, plain), ["plain", "regulate"]))
 
 
 def test_paired_bootstrap_interval_over_prompts():

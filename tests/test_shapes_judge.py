@@ -139,3 +139,26 @@ def test_judge_plugin_and_bad_input():
         j(image, [("pink", "heart")])
     with pytest.raises(ValueError, match="uint8"):
         judge.detect(image.astype(np.float32))
+
+
+def test_failure_types_on_rendered_scenes():
+    """Each failure type on a scene built to show it, for "a red circle and a blue square"."""
+    asked = [("red", "circle"), ("blue", "square")]
+
+    def types(*objs):
+        scene = shapes.Scene([shapes.Obj(c, s, 0.25, x, y) for c, s, x, y in objs])
+        found = judge.failure_types(shapes.render(scene, 128), asked)
+        return {k for k, v in found.items() if v}
+    assert types(("red", "circle", .3, .3), ("blue", "square", .7, .7)) == {"presence", "strict"}
+    assert types(("red", "circle", .3, .3)) == {"omission"}
+    assert types(("red", "circle", .3, .3), ("blue", "circle", .7, .7)) == {"wrong_shape"}   # a shape twice
+    assert types(("blue", "circle", .3, .3), ("red", "square", .7, .7)) == {"presence", "colour_swap"}
+    assert types(("green", "circle", .3, .3), ("blue", "square", .7, .7)) == {"presence", "wrong_colour"}
+    assert types(("red", "circle", .25, .25), ("blue", "square", .75, .75), ("green", "star", .25, .75)) == \
+        {"presence", "strict", "extra"}
+    # presence counts shapes: two circles named, one drawn, is not presence
+    two = judge.failure_types(shapes.render(shapes.Scene([shapes.Obj("red", "circle", .25, .3, .3),
+                                                          shapes.Obj("blue", "square", .25, .7, .7)]), 128),
+                              [("red", "circle"), ("blue", "circle")])
+    assert not two["presence"] and two["wrong_shape"]
+    assert set(judge.ShapesJudge().failures(np.zeros((64, 64, 3), np.uint8), asked)) == set(judge.FAILURE_TYPES)

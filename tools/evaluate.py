@@ -49,12 +49,29 @@ from tools import shapes
 
 TARGET_MODES = ("nouns", "attr+nouns")
 COLUMNS = ["prompt_id", "seed", "method", "prompt", "objects", "targets", "found", "all_found", "recall", "swap",
-           "mad", "ssim", "scores", "seconds", "settings"]
+           "types", "mad", "ssim", "scores", "seconds", "settings"]
+# what a judge's failures(image, objects) reports (tools.judge.failure_types), in the table's order
+TYPES = {"omission": "omission", "wrong_shape": "wrong shape", "colour_swap": "colour swap",
+         "wrong_colour": "wrong colour", "extra": "extra objects"}
 PROMPT_SETS = {"ae": Path(__file__).parent / "data" / "ae_prompts.jsonl"}   # --prompts NAME
 # The Attention Regulation paper's figures on the Attend-and-Excite prompts (its project page), by method:
 # (detection rate, CLIP score, time overhead). Printed beside ours when --prompts ae.
 PAPER_AE = {"plain": ("46.7%", "0.324", "-"), "attend-excite": ("60.8%", "0.331", "+414.6%"),
             "regulate": ("66.2%", "0.337", "+48.8%")}
+TYPE_DEFINITIONS = """\
+- presence: share of images that show every named shape, in any colour (as many of each as named): the paper's
+  detection. strict: every named object in its named colour (the judge's verdict).
+- vs plain, 95% CI: the method's share minus plain's, in points, with a paired bootstrap interval (per-prompt
+  differences averaged over seeds; prompts resampled with replacement, 10,000 times). fixed / broke: images where
+  plain failed and the method passed / plain passed and the method failed.
+- failure types (shares of all images; not exclusive): omission, fewer objects than named; wrong shape, a named
+  shape missing although as many objects as named were drawn; colour swap, every shape there and a named shape in
+  another named object's colour; wrong colour, every shape there and some colour wrong without such a swap; extra
+  objects, more objects than named (a two-coloured shape counts twice).
+- object recall: share of named objects found in their colour.
+- MAD, SSIM: the method's image against plain's of the same prompt and seed: mean absolute difference of pixels
+  in [0, 1], and SSIM (Wang et al. 2004) of the grey (BT.601 luma) images over 7x7 uniform windows.
+- s / image: wall-clock seconds from prompt to decoded image (one image per call); overhead: against plain."""
 DEFINITIONS = """\
 - detection: share of images in which the judge finds every named object (shapes: the right colour on the right shape).
 - object recall: share of named objects found.
@@ -248,15 +265,19 @@ def load_judge(spec):
 
 def judge_image(judge, image, objects):
     """(found, one bool per named object; swap, whether a named noun is seen with another named object's
-    attribute, None below two pairs). The judge gets the named objects and the swapped ones in one call."""
+    attribute, None below two pairs; types, the judge's failures(image, objects) where it has one, else None).
+    The judge gets the named objects and the swapped ones in one call."""
     if not objects:
-        return None, None
+        return None, None, None
     pairs = len(objects) >= 2 and all(isinstance(o, tuple) and len(o) == 2 for o in objects)
     swaps = list(dict.fromkeys((a, n) for _, n in objects for a, _ in objects if (a, n) not in objects)) if pairs else []
     verdict = list(judge(np.asarray(image.convert("RGB")), list(objects) + swaps))
     if len(verdict) != len(objects) + len(swaps):
         raise ValueError(f"the judge gave {len(verdict)} answers for {len(objects) + len(swaps)} objects")
-    return [bool(v) for v in verdict[:len(objects)]], (any(verdict[len(objects):]) if pairs else None)
+    types = None
+    if callable(getattr(judge, "failures", None)):
+        types = {k: bool(v) for k, v in judge.failures(np.asarray(image.convert("RGB")), list(objects)).items()}
+    return [bool(v) for v in verdict[:len(objects)]], (any(verdict[len(objects):]) if pairs else None), types
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +349,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
                 hooks.append(observer)
         image, seconds = generate(pipe, prompt, seed, s, hooks)
         on_image()
-        found, swap = judge_image(judge, image, objects) if judge is not None else (None, None)
+        found, swap, types = judge_image(judge, image, objects) if judge is not None else (None, None, None)
         scores = {}
         for scorer in scorers:
             scores.update({k: round(float(x), 6) for k, x in scorer.scores(np.asarray(image.convert("RGB")), prompt,
@@ -349,6 +370,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
                          all_found=int(all(found)) if judged else "",
                          recall=round(sum(found) / len(found), 4) if judged else "",
                          swap="" if swap is None else int(swap),
+                         types=json.dumps({k: int(v) for k, v in types.items()}) if types else "",
                          mad=round(mad, 6), ssim=round(sim, 6), scores=json.dumps(scores) if scores else "",
                          seconds=round(seconds, 4)))
     return Unit(rows, images, maps)
@@ -358,7 +380,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
 # the table and the examples
 
 def paired_ci(pairs, resamples=10_000, seed=0):
-    """Detection difference (method - plain, in points) and its 95% interval: the images' differences are
+    """Detection (or any 0/1 measure's) difference (method - plain, in points) and its 95% interval: the images' differences are
     averaged per prompt (its seeds), and the prompts are resampled with replacement (paired bootstrap), since
     prompts, not seeds, are what varies most. pairs: [(prompt, plain 0/1, method 0/1)]. None without pairs."""
     per = {}
@@ -372,34 +394,75 @@ def paired_ci(pairs, resamples=10_000, seed=0):
     return 100 * float(d.mean()), 100 * float(lo), 100 * float(hi)
 
 
+def _compare(rows, names, value):
+    """{variant: (share, (diff, lo, hi) or None, fixed, broke)} of a 0/1 measure value(row) (None: not judged),
+    each variant against plain on the same prompt and seed."""
+    plain = {(r["prompt"], r["seed"]): value(r) for r in rows if r["method"] == "plain"}
+    out = {}
+    for name in names:
+        judged = [(r, value(r)) for r in rows if r["method"] == name and value(r) is not None]
+        pair = [(r["prompt"], plain.get((r["prompt"], r["seed"])), m) for r, m in judged]
+        pair = [(pr, p, m) for pr, p, m in pair if p is not None]
+        out[name] = (sum(m for _, m in judged) / len(judged) if judged else None,
+                     paired_ci(pair) if name != "plain" else None,
+                     sum(p == 0 and m == 1 for _, p, m in pair), sum(p == 1 and m == 0 for _, p, m in pair))
+    return out
+
+
 def summarise(rows, names):
     """{variant: metrics} from CSV rows (strings); a fraction is None where nothing could be judged.
-    metrics["scores"]: {score name: mean over the images that have it}."""
+    metrics["scores"]: {score name: mean over the images that have it}; metrics["types"]: {failure type: (share,
+    CI against plain or None, fixed, broke)} where the judge reports failure types (presence and strict first)."""
     num = lambda r, k: float(r[k]) if r[k] != "" else None
     mean = lambda xs: sum(xs) / len(xs) if xs else None
-    plain = {(r["prompt"], r["seed"]): num(r, "all_found") for r in rows if r["method"] == "plain"}
+    detection = _compare(rows, names, lambda r: num(r, "all_found"))
+    kinds = list(dict.fromkeys(k for r in rows if r.get("types") for k in json.loads(r["types"])))
+    types = {k: _compare(rows, names, lambda r, k=k: json.loads(r["types"]).get(k) if r.get("types") else None)
+             for k in kinds}
     out = {}
     for name in names:
         rs = [r for r in rows if r["method"] == name]
         judged = [r for r in rs if r["all_found"] != ""]
-        pair = [(plain.get((r["prompt"], r["seed"])), num(r, "all_found")) for r in judged]
-        ci = paired_ci([(r["prompt"], p, m) for r, (p, m) in zip(judged, pair) if p is not None]) \
-            if name != "plain" else None
+        share, ci, fixed, broke = detection[name]
         scores = [json.loads(r["scores"]) for r in rs if r["scores"]]
         keys = list(dict.fromkeys(k for sc in scores for k in sc))
-        out[name] = dict(images=len(rs), judged=len(judged), detection=mean([num(r, "all_found") for r in judged]),
+        out[name] = dict(images=len(rs), judged=len(judged), detection=share,
                          recall=mean([num(r, "recall") for r in judged]),
                          binding=mean([1 - num(r, "swap") for r in rs if r["swap"] != ""]),
-                         fixed=sum(p == 0 and m == 1 for p, m in pair), broke=sum(p == 1 and m == 0 for p, m in pair),
-                         ci=ci,
+                         fixed=fixed, broke=broke, ci=ci,
                          mad=mean([num(r, "mad") for r in rs]), ssim=mean([num(r, "ssim") for r in rs]),
                          seconds=mean([num(r, "seconds") for r in rs]),
-                         scores={k: mean([sc[k] for sc in scores if k in sc]) for k in keys})
+                         scores={k: mean([sc[k] for sc in scores if k in sc]) for k in keys},
+                         types={k: types[k][name] for k in kinds})
     return out
+
+
+def format_types_table(summary):
+    """The table of a judge with failure types: presence (the paper's measure) first, then strict, each with its
+    interval and fixed / broke against plain, then the failure types, recall, drift and time."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    ci = lambda c: "" if c is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*c)
+    base = summary["plain"]["seconds"]
+    kinds = [k for k in TYPES if any(k in m["types"] for m in summary.values())]
+    lines = ["| method | images | presence | vs plain, 95% CI | fixed / broke | strict | vs plain, 95% CI | "
+             "fixed / broke | " + "".join(f"{TYPES[k]} | " for k in kinds) +
+             "object recall | MAD | SSIM | s / image | overhead |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|" + "--:|" * len(kinds) + "--:|--:|--:|--:|--:|"]
+    for name, m in summary.items():
+        cells = []
+        for k in ("presence", "strict"):
+            share, c, fixed, broke = m["types"].get(k, (None, None, 0, 0))
+            cells += [pct(share), ci(c), "" if name == "plain" else f"+{fixed} / -{broke}"]
+        cells += [pct(m["types"][k][0]) if k in m["types"] else "n/a" for k in kinds]
+        lines.append(f"| {name} | {m['images']} | " + " | ".join(cells) + f" | {pct(m['recall'])} | {m['mad']:.4f} | "
+                     f"{m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
+    return "\n".join(lines)
 
 
 def format_table(summary):
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    if any("presence" in m["types"] for m in summary.values()):
+        return format_types_table(summary)
     base = summary["plain"]["seconds"]
     keys = list(dict.fromkeys(k for m in summary.values() for k in m["scores"]))
     lines = ["| method | images | detection | object recall | binding | fixed / broke | detection vs plain, 95% CI | " +
@@ -636,7 +699,7 @@ def _run(args, rank, world, group, log):
               f"judge `{judges.settings}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {world} rank(s), {torch.get_num_threads()} torch "
               f"threads each on {args.device if world == 1 else torch.device(args.device).type}.",
-              "", DEFINITIONS, ""]
+              "", TYPE_DEFINITIONS if any("presence" in m["types"] for m in summary.values()) else DEFINITIONS, ""]
     paper = []
     if str(args.prompts) == "ae" and {v.method for v in variants} <= set(PAPER_AE):
         paper = ["", "Beside the Attention Regulation paper's figures on the same prompts (theirs: its detector, its "

@@ -189,14 +189,47 @@ def judge(image, objects, cfg=JudgeConfig()):
     return [o in found for o in objects]
 
 
+FAILURE_TYPES = ("presence", "strict", "omission", "wrong_shape", "colour_swap", "wrong_colour", "extra")
+
+
+def failure_types(image, objects, cfg=JudgeConfig(), min_object=0.5):
+    """{type: bool} for one image of a prompt naming (colour, shape) objects:
+    presence     every named shape is there, in any colour (as many of each as named): the paper's detection
+    strict       every named object is there in its colour (judge())
+    omission     fewer objects than named
+    wrong_shape  a named shape is missing although as many objects as named were drawn
+    colour_swap  every shape is there, not every colour, and a named shape wears another named object's colour
+    wrong_colour every shape is there, not every colour, and no such swap
+    extra        more objects than named
+    Objects are counted when they are object-sized (ColourJudge's rule: at least `min_object` of the smallest
+    object the world draws); a two-coloured shape counts as two. Presence and strict look at every detection."""
+    objects = _check_objects(objects)
+    found = detect(image, cfg)
+    shapes_seen = [d.shape for d in found]
+    named_shapes = [s for _, s in objects]
+    presence = all(shapes_seen.count(s) >= named_shapes.count(s) for s in set(named_shapes))
+    pairs = {(d.colour, d.shape) for d in found}
+    strict = all(o in pairs for o in objects)
+    swapped = {(c, s) for _, s in objects for c, _ in objects if (c, s) not in objects}
+    count = sum(d.area >= min_object * smallest_object_area() * image.shape[0] * image.shape[1] for d in found)
+    colour_wrong = presence and not strict
+    return dict(presence=presence, strict=strict, omission=count < len(objects),
+                wrong_shape=not presence and count >= len(objects),
+                colour_swap=colour_wrong and bool(swapped & pairs),
+                wrong_colour=colour_wrong and not swapped & pairs, extra=count > len(objects))
+
+
 class ShapesJudge:
-    """The shapes-world implementation of the Judge protocol."""
+    """The shapes-world implementation of the Judge protocol; `failures` says how an image fails its prompt."""
 
     def __init__(self, cfg=JudgeConfig()):
         self.cfg = cfg
 
     def __call__(self, image, objects):
         return judge(image, objects, self.cfg)
+
+    def failures(self, image, objects):
+        return failure_types(image, objects, self.cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
