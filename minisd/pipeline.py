@@ -1,6 +1,13 @@
 """Load once, generate many: prompts -> token ids -> text embeddings -> (noise -> UNet x steps under a sampler,
 with classifier-free guidance) -> latents -> VAE (or TAESD) -> images.
 
+Guidance, in general form: the UNet reads the unconditional text and k conditional texts in one batch, and
+
+    eps = eps(x, uncond) + sum_i w_i * (eps(x, c_i) - eps(x, uncond)).
+
+Classifier-free guidance is k = 1, the prompt, w = the guidance scale; Composable Diffusion (`concepts`, see
+regulation/composable.py) is one c_i per concept of a prompt, each with its own weight.
+
 The pipeline knows nothing of regulation: it takes attention hooks (observers and editors, see attention.py),
 gives those that have `begin_run(seeds)` the seed of each image before sampling (so that a hook drawing random
 numbers can give each image its own generator), tells them the step index and which batch rows are conditional
@@ -37,6 +44,25 @@ def size_unit(cfg):
     """Image sides must be multiples of this: the VAE's factor times the UNet's 2 ** (levels - 1) downsamplings,
     so that every UNet level's map has a whole size (SD: 8 x 8 = 64; the shipped model: 8 x 4 = 32)."""
     return cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
+
+
+def check_concepts(concepts, prompts, guidance, hooks):
+    """Composable Diffusion's (text, weight) pairs, refused where they could not mean what they say."""
+    if len(prompts) != 1:
+        raise ValueError(f"composable concepts compose one prompt; got {len(prompts)} prompts (run them one by one)")
+    if not concepts:
+        raise ValueError("concepts must be a non-empty list of (text, weight) pairs")
+    for c in concepts:
+        if not (isinstance(c, (tuple, list)) and len(c) == 2 and isinstance(c[0], str)):
+            raise ValueError(f"each concept must be a (text, weight) pair, got {c!r}")
+        if isinstance(c[1], bool) or not isinstance(c[1], (int, float)) or not np.isfinite(c[1]):
+            raise ValueError(f"the weight of concept {c[0]!r} must be a finite number, got {c[1]!r}")
+    if not guidance > 1.0:
+        raise ValueError(f"composable concepts are weighed against the unconditional prediction, which only "
+                         f"guidance above 1 computes; got guidance {guidance}")
+    if hooks:
+        # hooks are told one block of conditional rows, one row per image; here each image has one row per concept
+        raise ValueError("composable concepts cannot be combined with attention editors or observers (hooks)")
 
 
 def to_pil(images):
@@ -102,7 +128,9 @@ class Pipeline:
 
     def __call__(self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
                  n=1, sampler="dpmpp_2m", spacing="leading", latents=None, hooks=(), return_latents=False,
-                 callback=None, progress=False, decode=True, grad=False, **sampler_options):
+                 callback=None, progress=False, decode=True, grad=False, concepts=None, **sampler_options):
+        """`concepts`: Composable Diffusion's [(text, weight), ...] for the one prompt: the UNet then reads each
+        concept instead of the prompt, each weighted by its own scale (guidance must be above 1)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = steps or self.cfg.default_steps
         guidance = self.cfg.default_guidance if guidance is None else guidance
@@ -114,6 +142,8 @@ class Pipeline:
                              f"downsamplings), got {height}x{width}")
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if concepts is not None:
+            check_concepts(concepts, prompts, guidance, hooks)
         b = len(prompts) * n
         seeds = [seed + i for i in range(b)]
         # the same generators then feed any noise the sampler draws (DDIM with eta > 0), as in diffusers
@@ -122,7 +152,11 @@ class Pipeline:
             latents = self.initial_latents(generators, height, width)
         latents = latents.to(self.device, torch.float32)
 
-        cond, pooled = self.encode([p for p in prompts for _ in range(n)])
+        # the conditional texts, block after block of b rows, and the weight of each block
+        texts, weights = [p for p in prompts for _ in range(n)], [guidance]
+        if concepts is not None:
+            texts, weights = [c for c, _ in concepts for _ in range(b)], [float(w) for _, w in concepts]
+        cond, pooled = self.encode(texts)
         cfg_on = guidance > 1.0
         if cfg_on:
             neg = [negative_prompt] * b if isinstance(negative_prompt, str) else [x for x in negative_prompt for _ in range(n)]
@@ -132,7 +166,7 @@ class Pipeline:
                 neg_cond = neg_cond.masked_fill(empty[:, None, None], 0)
                 neg_pooled = neg_pooled.masked_fill(empty[:, None], 0)
             context = torch.cat([neg_cond, cond])
-            rows = slice(b, 2 * b)
+            rows = slice(b, b + len(cond))
         else:
             context, rows, neg_pooled = cond, slice(None), None
         y = y_cond = None
@@ -148,13 +182,13 @@ class Pipeline:
         def model_fn(x, t, i):
             for h in hooks:
                 h.begin_step(i, rows)
-            x_in = torch.cat([x, x]) if cfg_on else x
+            x_in = torch.cat([x] * (1 + len(weights))) if cfg_on else x
             with torch.set_grad_enabled(grad):
                 out = unet(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context,
                            y).float()
             if cfg_on:
-                uncond, c = out.chunk(2)
-                out = uncond + guidance * (c - uncond)
+                uncond, *conds = out.chunk(1 + len(weights))
+                out = uncond + sum(w * (c - uncond) for w, c in zip(weights, conds))
             return out
 
         # Hooks that also move the latents (Attend-and-Excite) get, at the start of each step, a conditional UNet

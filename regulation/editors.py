@@ -1,12 +1,31 @@
-"""From a prompt and a few options to the attention hook of a method: what the command line and the benchmark
-share. The pipeline takes the returned hook and does not know which method it is."""
-from dataclasses import replace
+"""From a prompt and a few options to what a method adds to a pipeline call: what the command line and the
+benchmark share. The pipeline takes the returned hooks and options and does not know which method it is.
+
+    targets = choose_targets(pipe.tokenizer, prompt, ["circle", "square"])     # prints the token table
+    run = set_up("regulate", pipe, prompt, steps=50, targets=targets, seed=0)
+    with run.context:
+        image = pipe(prompt, steps=50, seed=0, hooks=run.hooks, **run.options).images[0]
+
+Methods (the Attention Regulation paper's table):
+  regulate       Attention Regulation (Zhang et al., ECCV 2024): edits the target words' cross-attention logits
+  attend-excite  Attend-and-Excite (Chefer et al., SIGGRAPH 2023): moves the latents until every target is attended
+  syngen         SynGen (Rassin et al., NeurIPS 2023): moves the latents so that modifiers' maps lie on their nouns'
+  dense          DenseDiffusion (Kim et al., ICCV 2023): given a layout, modulates cross- and self-attention
+  composable     Composable Diffusion (Liu et al., ECCV 2022): one guidance term per concept; no attention edit
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 from .attend_excite import AttendExcite, AttendExciteConfig
 from .attention_regulation import AttentionRegulation, RegulationConfig
-from .targets import auto_targets, eot_position, resolve_targets, token_table
+from .targets import Target, auto_targets, eot_position, resolve_targets, token_table
 
-METHODS = ("regulate", "attend-excite")
+METHODS = ("regulate", "attend-excite", "syngen", "dense", "composable")
+NAMES = {"regulate": "Attention Regulation", "attend-excite": "Attend-and-Excite", "syngen": "SynGen",
+         "dense": "DenseDiffusion", "composable": "Composable Diffusion"}
+# which options each method takes; anything else given to it is refused by name
+TAKES = {"regulate": {"targets", "layers", "edit_steps"}, "attend-excite": {"targets", "layers", "edit_steps"},
+         "syngen": {"targets", "layers", "edit_steps"}, "dense": {"layout", "layers"}, "composable": {"targets"}}
 
 
 def choose_targets(tokenizer, prompt, words=None, log=print):
@@ -23,7 +42,8 @@ def choose_targets(tokenizer, prompt, words=None, log=print):
 
 
 def make_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=None, config=None):
-    """The hook for `method` regulating `targets` (from choose_targets) of `prompt`, for a run of `steps` steps."""
+    """The hook of Attention Regulation or Attend-and-Excite regulating `targets` (from choose_targets) of
+    `prompt`, for a run of `steps` steps."""
     positions = [p for t in targets for p in t.positions]
     if method == "regulate":
         cfg = replace(config or RegulationConfig(), layers=layers or (config.layers if config else None),
@@ -40,4 +60,80 @@ def make_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_
                       max_iter_to_alter=edit_steps if edit_steps is not None else cfg.max_iter_to_alter)
         return AttendExcite([t.positions for t in targets], steps, config=cfg, model_config=pipe.cfg,
                             eot=eot_position(pipe.tokenizer, prompt))
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise ValueError(f"make_editor makes regulate and attend-excite hooks, not {method!r}; use set_up")
+
+
+@dataclass
+class Run:
+    """What `method` adds to one pipeline call: `hooks` to pass, `options` (keyword arguments of the call), a
+    `context` to make the call in; `select`, the layers whose maps it acts on, and `shown`, the words whose
+    maps it acts on (None for a method that acts on no attention map); `settings`, what to record beside the
+    image."""
+    method: str
+    hooks: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    context: object = field(default_factory=nullcontext)
+    select: object = None
+    shown: list = None
+    settings: dict = field(default_factory=dict)
+
+
+def _words(pipe, prompt, words):
+    tokenizer = pipe.tokenizers if len(pipe.tokenizers) > 1 else pipe.tokenizer
+    return resolve_targets(tokenizer, prompt, words)
+
+
+def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_steps=None, layout=None,
+           guidance=None, height=None, width=None, sampler="dpmpp_2m", spacing="leading", log=print):
+    """The Run of `method` for one image of `prompt` (seed: that image's seed). targets: Targets from
+    choose_targets (regulate, attend-excite), or for syngen a string of its pairs ("red circle; blue square",
+    None: parsed from the prompt), for composable its concepts ("a red circle | a blue square", None: the
+    prompt split at "and" and commas); layout: DenseDiffusion's (see regulation/dense_diffusion.py); guidance: the
+    run's scale (composable). An option the method does not take is a ValueError naming it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    given = {"targets": targets, "layers": layers, "edit_steps": edit_steps, "layout": layout}
+    extra = [k for k, v in given.items() if v is not None and k not in TAKES[method]]
+    if extra:
+        flags = ", ".join("--" + k.replace("_", "-").replace("layers", "regulate-layers") for k in extra)
+        raise ValueError(f"--method {method} ({NAMES[method]}) does not take {flags}")
+    settings = {"Regulation": NAMES[method]}
+    if method in ("regulate", "attend-excite"):
+        if not targets:
+            raise ValueError(f"{NAMES[method]} needs target words")
+        hook = make_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps)
+        settings.update({"Regulation targets": " ".join(t.word for t in targets),
+                         "Regulation layers": " ".join(hook.select.specs), "Regulation edit steps": hook.edit_steps})
+        return Run(method, [hook], select=hook.select, shown=list(targets), settings=settings)
+    if method == "syngen":
+        from .syngen import SynGenConfig, make_syngen
+        config = SynGenConfig() if edit_steps is None else SynGenConfig(max_iter_to_alter=edit_steps)
+        hook = make_syngen(pipe, prompt, steps, layers=layers, pairs=targets, config=config, log=log)
+        ids = pipe.tokenizer.ids(prompt)
+        word = lambda ps: "".join(pipe.tokenizer.token_text(ids[p]) for p in ps).replace("</w>", " ").strip()
+        # each modifier beside its noun: the maps the loss pulls together
+        shown = [Target(word(ps), ps, []) for mods, noun in hook.pairs for ps in [*mods, noun]]
+        settings.update({"Regulation targets": "; ".join(" ".join(word(ps) for ps in [*m, n]) for m, n in hook.pairs),
+                         "Regulation layers": " ".join(hook.select.specs), "Regulation edit steps": hook.edit_steps})
+        return Run(method, [hook], select=hook.select, shown=shown, settings=settings)
+    if method == "dense":
+        from .dense_diffusion import NEEDS_LAYOUT, DenseDiffusionConfig, layout_masks, make_dense, phrase_embeddings
+        if not layout:
+            raise ValueError(NEEDS_LAYOUT)
+        config = DenseDiffusionConfig(layers=layers)
+        hook = make_dense(pipe, prompt, steps, layout, config, height=height, width=width, sampler=sampler,
+                          spacing=spacing)
+        phrases, _ = layout_masks(layout, height or pipe.cfg.image_size, width or pipe.cfg.image_size)
+        shown = _words(pipe, prompt, phrases)
+        from .layers import LayerSelector
+        # it modulates every layer (config.layers: some); its maps are shown where regulation's would be
+        select = LayerSelector(layers, pipe.cfg)
+        settings.update({"Regulation layout": "; ".join(phrases), "Regulation layers": layers or "all",
+                         "Regulation edit steps": hook.edit_steps})
+        return Run(method, [hook], context=phrase_embeddings(pipe, prompt, phrases), select=select, shown=shown,
+                   settings=settings)
+    from .composable import composable_options
+    guidance = pipe.cfg.default_guidance if guidance is None else guidance
+    options = composable_options(targets or prompt, guidance)
+    settings["Regulation concepts"] = " | ".join(c for c, _ in options["concepts"])
+    return Run(method, options=options, settings=settings)

@@ -8,6 +8,7 @@ match must start at a word boundary, and an unknown word is an error that prints
 """
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 class TargetError(ValueError):
@@ -218,3 +219,158 @@ def auto_targets(prompt):
         counts[h] = counts.get(h, 0) + 1
         out.append(h if counts[h] == 1 else f"{h}#{counts[h]}")
     return out
+
+
+# --- modifier-noun pairs (SynGen) -------------------------------------------------------------------------
+# SynGen (regulation/syngen.py) binds each noun to its modifiers. The authors parse the prompt with spaCy and
+# keep each noun's amod/compound/advmod/... dependents; the rules below read the same pairs off the noun phrases
+# that auto_targets cuts, since English modifiers come before their noun. spaCy is used where it is installed
+# and asked for.
+
+COPULAS = {"is", "are", "was", "were", "be", "being", "been", "looks", "seems"}
+ARTICLES = {"a", "an", "the"}
+
+
+def _atoms(text):
+    """CLIP's pre-tokens, roughly: letter runs, single digits, runs of other non-space characters. A word's
+    tokens start at one of these, which is where resolve_targets lets a match start."""
+    return re.findall(r"[^\W\d_]+|\d|(?:[^\w\s]|_)+", text)
+
+
+def _spec(text, start, word):
+    """`word` found at character `start` of the lowercased prompt `text` -> "word" or "word#n", the n-th match
+    as resolve_targets counts matches (matches of its pre-token sequence, earlier ones first)."""
+    seq, before = _atoms(word), _atoms(text[:start])
+    n = 1 + sum(before[p:p + len(seq)] == seq for p in range(len(before) - len(seq) + 1))
+    return word if n == 1 else f"{word}#{n}"
+
+
+def _rule_pairs(prompt):
+    """(modifier (word, start) list, (noun, start)) per noun phrase; the auto_targets cut (see there), and an
+    article after a phrase's words also cuts it, dropping the word before the article: a verb or preposition
+    the word lists lack ("two dogs chase a ball")."""
+    # possessive 's ends a phrase ("the cat's red hat": "cat", then "red hat"); same length, so offsets hold
+    text = re.sub(r"['\u2019]s\b", " ,", prompt.lower())
+    found = [(m.group(), m.start()) for m in re.finditer(r"[^\W_]+(?:-[^\W_]+)*|[^\w\s]", text)]
+    words = [w for w, _ in found]
+    first = 0
+    for i, w in enumerate(words[:6]):
+        if w in FRAME_NOUNS and words[i + 1:i + 2] == ["of"]:
+            first = i + 2
+            break
+    found = found[first:] + [(".", len(text))]
+    pairs, phrase, joiner = [], [], None
+
+    def close(phrase, joiner):
+        said = [x for x, _ in phrase]
+        content = [(x, s) for x, s in phrase if x not in DETERMINERS and not x.isdigit()]
+        if content and joiner in COPULAS and pairs and not ARTICLES & set(said) \
+                and all(is_adjective(x) or is_modifier(x) for x, _ in content):
+            pairs[-1][0].extend(content)          # "the car is red": a predicate of the last noun
+            return
+        head = phrase_head(said)
+        if head:
+            k = max(j for j, (x, _) in enumerate(phrase) if x == head)
+            pairs.append(([(x, s) for x, s in phrase[:k] if (x, s) in content], phrase[k]))
+
+    for i, (w, start) in enumerate(found):
+        nxt = found[i + 1][0] if i + 1 < len(found) else "."
+        said = [x for x, _ in phrase]
+        adjectives_so_far = said and all(is_modifier(x) or is_adjective(x) for x in said) \
+            and any(is_adjective(x) for x in said)
+        if w in ("and", ",") and adjectives_so_far and is_adjective(nxt):
+            continue  # "a red and blue table": one phrase
+        if w in ARTICLES and any(x not in DETERMINERS and not x.isdigit() for x in said):
+            close(phrase[:-1], joiner)
+            phrase, joiner = [(w, start)], said[-1]
+        elif not is_boundary(w, nxt):
+            phrase.append((w, start))
+        else:
+            close(phrase, joiner)
+            phrase, joiner = [], w
+    return text, pairs
+
+
+MODIFIER_DEPS = ("amod", "nmod", "compound", "npadvmod", "advmod", "acomp")   # the authors' list
+NOUN_TAGS = ("NOUN", "PROPN")
+
+
+def spacy_pairs(doc):
+    """(modifier tokens, noun token) from a spaCy Doc (or anything with tokens carrying .pos_, .dep_, .children):
+    the authors' rule (their extract_attribution_indices): for each noun that is not itself a modifier, its
+    children with a modifier dependency, then their descendants through modifier or `conj` arcs; nouns without
+    modifiers get an empty list. Plus their copula rule (extract_attribution_indices_with_verb_root, "the car is
+    red"): an AUX whose children include a noun and a modifier binds them (modifiers of a noun already seen are
+    added to it, where the authors merge overlapping groups and then take the group's last word as the noun)."""
+    out = {}
+    for w in doc:
+        if w.pos_ not in NOUN_TAGS or w.dep_ in MODIFIER_DEPS:
+            continue
+        mods, stack = [], []
+        for child in w.children:
+            if child.dep_ in MODIFIER_DEPS:
+                mods.append(child)
+                stack.extend(child.children)
+        while stack:
+            node = stack.pop()
+            if node.dep_ in MODIFIER_DEPS or node.dep_ == "conj":
+                mods.append(node)
+                stack.extend(node.children)
+        out[w.i] = (mods, w)
+    for w in doc:
+        if w.pos_ != "AUX" or w.dep_ in MODIFIER_DEPS:
+            continue
+        nouns = [c for c in w.children if c.pos_ in NOUN_TAGS and c.i in out]
+        mods, stack = [], []
+        for child in w.children:
+            if child.dep_ in MODIFIER_DEPS and child.pos_ not in ("AUX", "VERB") and child.pos_ not in NOUN_TAGS:
+                mods.append(child)
+                stack.extend(child.children)
+        while stack:
+            node = stack.pop()
+            if node.dep_ in MODIFIER_DEPS or node.dep_ == "conj":
+                if node.pos_ != "AUX":
+                    mods.append(node)
+                stack.extend(node.children)
+        if nouns and mods:
+            known = {m.i for m in out[nouns[0].i][0]}
+            out[nouns[0].i][0].extend(m for m in mods if m.i not in known)
+    return [(sorted(mods, key=lambda t: t.i), noun) for _, (mods, noun) in sorted(out.items())]
+
+
+@lru_cache(maxsize=1)
+def load_spacy():
+    """spaCy's English parser, the authors' en_core_web_trf or else en_core_web_sm, loaded once; ImportError if
+    neither is installed (the models come from spaCy's own site, not from a package registry)."""
+    try:
+        import spacy
+    except ImportError as e:
+        raise ImportError("parser='spacy' needs spaCy and an English model (en_core_web_trf or en_core_web_sm); "
+                          "use parser='rules'") from e
+    for name in ("en_core_web_trf", "en_core_web_sm"):
+        try:
+            return spacy.load(name)
+        except OSError:
+            continue
+    raise ImportError("spaCy is installed but neither en_core_web_trf nor en_core_web_sm is; use parser='rules'")
+
+
+def modifier_noun_pairs(prompt, parser="rules"):
+    """The nouns of a prompt with their modifiers: [(modifier words, noun word)], in prompt order, e.g.
+    "a small fluffy cat on a wooden table" -> [(["small", "fluffy"], "cat"), (["wooden"], "table")]. Nouns with
+    no modifier come with an empty list. Words are lowercased, and one that occurs earlier in the prompt too is
+    named by occurrence ("red#2", see resolve_targets), so each resolves to its own tokens.
+
+    parser="rules" (no language model): auto_targets' noun phrases (same cuts, same head noun); a phrase's
+    modifiers are its words before the noun other than articles and numbers: adjectives, colours, -ly adverbs,
+    participles and nouns used as modifiers ("a teddy bear": teddy, as spaCy's `compound`); adjectives alone
+    after a copula attach to the noun before ("a dog that is red"). parser="spacy": spacy_pairs on spaCy's
+    parse (load_spacy)."""
+    if parser == "rules":
+        text, found = _rule_pairs(prompt)
+        return [([_spec(text, s, m) for m, s in mods], _spec(text, start, noun)) for mods, (noun, start) in found]
+    if parser == "spacy":
+        text = prompt.lower()
+        return [([_spec(text, m.idx, m.text.lower()) for m in mods], _spec(text, noun.idx, noun.text.lower()))
+                for mods, noun in spacy_pairs(load_spacy()(prompt))]
+    raise ValueError(f"parser must be 'rules' or 'spacy', got {parser!r}")
