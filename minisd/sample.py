@@ -197,15 +197,25 @@ def check_args(args):
     if args.decoder == "taesd" and not args.taesd:
         raise UsageError("--decoder taesd needs --taesd PATH (taesd_decoder.safetensors)")
     # options of regulation that would otherwise do nothing
-    if not args.regulate:
-        if args.method is not None:
-            raise UsageError(f"--method {args.method} chooses how --regulate regulates; add --regulate")
+    method = chosen_method(args)
+    if method is None:
         if args.edit_steps is not None:
-            raise UsageError("--edit-steps applies to --regulate; add --regulate")
+            raise UsageError("--edit-steps applies to --regulate or --method; add one")
         if not args.save_attention:
             for flag in ("targets", "regulate_layers"):
                 if getattr(args, flag) is not None:
-                    raise UsageError(f"--{flag.replace('_', '-')} applies to --regulate or --save-attention")
+                    raise UsageError(f"--{flag.replace('_', '-')} applies to --regulate, --method or --save-attention")
+    if args.layout is not None and method != "dense":
+        raise UsageError("--layout gives DenseDiffusion its regions; add --method dense")
+    if method == "dense" and not args.layout:
+        raise UsageError('--method dense (DenseDiffusion) needs a layout: --layout "circle:0.1,0.1,0.5,0.5;'
+                         'square:0.5,0.5,0.9,0.9" (phrase:box as fractions x0,y0,x1,y1) or "circle=mask.png;..."')
+    if method == "dense" and args.backend != "eager":
+        raise UsageError(f"--method dense edits self-attention, which --backend {args.backend} keeps inside its "
+                         "compiled graph; use --backend eager")
+    if method == "composable" and args.save_attention:
+        raise UsageError("--method composable (Composable Diffusion) changes the guidance, not the attention: it has "
+                         "no maps to show; drop --save-attention")
     if args.edit_steps is not None and args.edit_steps < 0:
         raise UsageError(f"--edit-steps must be between 0 and --steps, got {args.edit_steps}")
     if args.save_attention:
@@ -301,6 +311,11 @@ def kept_words_prompt(tokenizer, prompt):
     return tokenizer.decode(kept), tokenizer.decode(ids[len(kept):])
 
 
+def chosen_method(args):
+    """--method, or regulate for --regulate alone; None for a plain run."""
+    return args.method or ("regulate" if args.regulate else None)
+
+
 def first_image(maps):
     return {s: m[0] for s, m in maps.items()}
 
@@ -316,6 +331,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
+    from regulation.editors import METHODS   # the command line is the one place minisd meets regulation
     ap = argparse.ArgumentParser(prog="python -m minisd.sample", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--prompt", required=True, help="what to draw")
     ap.add_argument("--negative-prompt", default="",
@@ -352,14 +368,23 @@ def build_parser():
     ap.add_argument("--taesd", default=None, help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="allow a pickle .ckpt checkpoint (loaded with torch.load(weights_only=True))")
-    g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024)")
-    g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words")
-    g.add_argument("--method", default=None, choices=["regulate", "attend-excite"],
-                   help="with --regulate: Attention Regulation, or Attend-and-Excite (Chefer et al. 2023) for "
-                        "comparison (default: regulate)")
+    g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024) and the paper's other methods")
+    g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words "
+                   "(the same as --method regulate)")
+    g.add_argument("--method", default=None, choices=list(METHODS),
+                   help="regulate: Attention Regulation; attend-excite: Attend-and-Excite (Chefer et al. 2023); "
+                        "syngen: SynGen (Rassin et al. 2023), modifiers bound to their nouns; dense: DenseDiffusion "
+                        "(Kim et al. 2023), needs --layout; composable: Composable Diffusion (Liu et al. 2022), one "
+                        "guidance term per concept of the prompt (split at 'and', commas or '|')")
     g.add_argument("--targets", default=None,
-                   help='target words, e.g. "cat dog" or "dog#2" for the second dog (default: the nouns of the '
-                        'prompt, within its first 77 tokens)')
+                   help='target words, e.g. "cat dog" or "dog#2" for the second dog; syngen: its pairs, "red circle; '
+                        'blue square"; composable: its concepts, "a red circle | a blue square" (default: the nouns '
+                        "of the prompt within its first 77 tokens; syngen: pairs parsed by rules; composable: the "
+                        "prompt split at 'and' and commas)")
+    g.add_argument("--layout", default=None,
+                   help='--method dense: a region per phrase, "circle:0.1,0.1,0.5,0.5;square:0.5,0.5,0.9,0.9" '
+                        '(boxes as fractions x0,y0,x1,y1 of the image) or "red circle=mask1.png;blue square=mask2.png" '
+                        '(white = inside)')
     g.add_argument("--regulate-layers", default=None,
                    help="layers: checkpoint names (input_blocks.7), diffusers names (down_blocks.2) or map sizes "
                         "(16x16); also the layers --save-attention shows (default: the deepest level of "
@@ -418,7 +443,11 @@ def _run(args, log, made):
         raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
     if args.regulate_layers:
         check_layer_sizes(args.regulate_layers, cfg, *size)
-    check_cost(cfg, *size, DTYPES[args.dtype], 2 if guidance > 1 else 1, torch.device(args.device))
+    texts = 1
+    if chosen_method(args) == "composable":   # one conditional row per concept
+        from regulation.composable import split_concepts
+        texts = len(split_concepts(args.prompt))
+    check_cost(cfg, *size, DTYPES[args.dtype], 1 + texts if guidance > 1 else 1, torch.device(args.device))
     pipe.compile(args.backend)
     if args.decoder == "taesd":
         from .taesd import load_taesd_decoder
@@ -433,35 +462,36 @@ def _run(args, log, made):
             warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
     warnings.simplefilter("ignore", PromptTruncatedWarning)
 
-    method = args.method or "regulate"
-    targets, editors, select = None, [], None
-    if args.regulate or args.save_attention:
-        from regulation.editors import choose_targets, make_editor
+    method = chosen_method(args)
+    shown, runs, select = [], [], None
+    if method or args.save_attention:
+        from regulation.editors import NAMES, choose_targets, set_up
         from regulation.layers import LayerSelector
         from regulation.targets import auto_targets
-        words = args.targets.split() if args.targets else None
-        if not words:   # the nouns of what the text encoder reads, not of a cut-off tail
-            words = auto_targets(kept_prompt)
-            if not words:
-                raise UsageError(f"found no object words in {kept_prompt!r}; name them with --targets")
-            log(f"targets chosen from the prompt: {' '.join(words)}")
-        targets = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
-        # built before sampling, so that a bad --regulate-layers is an error before any work
-        editors = [make_editor(method, pipe, args.prompt, targets, steps, seed=seed, layers=args.regulate_layers,
-                               edit_steps=args.edit_steps) for seed in seeds] if args.regulate else []
-        # the maps shown are those of the regulated layers (the same layers in the plain run beside them)
-        select = editors[0].select if editors else LayerSelector(args.regulate_layers, cfg)
-    settings_extra = {}
-    if args.regulate:
-        e = editors[0]
-        settings_extra = {"Regulation": "Attention Regulation" if method == "regulate" else "Attend-and-Excite",
-                          "Regulation targets": " ".join(t.word for t in targets),
-                          "Regulation layers": " ".join(e.select.specs) if hasattr(e.select, "specs") else None,
-                          "Regulation edit steps": e.edit_steps}
+        targets = None
+        if method in (None, "regulate", "attend-excite"):
+            words = args.targets.split() if args.targets else None
+            if not words:   # the nouns of what the text encoder reads, not of a cut-off tail
+                words = auto_targets(kept_prompt)
+                if not words:
+                    raise UsageError(f"found no object words in {kept_prompt!r}; name them with --targets")
+                log(f"targets chosen from the prompt: {' '.join(words)}")
+            targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
+        elif method in ("syngen", "composable"):
+            targets = args.targets
+        # built before sampling, so that a bad option is an error before any work; one per image (its seed)
+        runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed, layers=args.regulate_layers,
+                       edit_steps=args.edit_steps, layout=args.layout, guidance=guidance, height=size[0],
+                       width=size[1], sampler=args.sampler, spacing=args.spacing, log=log if i == 0 else None)
+                for i, seed in enumerate(seeds)] if method else []
+        # the maps shown are those the method acts on (the same layers in the plain run beside them)
+        select = runs[0].select if runs else LayerSelector(args.regulate_layers, cfg)
+        shown = runs[0].shown if runs else shown
+    settings_extra = runs[0].settings if runs else {}
     model_hash = file_hash(ckpt)
-    positions = [p for t in targets for p in t.positions] if targets else []
+    positions = [p for t in shown or [] for p in t.positions]
     groups, k = [], 0
-    for t in targets or []:
+    for t in shown or []:
         groups.append((t.word, list(range(k, k + len(t.positions)))))
         k += len(t.positions)
     show_steps = sorted({0, steps // 4, steps // 2, steps - 1})
@@ -469,31 +499,31 @@ def _run(args, log, made):
     def observer():
         return AttentionMaps(positions, show_steps, select) if args.save_attention else None
 
-    passes = 2 if args.regulate and args.save_attention else 1   # --save-attention adds a plain run beside
+    passes = 2 if method and args.save_attention else 1   # --save-attention adds a plain run beside
     bar = tqdm(total=args.n * steps * passes, desc="sampling", disable=not sys.stderr.isatty())
     try:
         for i, (seed, path) in enumerate(zip(seeds, paths)):
-            runs, layers_seen = [], set()
+            panels, layers_seen = [], set()
 
-            def generate(hooks):
+            def generate(hooks, options=None):
                 return pipe(args.prompt, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
                             seed=seed, height=size[0], width=size[1], sampler=args.sampler, spacing=args.spacing,
                             hooks=hooks, callback=lambda info: bar.update(1),
-                            **({"eta": args.eta} if args.sampler == "ddim" else {}))
-            if args.regulate:
+                            **({"eta": args.eta} if args.sampler == "ddim" else {}), **(options or {}))
+            if method:
                 maps = observer()
-                result = generate([editors[i]] + ([maps] if maps else []))
+                with runs[i].context:
+                    result = generate(runs[i].hooks + ([maps] if maps else []), runs[i].options)
                 if maps:
-                    title = "Attention Regulation" if method == "regulate" else "Attend-and-Excite"
-                    runs.append((title, result.images[0], first_image(word_maps(maps.result(), groups))))
+                    panels.append((NAMES[method], result.images[0], first_image(word_maps(maps.result(), groups))))
                     layers_seen |= maps.blocks_seen
-            if args.save_attention or not args.regulate:
+            if args.save_attention or not method:
                 maps = observer()
                 plain = generate([maps] if maps else [])
                 if maps:
-                    runs.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
+                    panels.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
                     layers_seen |= maps.blocks_seen
-                if not args.regulate:
+                if not method:
                     result = plain
             settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
                         "Timestep spacing": args.spacing, "CFG scale": guidance, "Seed": seed,
@@ -508,7 +538,7 @@ def _run(args, log, made):
                 about = {**settings, "Attention steps": " ".join(map(str, show_steps)),
                          "Attention layers": " ".join(sorted(layers_seen)),
                          "Attention maps": "mean over heads and layers; each map scaled to its own min..max"}
-                save_image(grid(result.images[0], runs, [w for w, _ in groups]),
+                save_image(grid(result.images[0], panels, [w for w, _ in groups]),
                            gpath, parameters_text(args.prompt, args.negative_prompt, about), made)
                 log(f"wrote {gpath}")
     finally:

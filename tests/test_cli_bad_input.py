@@ -210,11 +210,15 @@ def test_regulate_layers_size_the_model_lacks(ckpt, tmp_path, capsys, no_samplin
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--method", "attend-excite"], "add --regulate"),
-    (["--method", "regulate"], "add --regulate"),
-    (["--edit-steps", "1"], "add --regulate"),
-    (["--targets", "circle"], "--regulate or --save-attention"),
-    (["--regulate-layers", "8x8"], "--regulate or --save-attention"),
+    (["--edit-steps", "1"], "--regulate or --method; add one"),
+    (["--targets", "circle"], "--regulate, --method or --save-attention"),
+    (["--regulate-layers", "8x8"], "--regulate, --method or --save-attention"),
+    (["--layout", "circle:0,0,1,1"], "add --method dense"),
+    (["--method", "dense"], "needs a layout"),
+    (["--method", "dense", "--layout", "circle:0,0,1,1", "--backend", "inductor"], "use --backend eager"),
+    (["--method", "composable", "--save-attention", "maps"], "no maps to show"),
+    (["--method", "composable", "--edit-steps", "1"], "does not take --edit-steps"),
+    (["--method", "syngen", "--layout", "circle:0,0,1,1"], "add --method dense"),
     (["--regulate", "--edit-steps", "-1"], "between 0 and --steps"),
     (["--regulate", "--edit-steps", "3"], "between 0 and --steps (2)"),
     (["--guidance", "nan"], "finite"),

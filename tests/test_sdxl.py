@@ -326,24 +326,31 @@ def test_targets_agree_across_both_tokenizers(xl):
         resolve_targets([toks[0], Shifted(toks[1])], PROMPTS[1], ["hill"])
 
 
-@pytest.mark.parametrize("method", ["regulate", "attend-excite"])
+@pytest.mark.parametrize("method", ["regulate", "attend-excite", "syngen", "dense", "composable"])
 def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, method):
-    """The official-layout file by --checkpoint alone; --regulate --save-attention writes the image, the maps
-    grid, and records the model and the regulated layers. Attend-and-Excite's gradient pass gets the vector too."""
+    """The official-layout file by --checkpoint alone; each method with --save-attention (but Composable
+    Diffusion, which acts on no map) writes the image, the maps grid, and records the model and the method's
+    layers. The gradient passes of Attend-and-Excite and SynGen get the vector too; Composable Diffusion gives each
+    concept its own pooled text."""
     from PIL import Image
     from minisd.sample import main
+    from regulation.editors import NAMES
+    extra = {"dense": ["--layout", "red circle:0,0,0.5,0.5;blue square:0.5,0.5,1,1"]}.get(method, [])
+    maps = [] if method == "composable" else ["--save-attention", str(tmp_path / "maps")]
     main(["--prompt", "a red circle and a blue square", "--checkpoint", str(xl.path), "--steps", "2",
-          "--out", str(tmp_path / "out"), "--regulate", "--method", method, "--save-attention", str(tmp_path / "maps")])
+          "--out", str(tmp_path / "out"), "--method", method, *extra, *maps])
     [png] = sorted((tmp_path / "out").glob("*.png"))
-    [grid] = sorted((tmp_path / "maps").glob("*.png"))
     image = Image.open(png)
-    assert image.size == (PX, PX) and Image.open(grid).size[0] > PX
+    assert image.size == (PX, PX)
+    if maps:
+        [grid] = sorted((tmp_path / "maps").glob("*.png"))
+        assert Image.open(grid).size[0] > PX
     text = image.text["parameters"]
-    assert "Model: tiny-sdxl" in text
-    assert ("Regulation: Attention Regulation" if method == "regulate" else "Regulation: Attend-and-Excite") in text
+    assert "Model: tiny-sdxl" in text and f"Regulation: {NAMES[method]}" in text
     from regulation.attend_excite import default_layers
-    blocks = xl.cfg.default_blocks() if method == "regulate" else default_layers(xl.cfg)   # each method's rule
-    assert f"Regulation layers: {' '.join(blocks)}," in text
+    blocks = {"regulate": xl.cfg.default_blocks(), "dense": ["all"]}.get(method, default_layers(xl.cfg))
+    if method != "composable":   # each method's own rule
+        assert f"Regulation layers: {' '.join(blocks)}," in text
 
 
 def test_float16_model_decodes_in_float32(xl):

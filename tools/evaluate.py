@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -34,6 +35,7 @@ import shlex
 import signal
 import sys
 import time
+import zlib
 from datetime import timedelta
 
 import numpy as np
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 
 from minisd.maps import AttentionMaps, block_of, grid, word_maps
 from minisd.sample import DEFAULT_CHECKPOINT, file_hash
-from regulation.editors import choose_targets, make_editor
+from regulation.editors import choose_targets, set_up
 from regulation.targets import auto_targets, is_adjective
 from tools import shapes
 
@@ -154,9 +156,13 @@ def load_prompts(path=None, n=120, seed=0):
     return items
 
 
+TARGETED = ("regulate", "attend-excite")   # the methods whose target words --targets chooses
+
+
 def parse_variants(methods, targets):
     """"plain,regulate" and "both" -> plain, regulate[nouns], regulate[attr+nouns]. Plain always runs: the drift
-    is measured against it."""
+    is measured against it. SynGen parses its own pairs, DenseDiffusion is given the renderer's layout ("dense[layout
+    given]"), Composable Diffusion its concepts: --targets does not apply to them."""
     from regulation.editors import METHODS
     modes = TARGET_MODES if targets == "both" else (targets,)
     if not set(modes) <= set(TARGET_MODES):
@@ -165,7 +171,35 @@ def parse_variants(methods, targets):
     for m in names:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from plain, {', '.join(METHODS)}")
-    return [Variant("plain", "plain", "")] + [Variant(f"{m}[{t}]", m, t) for m in dict.fromkeys(names) for t in modes]
+    out = [Variant("plain", "plain", "")]
+    for m in dict.fromkeys(names):
+        if m in TARGETED:
+            out += [Variant(f"{m}[{t}]", m, t) for t in modes]
+        else:
+            out.append(Variant("dense[layout given]" if m == "dense" else m, m, ""))
+    return out
+
+
+def concepts(item):
+    """Composable Diffusion's concepts: one per named object where the objects are known ("a red circle | a blue
+    square", whatever words join them in the prompt), else None (the prompt split at "and" and commas)."""
+    objs = item["objects"]
+    if not objs:
+        return None
+    phrases = [" ".join(o) if isinstance(o, (tuple, list)) else o for o in objs]
+    return " | ".join(("an " if p[0] in "aeiou" else "a ") + p for p in phrases)
+
+
+def renderer_layout(item, seed, size):
+    """DenseDiffusion's layout for a shapes prompt: the renderer places the named objects at random, as it would
+    draw them, from a generator seeded by the prompt and the image seed; each object's phrase gets its mask."""
+    keys = [tuple(o) for o in item["objects"] or []]
+    if not keys or not all(len(k) == 2 and k[0] in shapes.COLOURS and k[1] in shapes.SHAPES for k in keys):
+        raise ValueError(f"dense needs a layout: only shapes-world prompts have one (the renderer's), not "
+                         f"{item['prompt']!r}")
+    scene = shapes.sample_scene(np.random.default_rng([seed, zlib.crc32(item["prompt"].encode())]), keys=keys)
+    masks = torch.as_tensor(shapes.object_masks(scene, size, size)).float()
+    return [(f"{c} {n}", m) for (c, n), m in zip(keys, masks)]
 
 
 def target_words(item, mode):
@@ -306,10 +340,11 @@ def drift(image, reference):
 # ----------------------------------------------------------------------------------------------------------
 # the work of one prompt x seed
 
-def generate(pipe, prompt, seed, s, hooks=()):
+def generate(pipe, prompt, seed, s, hooks=(), run=None):
     t = time.perf_counter()
-    image = pipe(prompt, steps=s.steps, guidance=s.guidance, seed=seed, height=s.size, width=s.size,
-                 hooks=hooks).images[0]
+    with run.context if run else contextlib.nullcontext():
+        image = pipe(prompt, steps=s.steps, guidance=s.guidance, seed=seed, height=s.size, width=s.size,
+                     hooks=hooks, **(run.options if run else {})).images[0]
     return image, time.perf_counter() - t
 
 
@@ -337,17 +372,25 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
     their targets' cross-attention at step steps // 4 in the layers their editor edits (after the edit)."""
     prompt, objects = item["prompt"], item["objects"]
     rows, images, maps, plain_found = [], {}, {}, None
+    quiet = lambda *a: None
     for v in variants:
-        hooks, observer, targets = [], None, []
+        hooks, observer, targets, run = [], None, [], None
         if v.method != "plain":
-            targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=lambda *a: None)
-            editor = make_editor(v.method, pipe, prompt, targets, s.steps, seed=seed, layers=s.layers,
-                                 edit_steps=s.edit_steps)
-            hooks.append(editor)
-            if want_maps and not (plain_found and all(plain_found)):
-                observer = RegulatedMaps([p for t in targets for p in t.positions], [s.steps // 4], editor.select)
+            if v.method in TARGETED:
+                targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=quiet)
+            elif v.method == "composable":
+                targets = concepts(item)
+            run = set_up(v.method, pipe, prompt, s.steps, targets=targets or None, seed=seed,
+                         layers=s.layers if v.method != "composable" else None,
+                         edit_steps=s.edit_steps if v.method != "composable" else None,
+                         layout=renderer_layout(item, seed, s.size) if v.method == "dense" else None,
+                         height=s.size, width=s.size, guidance=s.guidance, log=quiet)
+            targets = run.shown or []
+            hooks += run.hooks
+            if want_maps and run.shown and not (plain_found and all(plain_found)):
+                observer = RegulatedMaps([p for t in targets for p in t.positions], [s.steps // 4], run.select)
                 hooks.append(observer)
-        image, seconds = generate(pipe, prompt, seed, s, hooks)
+        image, seconds = generate(pipe, prompt, seed, s, hooks, run)
         on_image()
         found, swap, types = judge_image(judge, image, objects) if judge is not None else (None, None, None)
         scores = {}
