@@ -416,7 +416,7 @@ def _run(args, log, made):
     check_args(args)
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
-        hint = " (the shipped model is missing: train it with python -m tools.train)" if ckpt == DEFAULT_CHECKPOINT else ""
+        hint = " (the shipped model is missing: train it with python -m tools.testbed.train)" if ckpt == DEFAULT_CHECKPOINT else ""
         raise UsageError(f"checkpoint not found: {ckpt}{hint}")
     seeds = [args.seed + i for i in range(args.n)]
     paths = output_paths(args.out, args.n, seeds, args.overwrite)

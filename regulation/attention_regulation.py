@@ -22,7 +22,7 @@ gradient (no autograd, so it also runs under torch.no_grad / inference_mode).
 Precision: the spec's gradient descent (step 100 N) oscillates and keeps the best of its iterations, and the
 quantile's gradient jumps when two pixels swap ranks, so float32 rounding can change the result far beyond 1e-5
 (in some runs the released algorithm in float32 differs from itself in float64 by O(1)). In float64 this code
-and the straightforward reference (tests/reference_regulation.py) agree to ~1e-10.
+and the straightforward reference (tools/bench/reference_regulation.py) agree to ~1e-10.
 """
 from dataclasses import dataclass
 import functools

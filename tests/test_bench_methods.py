@@ -1,4 +1,4 @@
-"""tools/bench_methods.py's per-step part on SDXL, run on the tiny SDXL config (--tiny): the same code that times
+"""tools/bench/methods.py's per-step part on SDXL, run on the tiny SDXL config (--tiny): the same code that times
 the full-size architecture, in seconds. Checks that every figure is a positive number and that the regulated steps
 really edited the layers they name (the editor's history, and a step output that differs from the plain one).
 And its whole-generation part (--generations) on the fast path."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minisd.config import tiny_sdxl
-from tools import bench_methods
-from tools.bench_methods import STEP_METHODS, one_block
+from tools.bench import methods as bench_methods
+from tools.bench.methods import STEP_METHODS, one_block
 
 PREFIX = "model.diffusion_model."
 
@@ -60,10 +60,10 @@ def test_sdxl_methods_subset_and_layers(capsys):
 
 
 def test_regulation_edges_tool_runs_and_the_optimiser_is_deterministic():
-    """tools.regulation_edges on the tiny config: with no noise every draw gives the same best loss (the optimiser
+    """tools.bench.edges on the tiny config: with no noise every draw gives the same best loss (the optimiser
     is a deterministic function of its logits and seed), so differences it reports at some noise are the edit's
     edges, not run-to-run noise."""
-    from tools import regulation_edges
+    from tools.bench import edges as regulation_edges
     rows = regulation_edges.main(["--family", "tiny", "--px", "64", "--noise", "0", "1e-3", "--draws", "3",
                                   "--threads", "1"])
     assert len(set(rows[0.0])) == 1 and len(rows[1e-3]) == 3

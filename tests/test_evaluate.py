@@ -1,4 +1,4 @@
-"""tools/evaluate.py: the benchmark end to end on a random tiny model (files, rows, table, drift, resuming, a
+"""tools/eval/evaluate.py: the benchmark end to end on a random tiny model (files, rows, table, drift, resuming, a
 plugged-in judge), and its small parts (SSIM, target words, swap questions, prompt files)."""
 import csv
 import json
@@ -10,7 +10,8 @@ from PIL import Image
 
 from minisd.checkpoint import build_model, save_checkpoint
 from minisd.config import tiny
-from tools import evaluate, judge, shapes
+from tools.eval import evaluate
+from tools.testbed import judge, shapes
 
 QUICK = ["--limit", "2", "--seeds", "1", "--steps", "4", "--methods", "plain,regulate", "--threads", "1"]
 
@@ -46,7 +47,7 @@ def test_end_to_end_writes_rows_table_and_examples_and_resumes(ckpt, tmp_path, c
         assert float(r["seconds"]) > 0
 
     table = (out / "table.md").read_text()
-    assert "python -m tools.evaluate --checkpoint" in table and evaluate.file_hash(ckpt) in table
+    assert "python -m tools.eval --checkpoint" in table and evaluate.file_hash(ckpt) in table
     assert "| plain | 2 |" in table and "| regulate[nouns] | 2 |" in table
     assert "| regulate[nouns] | 2 |" in capsys.readouterr().out
 

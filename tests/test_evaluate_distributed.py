@@ -1,4 +1,4 @@
-"""tools/evaluate.py under torchrun: two CPU ranks (gloo) on the shipped tiny model give exactly the rows one
+"""tools/eval/evaluate.py under torchrun: two CPU ranks (gloo) on the shipped tiny model give exactly the rows one
 process gives (timings aside); a rank killed mid-run (SIGKILL) loses nothing that it had written, and the same
 command run again draws every missing unit once, never one twice, ignoring a torn last line."""
 import csv
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tools import evaluate
+from tools.eval import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "minisd-shapes.safetensors"
 # 2 prompts x 2 seeds = 4 units, 2 methods each; rank 0 draws units 0 and 2, rank 1 units 1 and 3
-ARGS = ["--checkpoint", str(SHIPPED), "--judge", "tools.judge:ColourJudge", "--limit", "2", "--seeds", "2",
+ARGS = ["--checkpoint", str(SHIPPED), "--judge", "tools.testbed.judge:ColourJudge", "--limit", "2", "--seeds", "2",
         "--steps", "2", "--threads", "1", "--examples", "2"]
 # 2 steps: plain misses objects, so there are examples to gather from the ranks (the shipped model gets every
 # colour right in 4 steps)
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model
 
 def torchrun(out, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tools.evaluate", *ARGS, "--out", str(out)]
+           "-m", "tools.eval.evaluate", *ARGS, "--out", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **env), capture_output=True,
                           text=True, timeout=600)
 

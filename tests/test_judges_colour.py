@@ -1,6 +1,6 @@
-"""tools.judge.ColourJudge: a colour counts only as an object-sized blob, at any image size."""
+"""tools.testbed.judge.ColourJudge: a colour counts only as an object-sized blob, at any image size."""
 
-from tools import judge, shapes
+from tools.testbed import judge, shapes
 
 
 def scene(size, speck):

@@ -1,7 +1,7 @@
-"""tools/real_judges.py: the CLIP scorer and the OWLv2 detector, each built from a tiny random-weight config of the
+"""tools/eval/real_judges.py: the CLIP scorer and the OWLv2 detector, each built from a tiny random-weight config of the
 transformers class it loads, saved with its processor to a folder and loaded back by path, as a user's local copy
 of the real weights would be. The scores are checked against the model's own outputs computed here, and the
-judges run inside tools.evaluate on the tiny UNet, their numbers landing in results.csv and table.md."""
+judges run inside tools.eval.evaluate on the tiny UNet, their numbers landing in results.csv and table.md."""
 import csv
 import gzip
 import json
@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from minisd.checkpoint import build_model, save_checkpoint   # noqa: E402
 from minisd.config import tiny                               # noqa: E402
 from minisd.tokenizer import DEFAULT_VOCAB                   # noqa: E402
-from tools import evaluate, real_judges                      # noqa: E402
+from tools.eval import evaluate, real_judges                      # noqa: E402
 
 TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408)
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -146,7 +146,7 @@ def test_both_judges_in_the_evaluation_land_in_rows_and_table(clip_dir, owl_dir,
     out = tmp_path / "eval"
     summary = evaluate.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--seeds", "2", "--steps", "3",
                              "--threads", "1", "--out", str(out),
-                             "--judge", "tools.real_judges:OwlDetector,tools.real_judges:ClipScore",
+                             "--judge", "tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore",
                              "--detector-model", str(owl_dir), "--detector-threshold", "0.0",
                              "--clip-model", str(clip_dir)])
     with open(out / "results.csv", newline="") as f:
@@ -164,13 +164,13 @@ def test_both_judges_in_the_evaluation_land_in_rows_and_table(clip_dir, owl_dir,
     # the threshold is part of the settings: another one cannot mix into these results
     with pytest.raises(SystemExit, match="other settings"):
         evaluate.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--seeds", "2", "--steps", "3",
-                       "--out", str(out), "--judge", "tools.real_judges:OwlDetector",
+                       "--out", str(out), "--judge", "tools.eval.real_judges:OwlDetector",
                        "--detector-model", str(owl_dir), "--detector-threshold", "0.5"])
 
 
 def test_the_judges_flags_are_in_the_help_when_named(capsys):
     with pytest.raises(SystemExit):
-        evaluate.main(["--judge", "tools.real_judges:OwlDetector,tools.real_judges:ClipScore", "--help"])
+        evaluate.main(["--judge", "tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore", "--help"])
     text = capsys.readouterr().out
     assert "--detector-threshold" in text and "--clip-template" in text
     with pytest.raises(SystemExit):

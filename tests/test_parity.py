@@ -255,9 +255,9 @@ def test_half_precision_on_cpu(official, dtype):
 
 @torch.no_grad()
 def test_benchmark_compares_equal_unets():
-    """tools/bench_unet.py times minisd against diffusers filled by diffusers' own converter from the same
+    """tools/bench/unet.py times minisd against diffusers filled by diffusers' own converter from the same
     official-named weights: both must compute the same function, or the timing compares different work."""
-    from tools.bench_unet import build, unet_config
+    from tools.bench.unet import build, unet_config
     cfg = unet_config("tiny")
     x, t, ctx = unet_inputs(SimpleNamespace(unet=cfg))
     (mine, _), (theirs, _) = build("minisd", cfg, torch.float32), build("diffusers", cfg, torch.float32)
@@ -268,7 +268,7 @@ def test_benchmark_compares_equal_unets():
 def test_benchmark_full_size_weights_fit_diffusers(family):
     """The full-size benchmark's conversion, on the meta device: every official UNet key reaches diffusers."""
     from minisd.unet import UNet
-    from tools.bench_unet import diffusers_unet, unet_config
+    from tools.bench.unet import diffusers_unet, unet_config
     cfg = unet_config(family)
     with torch.device("meta"):
         state = UNet(cfg).state_dict()

@@ -17,7 +17,7 @@ from minisd.attention import AttentionHook  # noqa: E402
 from minisd.checkpoint import build_model  # noqa: E402
 from minisd.config import tiny  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
-from tools.bench_generate import random_pipeline, save_folder, sd_scheduler  # noqa: E402
+from tools.bench.generate import random_pipeline, save_folder, sd_scheduler  # noqa: E402
 from tools.parity import diffusers_unet_config  # noqa: E402
 
 TOL = 1e-4

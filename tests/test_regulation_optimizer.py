@@ -19,7 +19,7 @@ from regulation.attention_regulation import (AttentionRegulation, RegulationConf
 from regulation.layers import LayerSelector, default_blocks
 
 try:
-    from tests.reference_regulation import reference_regulate, reference_restore_special
+    from tools.bench.reference_regulation import reference_regulate, reference_restore_special
 except ImportError:  # tests/ itself on sys.path
     from reference_regulation import reference_regulate, reference_restore_special
 
@@ -324,7 +324,7 @@ def _selected(selector):
 def test_default_layers():
     """One rule for every family: the deepest level of the down and up paths with cross-attention. On SD it gives
     the paper's layers (16x16 at 512 px), whatever the image size; on the shipped model its 8x8 maps."""
-    from minisd.config import sd2, sdxl
+    from minisd.config import sdxl
     sd_blocks = ["input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4", "output_blocks.5"]
     assert default_blocks(sd1()) == sd_blocks and default_blocks(sd2()) == sd_blocks
     assert default_blocks(sd2(v_prediction=True)) == sd_blocks   # 768 px: 24x24 maps, the same blocks
@@ -339,17 +339,17 @@ def test_default_layers():
     assert sel(_attn2("input_blocks.5")) and sel(_attn2("output_blocks.1")) and not sel(_attn2("input_blocks.3"))
     t.image_size = 16
     assert default_blocks(t) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
-    # the shipped model's family (tools/train.py): cross-attention at 16x16 and 8x8 -> its 8x8 maps
-    from tools.train import shapes_config
+    # the shipped model's family (tools/testbed/train.py): cross-attention at 16x16 and 8x8 -> its 8x8 maps
+    from tools.testbed.train import shapes_config
     assert default_blocks(shapes_config()) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
 
 
 def test_attend_excite_layers():
     """Attend-and-Excite's own rule: the level whose maps are closest to 16x16 at the default size (the authors'
     attention_res = 16). On SD it agrees with regulation's rule; on the shipped model it keeps the 16x16 maps."""
-    from minisd.config import sd2, sdxl
+    from minisd.config import sdxl
     from regulation.attend_excite import default_layers
-    from tools.train import shapes_config
+    from tools.testbed.train import shapes_config
     for cfg in (sd1(), sd2(), sd2(v_prediction=True), sdxl()):
         assert default_layers(cfg) == cfg.default_blocks(), cfg.name
     assert default_layers(shapes_config()) == ("input_blocks.1", "output_blocks.4", "output_blocks.5")

@@ -19,7 +19,7 @@ from minisd.checkpoint import CheckpointError, check_state, detect_config, load_
 from minisd.config import sdxl, tiny_sdxl  # noqa: E402
 from minisd.model import StableDiffusion  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
-from tools.bench_generate import clip_tokenizer, sd_scheduler  # noqa: E402
+from tools.bench.generate import clip_tokenizer, sd_scheduler  # noqa: E402
 from tools.parity import (CLIP, UNET, VAE, XL_CLIP, XL_OPENCLIP, XL_TEXT2, XL_UNET, LdmVAE, clip_state,  # noqa: E402
                           clip_text, clip_with_projection_from_openclip, difference, diffusers_unet_config,
                           diffusers_unet_from_official, diffusers_vae_from_official, openclip_text_shapes,
@@ -369,9 +369,9 @@ def test_float16_model_decodes_in_float32(xl):
 
 @torch.no_grad()
 def test_benchmark_compares_equal_sdxl_unets():
-    """tools/bench_unet.py on SDXL: minisd (vector made inside the call) and diffusers (text_embeds, time_ids)
+    """tools/bench/unet.py on SDXL: minisd (vector made inside the call) and diffusers (text_embeds, time_ids)
     compute the same function from the same weights, or the timing would compare different work."""
-    from tools.bench_unet import build, micro_cond_dim, unet_config
+    from tools.bench.unet import build, micro_cond_dim, unet_config
     cfg, micro = unet_config("tiny-sdxl"), micro_cond_dim("tiny-sdxl")
     g = torch.Generator().manual_seed(2)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, cfg.context_dim, generator=g)

@@ -1,4 +1,4 @@
-"""The shapes world (tools/shapes.py) and its judge (tools/judge.py)."""
+"""The shapes world (tools/testbed/shapes.py) and its judge (tools/testbed/judge.py)."""
 import json
 import re
 from collections import Counter
@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tools import judge, shapes
+from tools.testbed import judge, shapes
 
 PHRASE = re.compile(r"\b(?:a|an) (%s) (%s)\b" % ("|".join(shapes.COLOURS), "|".join(shapes.SHAPES)))
 

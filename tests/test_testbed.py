@@ -12,8 +12,8 @@ from minisd.checkpoint import build_model, save_checkpoint
 from minisd.config import tiny
 from minisd.pipeline import Pipeline
 from minisd.tokenizer import Tokenizer
-from tools import diagnose, shapes, tinyclip, train
-from tools import judge as J
+from tools.testbed import diagnose, shapes, tinyclip, train
+from tools.testbed import judge as J
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "minisd-shapes.safetensors"
 
@@ -132,7 +132,7 @@ def test_swapped_context_keeps_words_of_one_prompt_and_padding_of_the_other():
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model is not in this checkout")
 def test_shipped_model_draws_single_objects():
     """Gate (a) on a handful of prompts: one per shape, colours rotating, held-out seeds (the shipped model:
-    97.2% of 72 in `python -m tools.diagnose`; v0.1's model drew 16.7% and failed this test)."""
+    97.2% of 72 in `python -m tools.testbed.diagnose`; v0.1's model drew 16.7% and failed this test)."""
     pipe = Pipeline.from_checkpoint(SHIPPED)
     keys = [(list(shapes.COLOURS)[i], s) for i, s in enumerate(shapes.SHAPES)]
     found = [J.judge(diagnose.to_uint8(pipe(shapes.phrase(*k), seed=diagnose.SEED0).images[0]), [k])[0] for k in keys]

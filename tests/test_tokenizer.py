@@ -1,6 +1,4 @@
 """minisd's CLIP tokenizer against transformers' CLIPTokenizer built from the same vocabulary file."""
-import gzip
-import json
 import os
 import random
 import warnings
@@ -9,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minisd.tokenizer import DEFAULT_VOCAB, PromptTruncatedWarning, Tokenizer
+from minisd.tokenizer import PromptTruncatedWarning, Tokenizer
+from tools.parity import write_clip_vocab
 
 transformers = pytest.importorskip("transformers", reason="transformers' CLIPTokenizer is the reference")
 SHARED = Path(os.environ.get("MINISD_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -52,22 +51,6 @@ def all_prompts():
     if parti.is_file():  # real prompts, when the shared data is there
         prompts += [line.split("\t")[0] for line in parti.read_text(encoding="utf-8").split("\n")[1:] if line]
     return prompts
-
-
-def write_clip_vocab(folder, pad_token="<|endoftext|>"):
-    """vocab.json + merges.txt derived from the .gz the way CLIP does, written independently of minisd:
-    256 byte tokens, their </w> variants, merges 1..48894, <|startoftext|>, <|endoftext|>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    byte_chars = [chr(b) for b in keep] + [chr(256 + n) for n in range(256 - len(keep))]
-    lines = gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8").read().split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}), encoding="utf-8")
-    return folder
 
 
 def reference(folder, **kw):

@@ -63,7 +63,7 @@ def build(family, seed=0):
     from minisd.checkpoint import build_model
     from minisd.config import FAMILIES
     from minisd.pipeline import Pipeline
-    from tools.bench_generate import diffusers_from_minisd
+    from tools.bench.generate import diffusers_from_minisd
     model = build_model(FAMILIES[family](), seed=seed).eval().requires_grad_(False)
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     theirs = diffusers_from_minisd(model, Path(tmp) / "vocab")

@@ -17,7 +17,9 @@ tests/test_parity.py runs the same builders on tiny configs.
 import argparse
 import contextlib
 import gc
+import gzip
 import io
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from minisd.tokenizer import DEFAULT_VOCAB
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -75,6 +79,23 @@ def perturb(module, std=0.02, seed=0):
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
     return module.eval()
+
+
+def write_clip_vocab(folder, pad_token="<|endoftext|>"):
+    """vocab.json + merges.txt derived from the .gz the way CLIP does, written independently of minisd:
+    256 byte tokens, their </w> variants, merges 1..48894, <|startoftext|>, <|endoftext|>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    byte_chars = [chr(b) for b in keep] + [chr(256 + n) for n in range(256 - len(keep))]
+    lines = gzip.open(DEFAULT_VOCAB, "rt", encoding="utf-8").read().split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad_token}), encoding="utf-8")
+    return folder
+
 
 
 def quiet():

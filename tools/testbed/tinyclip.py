@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tools import shapes
+from tools.testbed import shapes
 
 
 class ImageTower(nn.Module):

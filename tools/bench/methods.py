@@ -2,7 +2,7 @@
 sampling, as the ratio method / plain (DPM-Solver++(2M), 50 steps, the same seed; Attention Regulation on the
 first 25 steps as in its paper, Attend-and-Excite with its defaults).
 
-    python -m tools.bench_methods [--only tiny|sd15|sdxl] [--runs 3] [--threads N] [--size 512]
+    python -m tools.bench methods [--only tiny|sd15|sdxl] [--runs 3] [--threads N] [--size 512]
 
 tiny: whole generations on the tiny shipped model (weights/minisd-shapes.safetensors; a random tiny model if it is
     absent), interleaved runs, median of --runs.
@@ -28,12 +28,12 @@ sdxl: the same steps on the SDXL base architecture (float32 by default: bfloat16
         python -m tools.bench methods --only sdxl --runs 3 --threads 2
     needs about 11 GiB of memory, 13.5 GiB with the A&E step, and the time of about 20 plain steps (each step
     timed 4 times, an A&E step costing about 2 plain ones), a plain step roughly 0.5 to 1.5 min on 2 cores
-    (estimated from half-, quarter- and eighth-width models and tools/bench_unet.py's SDXL figure).
+    (estimated from half-, quarter- and eighth-width models and tools/bench/unet.py's SDXL figure).
     `--tiny` runs sd15 or sdxl on its tiny config (tiny, tiny-sdxl) in seconds, as the tests do.
     `--backend inductor|openvino` times the steps on minisd's fast path (A&E's pass with gradient stays eager).
 sd15 --generations: whole generations instead of steps, plain and regulated, interleaved: the measured ratio, e.g.
     on the fast path (the speed issue's goal: a regulated 50-step run within 2% of a plain one):
-        python -m tools.bench_methods --only sd15 --generations --backend openvino --size 256 --dtype float32
+        python -m tools.bench methods --only sd15 --generations --backend openvino --size 256 --dtype float32
 """
 import argparse
 from collections import namedtuple
@@ -45,14 +45,16 @@ import time
 
 import torch
 
+from tools.bench.timing import timed
+
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_NAMES = ("plain", "regulate", "attend-excite")
 
 
 def _timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return (time.perf_counter() - wall, time.process_time() - cpu), out
+    """((wall, CPU) seconds, fn's result)."""
+    out, wall, cpu = timed(fn)
+    return (wall, cpu), out
 
 
 def _median(times):
@@ -75,7 +77,7 @@ def tiny(args):
     from minisd.config import tiny as tiny_config
     from minisd.pipeline import Pipeline
     from regulation.editors import choose_targets
-    from tools.shapes import benchmark_prompts
+    from tools.testbed.shapes import benchmark_prompts
 
     weights = Path(args.weights)
     if weights.is_file():
@@ -195,11 +197,11 @@ def encoded_conditioning(pipe, prompt, size, generator):
 
 
 def unet_only_model(cfg, dtype):
-    """The model with random UNet weights (tools/bench_unet's, drawn tensor by tensor, so the float32 copy of a
+    """The model with random UNet weights (tools/bench/unet's, drawn tensor by tensor, so the float32 copy of a
     bfloat16 model never exists whole) and its text encoders and VAE left on the meta device: SDXL's two text
     encoders hold 3.3 GB in float32 and would only make embeddings that random weights make meaningless anyway."""
     from minisd.model import StableDiffusion
-    from tools.bench_unet import official_unet_state
+    from tools.bench.unet import official_unet_state
     with torch.device("meta"):
         model = StableDiffusion(cfg)
     model.unet.load_state_dict(official_unet_state(cfg.unet, dtype), strict=True, assign=True)
@@ -370,7 +372,7 @@ def print_projection(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_methods", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench methods", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("tiny", "sd15", "sdxl"),
                         help="run one part (default: tiny and sd15; sdxl, 11-14 GiB, only when asked)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each method (after a warm-up)")

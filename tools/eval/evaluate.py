@@ -6,11 +6,11 @@ prompt and seed this draws the plain image once, then each method's image from t
 named objects each image shows (and scorers such as CLIP how well it matches), and measures how far each method's
 image drifts from the plain one and what it costs.
 
-    python -m tools.evaluate                                   # 120 held-out prompts x 4 seeds, plain vs regulate
-    python -m tools.evaluate --limit 8 --seeds 1 --steps 20 --out /tmp/eval   # a quick look
-    python -m tools.evaluate --prompts ae --list-prompts       # the Attend-and-Excite set and its target words
-    torchrun --nproc-per-node 8 -m tools.evaluate --device cuda --prompts ae --checkpoint sd15.safetensors \
-        --judge tools.real_judges:OwlDetector,tools.real_judges:ClipScore --methods plain,attend-excite,regulate
+    python -m tools.eval                                   # 120 held-out prompts x 4 seeds, plain vs regulate
+    python -m tools.eval --limit 8 --seeds 1 --steps 20 --out /tmp/eval   # a quick look
+    python -m tools.eval --prompts ae --list-prompts       # the Attend-and-Excite set and its target words
+    torchrun --nproc-per-node 8 -m tools.eval --device cuda --prompts ae --checkpoint sd15.safetensors \
+        --judge tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore --methods plain,attend-excite,regulate
 
 A (prompt, seed) pair is a unit of work. Under torchrun the units are dealt out round-robin over the ranks
 (torch.distributed: gloo on CPU, nccl with --device cuda, one GPU per rank from LOCAL_RANK); without it the one
@@ -47,12 +47,12 @@ from minisd.maps import AttentionMaps, block_of, grid, word_maps
 from minisd.sample import DEFAULT_CHECKPOINT, file_hash
 from regulation.editors import choose_targets, set_up
 from regulation.targets import auto_targets, is_adjective
-from tools import shapes
+from tools.testbed import shapes
 
 TARGET_MODES = ("nouns", "attr+nouns")
 COLUMNS = ["prompt_id", "seed", "method", "prompt", "objects", "targets", "found", "all_found", "recall", "swap",
            "types", "mad", "ssim", "scores", "seconds", "settings"]
-# what a judge's failures(image, objects) reports (tools.judge.failure_types), in the table's order
+# what a judge's failures(image, objects) reports (tools.testbed.judge.failure_types), in the table's order
 TYPES = {"omission": "omission", "wrong_shape": "wrong shape", "colour_swap": "colour swap",
          "wrong_colour": "wrong colour", "extra": "extra objects"}
 PROMPT_SETS = {"ae": Path(__file__).parent / "data" / "ae_prompts.jsonl"}   # --prompts NAME
@@ -85,7 +85,7 @@ DEFINITIONS = """\
   (per-prompt differences averaged over seeds; prompts resampled with replacement, 10,000 times).
 - MAD, SSIM: the method's image against plain's of the same prompt and seed: mean absolute difference of pixels
   in [0, 1], and SSIM (Wang et al. 2004) of the grey (BT.601 luma) images over 7x7 uniform windows.
-- scores: the scorers' means (tools.real_judges.ClipScore: CLIP cosine similarity of the image with the whole
+- scores: the scorers' means (tools.eval.real_judges.ClipScore: CLIP cosine similarity of the image with the whole
   prompt, and the minimum over the prompt's objects of its similarity with "a photo of a <object>").
 - s / image: wall-clock seconds from prompt to decoded image (one image per call); overhead: against plain."""
 
@@ -255,8 +255,8 @@ def add_judge_arguments(ap, argv):
 
 @dataclass
 class Judges:
-    """What --judge names: at most one presence judge, judge(image, objects) -> [bool] per object (tools.judge),
-    and any number of scorers, scorer.scores(image, prompt, objects) -> {name: float} (tools.real_judges).
+    """What --judge names: at most one presence judge, judge(image, objects) -> [bool] per object (tools.testbed.judge),
+    and any number of scorers, scorer.scores(image, prompt, objects) -> {name: float} (tools.eval.real_judges).
     An object may be both. `settings`: what the results depend on (models, thresholds, templates)."""
     presence: object
     scorers: list
@@ -737,7 +737,7 @@ def _run(args, rank, world, group, log):
     summary = summarise(rows, names)
     table = format_table(summary)
     header = [f"# Semantic fidelity: {len(items)} prompts x {args.seeds} seeds", "",
-              "    python -m tools.evaluate " + shlex.join(args.argv), "",
+              "    python -m tools.eval " + shlex.join(args.argv), "",
               f"Checkpoint `{ckpt}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, {s.size} px, "
               f"judge `{judges.settings}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {world} rank(s), {torch.get_num_threads()} torch "
@@ -771,7 +771,7 @@ def list_prompts(args):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--prompts", default=None, help="'ae' (Attend-and-Excite's 276 prompts, tools/data), a JSONL "
@@ -790,9 +790,9 @@ def build_parser():
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    ap.add_argument("--judge", default="tools.judge:ShapesJudge",
-                    help="module:attr[,module:attr...]: one judge of presence (tools.judge, tools.real_judges:"
-                         "OwlDetector) and any scorers (tools.real_judges:ClipScore); their own flags appear in "
+    ap.add_argument("--judge", default="tools.testbed.judge:ShapesJudge",
+                    help="module:attr[,module:attr...]: one judge of presence (tools.testbed.judge, tools.eval.real_judges:"
+                         "OwlDetector) and any scorers (tools.eval.real_judges:ClipScore); their own flags appear in "
                          "--help when they are named")
     ap.add_argument("--examples", type=int, default=8, help="rows of examples.png")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")

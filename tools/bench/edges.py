@@ -4,15 +4,15 @@ first default regulated layer receives in one UNet call (random weights under th
 unet makes them), adds random noise of a few sizes, and prints the optimiser's best loss for each draw: one value
 per noise size means the edit is stable there, several mean a change that small can give another image.
 
-    python -m tools.regulation_edges                 # SD 1.5 at 512 px (about 30 s on 2 cores)
-    python -m tools.regulation_edges --family tiny --px 64
+    python -m tools.bench edges                 # SD 1.5 at 512 px (about 30 s on 2 cores)
+    python -m tools.bench edges --family tiny --px 64
 """
 import argparse
 
 import torch
 
 from regulation.attention_regulation import regulate_logits
-from tools.bench_unet import minisd_unet, model_config, official_unet_state, regulation_hook
+from tools.bench.unet import minisd_unet, model_config, official_unet_state, regulation_hook
 
 
 def first_layer_logits(family, px, seed=0):

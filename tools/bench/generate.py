@@ -11,9 +11,9 @@ between them so that a change of load on the machine hits both alike.
          configs written out below, saved with save_pretrained, and minisd loads that folder. Slow on CPU
          (minutes per image at 20 steps, and about 8 GB of memory for the two models).
 
-    python -m tools.bench_generate                         # both; 20 steps, guidance 7.5, 3 runs
-    python -m tools.bench_generate --only tiny --steps 2 --runs 1
-    python -m tools.bench_generate --only tiny --random-tiny   # minisd.config.tiny() with random weights
+    python -m tools.bench generate                         # both; 20 steps, guidance 7.5, 3 runs
+    python -m tools.bench generate --only tiny --steps 2 --runs 1
+    python -m tools.bench generate --only tiny --random-tiny   # minisd.config.tiny() with random weights
 """
 import argparse
 import json
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from tools.bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "minisd-shapes.safetensors"
@@ -61,7 +63,7 @@ def clip_tokenizer(folder, pad_with_eot=True):
     """transformers' CLIPTokenizer over minisd's shipped vocabulary (written to `folder` as vocab.json and
     merges.txt). SD 1 pads with <|endoftext|>, SD 2 with "!"."""
     import transformers
-    from tests.test_tokenizer import write_clip_vocab
+    from tools.parity import write_clip_vocab
     pad = "<|endoftext|>" if pad_with_eot else "!"
     write_clip_vocab(Path(folder), pad_token=pad)
     # transformers 4's Python CLIPTokenizer splits some scripts differently; its fast one is 5's CLIPTokenizer
@@ -148,11 +150,6 @@ def diffusers_from_minisd(model, vocab_folder, sampler="dpmpp_2m"):
 
 # ------------------------------------------------------------------------------------------------- the timing
 
-def _timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
-
 
 def compare(name, mine, theirs, size, args):
     """Time whole generations of the two pipelines, alternating; -> a result row."""
@@ -173,9 +170,9 @@ def compare(name, mine, theirs, size, args):
         run_minisd(min(2, args.steps)), run_diffusers(min(2, args.steps))  # warm-up: allocations, kernel choices
         times = {"minisd": [], "diffusers": []}
         for _ in range(args.runs):
-            a, *t = _timed(lambda: run_minisd(args.steps))
+            a, *t = timed(lambda: run_minisd(args.steps))
             times["minisd"].append(t)
-            b, *t = _timed(lambda: run_diffusers(args.steps))
+            b, *t = timed(lambda: run_diffusers(args.steps))
             times["diffusers"].append(t)
     med = {k: [statistics.median(x[i] for x in v) for i in (0, 1)] for k, v in times.items()}
     diff = int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
@@ -190,7 +187,7 @@ def tiny_pipelines(args, tmp):
         model, what = build_model(tiny(image_size=32)), "minisd.config.tiny() with random weights"
     else:
         if not SHIPPED.is_file():
-            raise SystemExit(f"error: {SHIPPED} is missing (train it with python -m tools.train, or pass "
+            raise SystemExit(f"error: {SHIPPED} is missing (train it with python -m tools.testbed.train, or pass "
                              f"--random-tiny)")
         model, what = load_model(SHIPPED), str(SHIPPED.relative_to(ROOT))
     theirs = diffusers_from_minisd(model, Path(tmp) / "vocab-tiny", args.sampler)
@@ -209,7 +206,7 @@ def sd15_pipelines(args, tmp):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the tiny model's own, sd15 256)")
     ap.add_argument("--runs", type=int, default=3, help="timed generations of each pipeline (median reported)")

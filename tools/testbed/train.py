@@ -1,7 +1,7 @@
-"""Train minisd's tiny Stable Diffusion on the shapes world (tools/shapes.py), on CPU, from scratch.
+"""Train minisd's tiny Stable Diffusion on the shapes world (tools/testbed/shapes.py), on CPU, from scratch.
 
 Four stages, each seeded and resumable, in the order Stable Diffusion's parts were made:
-  clip   a tiny CLIP (tools/tinyclip.py): minisd's CLIP-architecture text tower and a small image tower, trained
+  clip   a tiny CLIP (tools/testbed/tinyclip.py): minisd's CLIP-architecture text tower and a small image tower, trained
          contrastively on caption <-> render pairs with hard negatives; then the text tower is FROZEN, as SD freezes
          OpenAI's CLIP. Held-out retrieval is printed (and stored in the checkpoint's metadata).
   vae    minisd's own AutoencoderKL (a small config) on random crops of rendered scenes.
@@ -27,10 +27,10 @@ word states always agree with the image. Inference is unchanged: 77 positions, t
 The result is one official-format single-file safetensors (float16) with the model config in its metadata: the
 same loader reads it as real SD weights.
 
-    python -m tools.train --out weights/minisd-shapes.safetensors           # all stages, resumable
-    python -m tools.train --stage clip --clip-steps 200 --run /tmp/try    # one stage: its state in --run only
-    python -m tools.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
-    python -m tools.train --stage ground --init FILE --run /tmp/g --out /tmp/g/grounded.safetensors
+    python -m tools.testbed.train --out weights/minisd-shapes.safetensors           # all stages, resumable
+    python -m tools.testbed.train --stage clip --clip-steps 200 --run /tmp/try    # one stage: its state in --run only
+    python -m tools.testbed.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
+    python -m tools.testbed.train --stage ground --init FILE --run /tmp/g --out /tmp/g/grounded.safetensors
                                   # the ground stage alone, on a checkpoint of the unet stage
 
 `--run DIR` keeps the resumable state (rerun the same command to continue after an interruption).
@@ -52,7 +52,7 @@ from minisd.attention import AttentionHook
 from minisd.model import StableDiffusion
 from minisd.samplers import Schedule
 from minisd.tokenizer import Tokenizer
-from tools import shapes
+from tools.testbed import shapes
 
 
 def shapes_config():
@@ -104,8 +104,8 @@ def load_state(path):
 
 
 def train_clip(model, args, run):
-    """Contrastive caption <-> render training of the text tower (tools/tinyclip.py). Returns held-out retrieval."""
-    from tools import tinyclip
+    """Contrastive caption <-> render training of the text tower (tools/testbed/tinyclip.py). Returns held-out retrieval."""
+    from tools.testbed import tinyclip
     tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
     clip = tinyclip.TinyCLIP(model.cond_stage_model, tok.eos_id)
     opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
@@ -556,7 +556,7 @@ def main(argv=None):
         clip_eval = timed("clip_s", train_clip, model, args, run)
     else:
         clip_eval = json.loads((run / "clip_eval.json").read_text())
-        from tools import tinyclip
+        from tools.testbed import tinyclip
         tinyclip.TinyCLIP(model.cond_stage_model, 0).load_state_dict(load_state(run / "clip.pt")["clip"])
     if args.stage == "clip":
         return  # one stage alone writes only its state in --run; the model file needs all three

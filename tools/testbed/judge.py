@@ -1,11 +1,11 @@
-"""A judge for the shapes world (tools/shapes.py): which named (colour, shape) objects does an image show?
+"""A judge for the shapes world (tools/testbed/shapes.py): which named (colour, shape) objects does an image show?
 
 No learned weights: colour segmentation against the known palette, connected components, then the shape
 from six geometric features of each component, matched to the nearest prototype measured on renders.
 With real SD weights the shapes world does not apply; plug in any object detector through the `Judge`
 protocol (a callable (image, objects) -> list[bool]) and the evaluator works unchanged.
 
-    python -m tools.judge measure --n 500 --degrade
+    python -m tools.testbed.judge measure --n 500 --degrade
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -19,7 +19,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from tools import shapes
+from tools.testbed import shapes
 
 PALETTE = np.array(list(shapes.COLOURS.values()), dtype=np.float32)  # (C, 3)
 PALETTE_NAMES = list(shapes.COLOURS)
@@ -336,7 +336,7 @@ def measure(n=500, seed=10_000, size=128, degraded=False, judge_fn=None, transfo
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.judge", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.testbed.judge", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pm = sub.add_parser("measure", help="judge fresh scenes with known contents, print accuracy")
     pm.add_argument("--n", type=int, default=500)

@@ -1,7 +1,7 @@
-"""Judges for real images, for tools.evaluate's --judge: CLIP scores and an open-vocabulary detector, both models
+"""Judges for real images, for tools.eval.evaluate's --judge: CLIP scores and an open-vocabulary detector, both models
 that transformers implements, loaded with from_pretrained from a Hugging Face Hub name or a local folder.
 
-    --judge tools.real_judges:OwlDetector,tools.real_judges:ClipScore
+    --judge tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore
         [--detector-model google/owlv2-base-patch16-ensemble] [--detector-threshold 0.1] [--detector-query phrase]
         [--clip-model openai/clip-vit-base-patch16] [--clip-template "a photo of a {}"]
 

@@ -252,7 +252,7 @@ def measure(family, px, dtype_name, rounds, threads, backend, out_path, warmup=2
 
 
 def run_child(args, px, dtype, out_path):
-    cmd = [sys.executable, "-m", "tools.bench_unet", "--child", "--family", args.family, "--sizes", str(px),
+    cmd = [sys.executable, "-m", "tools.bench.unet", "--child", "--family", args.family, "--sizes", str(px),
            "--dtypes", dtype, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads",
            str(args.threads), "--backend", args.backend, "--out", str(out_path)] + (["--no-openvino"] * args.no_openvino)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))

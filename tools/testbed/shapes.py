@@ -3,13 +3,13 @@
 Attention Regulation (Zhang et al., 2024, "Attention Regulation: ... for text-to-image diffusion models")
 and Attend-and-Excite (Chefer et al., 2023) fight *object neglect*: a prompt names two things and the image
 shows one. Measuring that on real Stable Diffusion needs a learned detector; here the world is small enough
-that tools/judge.py can check it with plain geometry. A tiny SD trained on these scenes never sees the
+that tools/testbed/judge.py can check it with plain geometry. A tiny SD trained on these scenes never sees the
 held-out pairs together, so the benchmark prompts ask it to compose, as real SD must.
 
 Coordinates and sizes of objects are fractions of the image side, so one scene renders at any resolution.
 
-    python -m tools.shapes prompts --n 120 --out prompts.jsonl
-    python -m tools.shapes grid --out grid.png
+    python -m tools.testbed.shapes prompts --n 120 --out prompts.jsonl
+    python -m tools.testbed.shapes grid --out grid.png
 """
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -141,7 +141,7 @@ def render(scene, size=128):
 
 def object_masks(scene, res, size=128):
     """Each object's share of every cell of a res x res grid over the image: float32 (objects, res, res), in the
-    scene's order. The training stage that grounds cross-attention (tools/train.py) uses it at the latent grid."""
+    scene's order. The training stage that grounds cross-attention (tools/testbed/train.py) uses it at the latent grid."""
     out = []
     for o in scene.objects:
         _check_obj(o)
@@ -316,7 +316,7 @@ def _grid(rows=4, cols=6, size=128, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.shapes", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.testbed.shapes", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prompts", help="write benchmark prompts (held-out pairs) as JSON lines")
     pp.add_argument("--n", type=int, default=120)

@@ -13,8 +13,8 @@ figure (issue: testbed), on held-out seeds:
      attention at the regulated layers during the first half of the steps; are both objects drawn, and where
      the layout put them? (A diagnostic beside the issue's gates, without a goal of its own: compare with b.)
 
-    python -m tools.diagnose --checkpoint weights/minisd-shapes.safetensors
-    python -m tools.diagnose --checkpoint run/snapshot-002000.safetensors --quick --json out.json
+    python -m tools.testbed.diagnose --checkpoint weights/minisd-shapes.safetensors
+    python -m tools.testbed.diagnose --checkpoint run/snapshot-002000.safetensors --quick --json out.json
 
 Gate (e), the layer rule, is ModelConfig.default_blocks: one rule for every family (the deepest level of the
 UNet's down and up paths that has cross-attention), fixed before the benchmark it is measured with.
@@ -31,8 +31,8 @@ from minisd.attention import AttentionHook
 from minisd.maps import AttentionMaps, block_of
 from minisd.pipeline import Pipeline
 from regulation.editors import choose_targets
-from tools import judge as J
-from tools import shapes
+from tools.testbed import judge as J
+from tools.testbed import shapes
 
 GOALS = {"a": ">= 90%", "b": "20-80%", "c": ">= 80% follow the words", "d": "own lift >= 2 and > other"}
 SEED0 = 50_000  # held-out seeds: training never draws noise from these
@@ -164,7 +164,7 @@ def gate_bd(pipe, prompts, seeds, steps, log):
 
 
 class LayoutHook(AttentionHook):
-    """Writes a layout into the nouns' cross-attention (tools.train.inject_layout: inside each object's region its
+    """Writes a layout into the nouns' cross-attention (tools.testbed.train.inject_layout: inside each object's region its
     noun takes 0.9 of the row) at the regulated blocks, in the conditional half, during the steps regulation
     edits (the first half): the most direct form of what regulation does, with the regions given."""
 
@@ -176,7 +176,7 @@ class LayoutHook(AttentionHook):
         return layer.is_cross and self.step < self.edit_steps and block_of(layer.name) in self.blocks
 
     def edit_probs(self, layer, logits, probs):
-        from tools.train import inject_layout
+        from tools.testbed.train import inject_layout
         out = probs.clone()
         cond = probs[self.cond]
         out[self.cond] = inject_layout(cond, self.columns.expand(cond.shape[0], -1, -1),
@@ -190,7 +190,7 @@ def gate_f(pipe, prompts, seeds, steps, log):
     first half of the steps. Both found, and both found where the layout put them, against gate b's plain rate.
     Stable Diffusion has this handle (editing its early cross-attention maps moves and brings back objects:
     Prompt-to-Prompt, Directed Diffusion); a testbed without it cannot show what regulation does."""
-    from tools.train import noun_columns
+    from tools.testbed.train import noun_columns
     blocks = pipe.cfg.default_blocks()
     res = pipe.cfg.image_size // pipe.cfg.vae.downsample
     found_both = placed_both = 0
@@ -244,7 +244,7 @@ def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, n_swap=20, ha
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m tools.diagnose", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tools.testbed.diagnose", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="weights/minisd-shapes.safetensors")
     ap.add_argument("--steps", type=int, default=50)

@@ -1,0 +1,3 @@
+from tools.eval.evaluate import main
+
+main()
