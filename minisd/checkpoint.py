@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .blocks import unet_renames
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig, sd1, sd2, sdxl
 from .model import StableDiffusion
 from .tokenizer import folder_pad_token
@@ -220,32 +221,6 @@ def detect_sdxl(state, path=None):
 
 # ------------------------------------------------------------------------------------------ diffusers folders
 
-def _unet_renames(cfg):
-    """(official prefix, diffusers prefix) pairs for the UNet: levels and blocks are numbered differently."""
-    nrb, levels = cfg.num_res_blocks, len(cfg.channel_mult)
-    r = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-         ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
-         ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
-         ("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
-         ("middle_block.2.", "mid_block.resnets.1.")]
-    for i in range(levels):
-        for j in range(nrb):
-            n = 1 + i * (nrb + 1) + j
-            r += [(f"input_blocks.{n}.0.", f"down_blocks.{i}.resnets.{j}."),
-                  (f"input_blocks.{n}.1.", f"down_blocks.{i}.attentions.{j}.")]
-        if i < levels - 1:
-            r.append((f"input_blocks.{(i + 1) * (nrb + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-        for j in range(nrb + 1):
-            n = i * (nrb + 1) + j
-            r += [(f"output_blocks.{n}.0.", f"up_blocks.{i}.resnets.{j}."),
-                  (f"output_blocks.{n}.1.conv.", f"up_blocks.{i}.upsamplers.0.conv."),
-                  (f"output_blocks.{n}.2.conv.", f"up_blocks.{i}.upsamplers.0.conv."),
-                  (f"output_blocks.{n}.1.", f"up_blocks.{i}.attentions.{j}.")]
-    inner = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
-             ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
-    return r, inner
-
-
 def _vae_renames(cfg):
     levels = len(cfg.ch_mult)
     r = []
@@ -356,7 +331,7 @@ def diffusers_to_official(folder, cfg, dtype=None, vae_float32=False):
     folder = Path(folder)
     with torch.device("meta"):
         want = StableDiffusion(cfg).state_dict()
-    sources = {"model.diffusion_model.": ("unet", *_unet_renames(cfg.unet)),
+    sources = {"model.diffusion_model.": ("unet", *unet_renames(cfg.unet)),
                "first_stage_model.": ("vae", *_vae_renames(cfg.vae))}
     if cfg.text2 is None:
         sources["cond_stage_model.transformer."] = ("text_encoder", [], [])

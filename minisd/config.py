@@ -3,6 +3,8 @@ and shapes (checkpoint.py), or read from the config that our own checkpoints sto
 from dataclasses import dataclass, field, asdict, fields
 import json
 
+from .blocks import attention_levels, level_blocks
+
 
 @dataclass
 class UNetConfig:
@@ -122,22 +124,6 @@ class ModelConfig:
                 v = tuple(v)
             kw[f.name] = v
         return ModelConfig(**kw)
-
-
-def attention_levels(unet):
-    """The UNet levels d (0 = full latent resolution) that hold a spatial transformer."""
-    levels = [d for d in range(len(unet.channel_mult)) if 2 ** d in unet.attention_resolutions]
-    if not levels:
-        raise ValueError("this UNet has no attention level")
-    return levels
-
-
-def level_blocks(unet, d):
-    """The input and output blocks of UNet level d, counted as the UNet numbers its blocks (unet.py): input
-    block 1 + d*(nrb+1) + j, output block (levels-1-d)*(nrb+1) + j."""
-    nrb, up = unet.num_res_blocks, len(unet.channel_mult) - 1 - d
-    return tuple([f"input_blocks.{1 + d * (nrb + 1) + j}" for j in range(nrb)] +
-                 [f"output_blocks.{up * (nrb + 1) + j}" for j in range(nrb + 1)])
 
 
 def sd1():

@@ -6,17 +6,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .attention import AttentionHook
-
-
-def block_of(name):
-    """`model.diffusion_model.input_blocks.7.1.transformer_blocks.0.attn2` -> `input_blocks.7`."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p in ("input_blocks", "output_blocks"):
-            return f"{p}.{parts[i + 1]}"
-        if p == "middle_block":
-            return p
-    return name
+from .blocks import block_of
 
 
 class AttentionMaps(AttentionHook):

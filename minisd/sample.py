@@ -228,7 +228,7 @@ def check_args(args):
 
 def map_sizes(cfg, height, width):
     """{block with cross-attention: (h, w) of its maps} for an image of height x width."""
-    from regulation.layers import attention_blocks
+    from .blocks import attention_blocks
     f = cfg.vae.downsample
     return {b: (height // f // 2 ** d, width // f // 2 ** d) for b, d in attention_blocks(cfg.unet).items()}
 

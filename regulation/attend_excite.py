@@ -90,7 +90,7 @@ class AttendExciteConfig:
 def default_layers(model_config):
     """The blocks of the attention level whose maps are closest to 16x16 at the model's default image size (ties:
     the larger maps): the authors' attention_res = 16 as a rule (module docstring)."""
-    from minisd.config import attention_levels, level_blocks
+    from minisd.blocks import attention_levels, level_blocks
     side = model_config.image_size // model_config.vae.downsample
     level = min(attention_levels(model_config.unet), key=lambda d: (abs(side / 2 ** d - 16), d))
     return level_blocks(model_config.unet, level)

@@ -6,8 +6,7 @@ A layer can be named three ways:
     `input_blocks.7.1.transformer_blocks.0.attn2` (every layer under that path);
   - by diffusers' block names: `down_blocks.2`, `up_blocks.1`, `mid_block` (also `down_blocks.2.attentions.1`);
   - by the size of its query map: `16x16` (height x width) or `16`.
-With nrb = unet.num_res_blocks, diffusers' `down_blocks.i` is `input_blocks[1 + i*(nrb+1) + j]` for j < nrb,
-`up_blocks.i` is `output_blocks[i*(nrb+1) + j]` for j <= nrb, and `mid_block` is `middle_block`.
+How the two namings meet is minisd/blocks.py.
 
 The paper regulates the layers at 1/32 of the image side (16x16 maps at 512 px): in SD, input_blocks.7/8 and
 output_blocks.3/4/5, the deepest level of the UNet's down and up paths that has cross-attention. That is the
@@ -16,60 +15,7 @@ transformer blocks each; the shipped shapes model: its 8x8 maps).
 """
 import re
 
-from minisd.config import ModelConfig
-
-PREFIX = "model.diffusion_model."
-
-
-def attention_blocks(unet):
-    """{checkpoint block name: UNet level} for every block that holds a spatial transformer."""
-    nrb, levels = unet.num_res_blocks, len(unet.channel_mult)
-    blocks = {}
-    for d in range(levels):
-        if 2 ** d in unet.attention_resolutions:
-            for j in range(nrb):
-                blocks[f"input_blocks.{1 + d * (nrb + 1) + j}"] = d
-            for j in range(nrb + 1):
-                blocks[f"output_blocks.{(levels - 1 - d) * (nrb + 1) + j}"] = d
-    blocks["middle_block"] = levels - 1
-    return blocks
-
-
-def default_blocks(model_config: ModelConfig):
-    """The blocks regulated by default (ModelConfig.default_blocks), as a list."""
-    return list(model_config.default_blocks())
-
-
-def diffusers_to_checkpoint(spec, unet):
-    """`down_blocks.i[.attentions.j]`, `up_blocks.i[.attentions.j]`, `mid_block[.attentions.0]` -> a list of
-    checkpoint block names; None when `spec` is not a diffusers name."""
-    nrb, levels = unet.num_res_blocks, len(unet.channel_mult)
-    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)(?:\.attentions\.(\d+))?", spec)
-    if m:
-        kind, i, j = m.group(1), int(m.group(2)), m.group(3)
-        if i >= levels:
-            raise ValueError(f"{spec!r}: this UNet has {kind}.0 to {kind}.{levels - 1}")
-        first, count = (1 + i * (nrb + 1), nrb) if kind == "down_blocks" else (i * (nrb + 1), nrb + 1)
-        js = range(count) if j is None else [int(j)]
-        if j is not None and int(j) >= count:
-            raise ValueError(f"{spec!r}: {kind}.{i} has attentions.0 to attentions.{count - 1}")
-        name = "input_blocks" if kind == "down_blocks" else "output_blocks"
-        return [f"{name}.{first + jj}" for jj in js]
-    if re.fullmatch(r"mid_block(?:\.attentions\.0)?", spec):
-        return ["middle_block"]
-    return None
-
-
-def _split_block(path):
-    """`input_blocks.7.1.transformer_blocks.0.attn2` -> (`input_blocks.7`, [`1`, `transformer_blocks`, ...]);
-    (None, []) when the path is not inside a UNet block."""
-    parts = path.split(".")
-    if parts[0] == "middle_block":
-        return "middle_block", parts[1:]
-    if parts[0] in ("input_blocks", "output_blocks") and len(parts) > 1 and parts[1].isdigit():
-        return ".".join(parts[:2]), parts[2:]
-    return None, []
-
+from minisd.blocks import PREFIX, attention_blocks, diffusers_to_checkpoint, split_block
 
 class LayerSelector:
     """`selector(layer) -> bool` for layers with `.name` (checkpoint path) and `.hw` (query map size).
@@ -98,7 +44,7 @@ class LayerSelector:
             path = spec[len(PREFIX):] if spec.startswith(PREFIX) else spec
             names = diffusers_to_checkpoint(path, unet) or [path]
             for name in names:
-                block, inside = _split_block(name)
+                block, inside = split_block(name)
                 if block not in blocks or inside[:1] not in ([], ["1"]):   # a block's transformer is its module 1
                     raise ValueError(f"{spec!r} names no attention layer of this model; blocks with attention: "
                                      f"{', '.join(blocks)} (or diffusers names down_blocks.i, up_blocks.i, "

@@ -10,7 +10,7 @@ import torch
 
 from minisd.checkpoint import build_model
 from minisd.config import tiny
-from minisd.maps import block_of
+from minisd.blocks import block_of
 from minisd.pipeline import Pipeline
 from regulation.attend_excite import (AttendExcite, AttendExciteConfig, default_layers, excite_loss, smooth,
                                       smoothing_kernel, step_sizes)

@@ -348,7 +348,8 @@ def test_grid_titles_steps_layers_and_metadata(ckpt, tmp_path, capsys, monkeypat
 
 def test_observed_layers_are_the_regulated_ones(ckpt):
     from minisd.checkpoint import load_model
-    from minisd.maps import AttentionMaps, block_of
+    from minisd.blocks import block_of
+    from minisd.maps import AttentionMaps
     from regulation.editors import choose_targets, make_editor
     pipe = minisd.pipeline.Pipeline(load_model(ckpt))
     targets = choose_targets(pipe.tokenizer, PROMPT, ["circle"], log=lambda *a: None)

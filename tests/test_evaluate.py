@@ -180,7 +180,7 @@ def test_jsonl_targets_are_used_as_given(tmp_path):
 def test_example_maps_come_from_the_regulated_layers(ckpt, layers):
     """examples.png shows the maps of the layers that were regulated: with --layers, those, not the defaults."""
     from minisd.attention import Attention
-    from minisd.maps import block_of
+    from minisd.blocks import block_of
     from minisd.pipeline import Pipeline
     pipe = Pipeline.from_checkpoint(ckpt)
     item = dict(prompt="a red circle and a blue square", objects=[("red", "circle"), ("blue", "square")])

@@ -6,7 +6,7 @@ import torch
 from minisd.attention import AttentionHook
 from minisd.checkpoint import build_model
 from minisd.config import tiny
-from minisd.maps import block_of
+from minisd.blocks import block_of
 from minisd.pipeline import Pipeline
 from minisd.samplers import SAMPLERS
 from regulation.attention_regulation import RegulationConfig

@@ -16,7 +16,7 @@ import torch
 from minisd.config import sd1, sd2, tiny
 from regulation.attention_regulation import (AttentionRegulation, RegulationConfig, default_edit_steps,
                                              gaussian_maps, gaussian_sigma, regulate_logits, restore_special)
-from regulation.layers import LayerSelector, default_blocks
+from regulation.layers import LayerSelector
 
 try:
     from tools.bench.reference_regulation import reference_regulate, reference_restore_special
@@ -302,7 +302,7 @@ def test_editor_in_a_tiny_unet():
     assert (edited[2:] - plain[2:]).abs().max() > 1e-3
     torch.testing.assert_close(later, plain, atol=1e-5, rtol=1e-5)
     regulated = {name.split(".")[2] + "." + name.split(".")[3] for name in ed.history}
-    assert regulated == set(default_blocks(cfg))
+    assert regulated == set(cfg.default_blocks())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -326,22 +326,22 @@ def test_default_layers():
     the paper's layers (16x16 at 512 px), whatever the image size; on the shipped model its 8x8 maps."""
     from minisd.config import sdxl
     sd_blocks = ["input_blocks.7", "input_blocks.8", "output_blocks.3", "output_blocks.4", "output_blocks.5"]
-    assert default_blocks(sd1()) == sd_blocks and default_blocks(sd2()) == sd_blocks
-    assert default_blocks(sd2(v_prediction=True)) == sd_blocks   # 768 px: 24x24 maps, the same blocks
-    assert default_blocks(sdxl()) == ["input_blocks.7", "input_blocks.8", "output_blocks.0", "output_blocks.1",
-                                      "output_blocks.2"]
+    assert list(sd1().default_blocks()) == sd_blocks and list(sd2().default_blocks()) == sd_blocks
+    assert list(sd2(v_prediction=True).default_blocks()) == sd_blocks   # 768 px: 24x24 maps, the same blocks
+    assert list(sdxl().default_blocks()) == ["input_blocks.7", "input_blocks.8", "output_blocks.0",
+                                             "output_blocks.1", "output_blocks.2"]
     assert _selected(LayerSelector(None, sd1())) == sd_blocks
     # the tiny test family: attention at all three levels -> the deepest (8x8 at 64 px), at any image size
     t = tiny()
     assert t.regulate_blocks is None
-    assert default_blocks(t) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
+    assert list(t.default_blocks()) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
     sel = LayerSelector(None, t)
     assert sel(_attn2("input_blocks.5")) and sel(_attn2("output_blocks.1")) and not sel(_attn2("input_blocks.3"))
     t.image_size = 16
-    assert default_blocks(t) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
+    assert list(t.default_blocks()) == ["input_blocks.5", "output_blocks.0", "output_blocks.1"]
     # the shipped model's family (tools/testbed/train.py): cross-attention at 16x16 and 8x8 -> its 8x8 maps
     from tools.testbed.train import shapes_config
-    assert default_blocks(shapes_config()) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
+    assert list(shapes_config().default_blocks()) == ["input_blocks.3", "output_blocks.2", "output_blocks.3"]
 
 
 def test_attend_excite_layers():

@@ -43,7 +43,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from minisd.maps import AttentionMaps, block_of, grid, word_maps
+from minisd.blocks import block_of
+from minisd.maps import AttentionMaps, grid, word_maps
 from minisd.sample import DEFAULT_CHECKPOINT, file_hash
 from regulation.editors import choose_targets, set_up
 from regulation.targets import auto_targets, is_adjective

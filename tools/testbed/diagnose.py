@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from minisd.attention import AttentionHook
-from minisd.maps import AttentionMaps, block_of
+from minisd.blocks import block_of
+from minisd.maps import AttentionMaps
 from minisd.pipeline import Pipeline
 from regulation.editors import choose_targets
 from tools.testbed import judge as J
