@@ -7,150 +7,29 @@ refused before the model runs, as one `error:` line and exit status 2; Ctrl-C le
 Without --checkpoint it uses the tiny model shipped in weights/ (trained here on a world of coloured shapes).
 """
 import argparse
-import hashlib
 import math
-import os
 import pickle
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError
+from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, file_hash
+from .images import UsageError, check_writable, output_paths, parameters_text, remove_empty, save_image
 from .pipeline import NonFiniteError, size_unit
 from .samplers import SAMPLERS
 from .tokenizer import PromptTruncatedWarning
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "minisd-shapes.safetensors"
 SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "plms": "PLMS"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}   # --out FILE: by its extension
-
-
-class UsageError(Exception):
-    pass
 
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr)
-
-
-def file_hash(path):
-    """AUTOMATIC1111's model hash: the first 10 hex digits of the file's sha256 (of all files, for a folder)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:10]
-
-
-def parameters_text(prompt, negative, settings):
-    """The `parameters` chunk: prompt, negative prompt, then `Key: value` pairs on one line."""
-    def value(v):
-        v = str(v)
-        return f'"{v}"' if re.search(r"[,:\"]", v) else v
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    lines.append(", ".join(f"{k}: {value(v)}" for k, v in settings.items() if v is not None))
-    return "\n".join(lines)
-
-
-# --- where the images go: checked before any work, written whole or not at all -----------------------------------
-
-def nearest_existing(path):
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def check_writable(folder, flag):
-    """`folder` (there already, or to be made) can take new files: probe its nearest existing ancestor."""
-    base = nearest_existing(folder)
-    if not base.is_dir():
-        raise UsageError(f"{flag} {folder}: {base} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".minisd-probe-", dir=base)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UsageError(f"{flag} {folder}: cannot write in {base} ({e.strerror})") from None
-
-
-def output_paths(out, count, seeds, overwrite):
-    """A folder gets numbered PNGs after the highest number already there, so nothing is ever replaced; a path
-    ending in .png, .jpg/.jpeg or .webp is one image in that format, refused if it exists (unless --overwrite).
-    Checks that the files can be written; makes no folder (save_image does, when there is something to save)."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix in FORMATS and not out.is_dir():
-        if count != 1:
-            raise UsageError(f"--out {out} names one file but {count} images were asked for; give a folder")
-        if out.exists() and not overwrite:
-            raise UsageError(f"{out} exists; choose another path or pass --overwrite")
-        check_writable(out.parent, "--out")
-        return [out]
-    if suffix and suffix in Image.registered_extensions() and not out.is_dir():
-        raise UsageError(f"--out {out}: images are written as {', '.join(FORMATS)} (by the file's extension), "
-                         f"or as numbered PNGs into a folder; not as {suffix}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder; name a .png/.jpg/.webp file or a folder")
-    check_writable(out, "--out")
-    used = [int(m.group(1)) for p in out.glob("*.png") if (m := re.match(r"(\d+)-", p.name))] if out.is_dir() else []
-    start = max(used, default=-1) + 1
-    return [out / f"{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
-
-
-def make_dirs(folder, made):
-    """mkdir -p that remembers what it made (in `made`), so that a failed run can take its empty folders back."""
-    missing, p = [], Path(folder)
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        d.mkdir()
-        made.append(d)
-
-
-def remove_empty(made):
-    for d in reversed(made):
-        try:
-            d.rmdir()
-        except OSError:   # not empty: it holds what this run finished
-            pass
-
-
-def save_image(image, path, text, made):
-    """Write `image` in the format of `path`'s extension with the settings text: a PNG `parameters` chunk, or for
-    JPEG/WebP the EXIF UserComment (where AUTOMATIC1111 puts it). Written under a temporary name and renamed, so a
-    file is there whole or not at all."""
-    fmt = FORMATS.get(path.suffix.lower(), "PNG")
-    make_dirs(path.parent, made)
-    if fmt == "PNG":
-        info = PngInfo()
-        info.add_text("parameters", text)
-        options = {"pnginfo": info}
-    else:
-        exif = Image.Exif()
-        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")   # Exif IFD, UserComment
-        options = {"exif": exif, "quality": 95}
-    part = path.with_name(f".{path.name}.part")
-    try:
-        image.convert("RGB").save(part, format=fmt, **options)
-        os.replace(part, path)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
 
 
 # --- checks that need only the arguments, or the model's config -----------------------------------------------
@@ -298,19 +177,6 @@ def check_cost(cfg, height, width, dtype, batch, device):
         warn(f"{width}x{height} needs about {need / gib:.1f} GiB of the {have / gib:.1f} GiB available")
 
 
-def kept_words_prompt(tokenizer, prompt):
-    """(the part of `prompt` the text encoder reads, the cut-off tail or None): the prompt's tokens up to the 77
-    positions, without a word cut in two."""
-    ids = tokenizer.encode(prompt)
-    room = tokenizer.max_length - 2
-    if len(ids) <= room:
-        return prompt, None
-    kept = ids[:room]
-    while kept and not tokenizer.decoder[kept[-1]].endswith("</w>"):
-        kept.pop()
-    return tokenizer.decode(kept), tokenizer.decode(ids[len(kept):])
-
-
 def chosen_method(args):
     """--method, or regulate for --regulate alone; None for a plain run."""
     return args.method or ("regulate" if args.regulate else None)
@@ -455,9 +321,9 @@ def _run(args, log, made):
         pipe.decoder = taesd.decode
 
     # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted
-    kept_prompt, cut = kept_words_prompt(pipe.tokenizer, args.prompt)
+    cut = pipe.tokenizer.kept(args.prompt)[1]
     for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
-        tail = cut if what == "prompt" else kept_words_prompt(pipe.tokenizer, text)[1]
+        tail = cut if what == "prompt" else pipe.tokenizer.kept(text)[1]
         if tail:
             warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
     warnings.simplefilter("ignore", PromptTruncatedWarning)
@@ -467,15 +333,9 @@ def _run(args, log, made):
     if method or args.save_attention:
         from regulation.editors import NAMES, choose_targets, set_up
         from regulation.layers import LayerSelector
-        from regulation.targets import auto_targets
         targets = None
         if method in (None, "regulate", "attend-excite"):
             words = args.targets.split() if args.targets else None
-            if not words:   # the nouns of what the text encoder reads, not of a cut-off tail
-                words = auto_targets(kept_prompt)
-                if not words:
-                    raise UsageError(f"found no object words in {kept_prompt!r}; name them with --targets")
-                log(f"targets chosen from the prompt: {' '.join(words)}")
             targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
         elif method in ("syngen", "composable"):
             targets = args.targets

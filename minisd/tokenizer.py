@@ -160,6 +160,7 @@ class Tokenizer:
         self.pad_id = self.eos_id if pad_with_eot else 0
         self.max_length = max_length
         self.cache = {}
+        self.encoded = {}
 
     def __len__(self):
         return len(self.encoder)
@@ -188,12 +189,29 @@ class Tokenizer:
         return word
 
     def encode(self, text):
-        """Text -> ids, without start/end tokens and without truncation."""
-        ids = []
-        for piece in pre_tokenize(clean(text)):
-            chars = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(chars))
-        return ids
+        """Text -> ids, without start/end tokens and without truncation. A prompt is read by several steps on its
+        way to an image (targets, the token table, the text encoder): the last few prompts' ids are kept."""
+        if text not in self.encoded:
+            ids = []
+            for piece in pre_tokenize(clean(text)):
+                chars = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+                ids.extend(self.encoder[t] for t in self.bpe(chars))
+            if len(self.encoded) >= 64:
+                self.encoded.pop(next(iter(self.encoded)))
+            self.encoded[text] = tuple(ids)
+        return list(self.encoded[text])
+
+    def kept(self, prompt):
+        """(the part of `prompt` the text encoder reads, the cut-off tail or None): its tokens up to the
+        max_length positions, without a word cut in two."""
+        ids = self.encode(prompt)
+        room = self.max_length - 2
+        if len(ids) <= room:
+            return prompt, None
+        kept = ids[:room]
+        while kept and not self.decoder[kept[-1]].endswith("</w>"):
+            kept.pop()
+        return self.decode(kept), self.decode(ids[len(kept):])
 
     def token_text(self, i):
         """One id as readable text: bytes decoded (a piece of a multi-byte character shows as U+FFFD),

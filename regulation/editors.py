@@ -30,11 +30,13 @@ TAKES = {"regulate": {"targets", "layers", "edit_steps"}, "attend-excite": {"tar
 
 def choose_targets(tokenizer, prompt, words=None, log=print):
     """Resolve target words (all sub-tokens of each word); with none given, the nouns of the prompt's noun
-    phrases (targets.auto_targets). Prints what was chosen and the resolved token table."""
+    phrases (targets.auto_targets) within the part the text encoder reads. Prints what was chosen and the resolved
+    token table. `tokenizer` may be a list (SDXL's two)."""
     if not words:
-        words = auto_targets(prompt)
+        kept = (tokenizer[0] if isinstance(tokenizer, (list, tuple)) else tokenizer).kept(prompt)[0]
+        words = auto_targets(kept)
         if not words:
-            raise ValueError(f"found no object words in {prompt!r}; name them with --targets")
+            raise ValueError(f"found no object words in {kept!r}; name them with --targets")
         log(f"targets chosen from the prompt: {' '.join(words)}")
     targets = resolve_targets(tokenizer, prompt, words)
     log(token_table(tokenizer, prompt, targets))

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from minisd.blocks import block_of
 from minisd.maps import AttentionMaps, grid, word_maps
-from minisd.sample import DEFAULT_CHECKPOINT, file_hash
+from minisd.checkpoint import DEFAULT_CHECKPOINT, file_hash
 from regulation.editors import choose_targets, set_up
 from regulation.targets import auto_targets, is_adjective
 from tools.testbed import shapes
