@@ -112,8 +112,7 @@ class _OpenVINOSegment(torch.nn.Module):
         self.frozen = {i for i, a in enumerate(args) if id(a) in self.weights}
         seg, frozen = self.seg, self.frozen
         # A bfloat16 stretch is traced in float32 and run under the bf16 hint, its inputs and outputs still bfloat16:
-        # from bfloat16 weights OpenVINO ran SD 1.5's UNet at 1.43x the converted model's time, from float32 at 1.22x
-        # (256 px, tools.bench unet).
+        # OpenVINO's own bf16 kernels are faster from a float32 graph than from one traced in bfloat16.
         bf16 = any(a.dtype == torch.bfloat16 for a in args)
         if bf16:
             for node in seg.graph.nodes:   # the graph's own casts (`.to(x.dtype)`) follow
@@ -227,13 +226,11 @@ def compile_unet(unet, backend="inductor", mode=None, log=print):
             return compiled(x, t, context, y)
         start = time.perf_counter()
         out = compiled(x, t, context, y)
-        unet.compile_seconds = getattr(unet, "compile_seconds", 0.0) + time.perf_counter() - start
         seen.add(key)
         if log:
             log(f"compiled the UNet with {backend} for input {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} "
                 f"in {time.perf_counter() - start:.1f} s (once per shape)")
         return out
 
-    # forward_eager: the same module uncompiled (benchmarks time both on one copy of the weights)
-    unet.forward, unet.forward_eager, unet.compiled_backend = forward, eager, backend
+    unet.forward, unet.compiled_backend = forward, backend
     return unet

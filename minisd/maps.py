@@ -20,7 +20,11 @@ class AttentionMaps(AttentionHook):
     def __init__(self, positions, steps, blocks):
         self.positions, self.steps = list(positions), set(steps)
         self.select = blocks if callable(blocks) else (lambda layer, names=set(blocks): block_of(layer.name) in names)
-        self.maps, self._count, self.blocks_seen = {}, {}, set()
+        self.maps, self._count, self.layers_seen = {}, {}, set()
+
+    @property
+    def blocks_seen(self):
+        return {block_of(name) for name in self.layers_seen}
 
     def wants(self, layer):
         # passes with gradient are an editor's own (Attend-and-Excite's conditional pass), not the sampling step
@@ -28,7 +32,7 @@ class AttentionMaps(AttentionHook):
 
     def edit_probs(self, layer, logits, probs):
         h, w = layer.hw
-        self.blocks_seen.add(block_of(layer.name))
+        self.layers_seen.add(layer.name)
         p = probs[self.cond][..., self.positions].mean(dim=1)  # (b, heads, hw, k) -> (b, hw, k)
         m = p.transpose(1, 2).reshape(p.shape[0], len(self.positions), h, w).detach().float().cpu()
         if self.step in self.maps and self.maps[self.step].shape[-2:] != m.shape[-2:]:
@@ -58,9 +62,9 @@ def _heat(m, size):
     return _ramp(m)
 
 
-def grid(image, runs, words, cell=128):
+def grid(runs, words, cell=128):
     """A PNG-ready grid for one image. `runs` = [(title, final image, {step: (words, h, w)})] (e.g. plain and
-    regulated side by side; `image` is unused, kept for callers). Each run is a block of columns: its final image
+    regulated side by side). Each run is a block of columns: its final image
     (top row only), then one column per word; rows are steps. Each map is overlaid on its run's final image,
     scaled to its own min..max (the colour scale at the bottom) and labelled with its largest attention."""
     steps = sorted(set().union(*[set(m) for _, _, m in runs]))

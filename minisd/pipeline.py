@@ -14,7 +14,7 @@ numbers can give each image its own generator), tells them the step index and wh
 before each UNet call, and removes them after. It checks the latents after every step and stops with a
 NonFiniteError at the first step that overflowed.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,6 @@ class Result:
     images: list                      # PIL images, prompt-major: prompt p, image j -> index p * n + j
     seeds: list
     latents: torch.Tensor = None      # final latents, on request
-    extras: dict = field(default_factory=dict)
 
 
 class NonFiniteError(ValueError):

@@ -145,8 +145,7 @@ def estimate_memory(cfg, height, width, dtype, batch):
     rows (the skip connections it keeps, a few tensors of its widest level, the feed-forward of its first
     transformer; its self-attention runs blockwise) and the VAE decoding one image (a few tensors of its widest
     level, where each upsampling doubles the side before the channels shrink, plus its one attention over the
-    whole latent, whose scores are materialised: it grows with the square of the pixels). Measured on the
-    shipped model at 1024 px: 2.4 GiB to decode, estimated 2.5."""
+    whole latent, whose scores are materialised: it grows with the square of the pixels)."""
     size = torch.finfo(dtype).bits // 8
     u, v = cfg.unet, cfg.vae
     hw = (height // v.downsample) * (width // v.downsample)
@@ -398,7 +397,7 @@ def _run(args, log, made):
                 about = {**settings, "Attention steps": " ".join(map(str, show_steps)),
                          "Attention layers": " ".join(sorted(layers_seen)),
                          "Attention maps": "mean over heads and layers; each map scaled to its own min..max"}
-                save_image(grid(result.images[0], panels, [w for w, _ in groups]),
+                save_image(grid(panels, [w for w, _ in groups]),
                            gpath, parameters_text(args.prompt, args.negative_prompt, about), made)
                 log(f"wrote {gpath}")
     finally:

@@ -325,9 +325,9 @@ def test_grid_titles_steps_layers_and_metadata(ckpt, tmp_path, capsys, monkeypat
     import minisd.maps
     seen, real_grid = [], minisd.maps.grid
 
-    def grid(image, runs, words, cell=128):
+    def grid(runs, words, cell=128):
         seen.append([title for title, _, _ in runs])
-        return real_grid(image, runs, words, cell)
+        return real_grid(runs, words, cell)
     monkeypatch.setattr(minisd.maps, "grid", grid)
     totals, real_tqdm = [], minisd.sample.tqdm
     monkeypatch.setattr(minisd.sample, "tqdm", lambda **kw: totals.append(kw["total"]) or real_tqdm(**kw))

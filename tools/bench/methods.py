@@ -32,7 +32,7 @@ sdxl: the same steps on the SDXL base architecture (float32 by default: bfloat16
     `--tiny` runs sd15 or sdxl on its tiny config (tiny, tiny-sdxl) in seconds, as the tests do.
     `--backend inductor|openvino` times the steps on minisd's fast path (A&E's pass with gradient stays eager).
 sd15 --generations: whole generations instead of steps, plain and regulated, interleaved: the measured ratio, e.g.
-    on the fast path (the speed issue's goal: a regulated 50-step run within 2% of a plain one):
+    on the fast path (is a regulated 50-step run within a few percent of a plain one?):
         python -m tools.bench methods --only sd15 --generations --backend openvino --size 256 --dtype float32
 """
 import argparse

@@ -12,7 +12,7 @@ process. One process per (size, dtype) times:
   openvino  diffusers' UNet converted with openvino.convert_model (hooks cannot run there): float32 with
             INFERENCE_PRECISION_HINT f32, bfloat16 with bf16. Left out if openvino is not installed or with
             --no-openvino. The last lines give minisd's fast path over it, plain and regulated, in seconds of the
-            same rounds: the issue's goal is <= 1.2.
+            same rounds (the goal in docs/speed.md: at most 1.2).
 At 512 px in float32 the process peaks near 19 GB (both OpenVINO models hold their own copies of the weights).
 Outputs are compared with minisd eager float32 (same weights and inputs in every process; regulated paths with
 regulated minisd eager); "bf16 drift" is a

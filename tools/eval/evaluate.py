@@ -349,23 +349,6 @@ def generate(pipe, prompt, seed, s, hooks=(), run=None):
     return image, time.perf_counter() - t
 
 
-class RegulatedMaps(AttentionMaps):
-    """minisd.maps.AttentionMaps over the layers an editor edits (its LayerSelector, `editor.select`), not the
-    model's default blocks: what examples.png shows must be what was regulated, whatever --layers says."""
-
-    def __init__(self, positions, steps, select):
-        super().__init__(positions, steps, blocks=())
-        self.select, self.layers = select, set()
-
-    def wants(self, layer):
-        return (layer.is_cross and self.step in self.steps and self.select(layer)
-                and not torch.is_grad_enabled())
-
-    def edit_probs(self, layer, logits, probs):
-        self.layers.add(layer.name)
-        return super().edit_probs(layer, logits, probs)
-
-
 def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image=lambda: None, scorers=()):
     """Plain once, then each variant from the same seed; judge each image (judge may be None), score it (each
     scorer's scores(image, prompt, objects)) and measure its drift from plain.
@@ -389,7 +372,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
             targets = run.shown or []
             hooks += run.hooks
             if want_maps and run.shown and not (plain_found and all(plain_found)):
-                observer = RegulatedMaps([p for t in targets for p in t.positions], [s.steps // 4], run.select)
+                observer = AttentionMaps([p for t in targets for p in t.positions], [s.steps // 4], run.select)
                 hooks.append(observer)
         image, seconds = generate(pipe, prompt, seed, s, hooks, run)
         on_image()
@@ -404,7 +387,7 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
             groups = [(t.word, list(range(e - len(t.positions), e))) for t, e in zip(targets, ends)]
             maps[v.name] = ([t.word for t in targets],
                             {st: m[0] for st, m in word_maps(observer.result(), groups).items()},
-                            sorted(observer.layers))
+                            sorted(observer.layers_seen))
         mad, sim = drift(image, images.get("plain", image))
         images[v.name] = image
         judged = found is not None
@@ -542,8 +525,8 @@ def examples_sheet(examples, cell=128):
     blocks = []
     for ex in examples:
         step = max((st for _, m, _ in ex.maps.values() for st in m), default=0)
-        panels = [grid(ex.images["plain"], [("plain", ex.images["plain"], {step: None})], [], cell)]
-        panels += [grid(ex.images[n], [(n, ex.images[n], m)], words, cell) for n, (words, m, _) in ex.maps.items()]
+        panels = [grid([("plain", ex.images["plain"], {step: None})], [], cell)]
+        panels += [grid([(n, ex.images[n], m)], words, cell) for n, (words, m, _) in ex.maps.items()]
         count = lambda r: f"{r['found'].count('1')}/{len(r['found'].split())}" if r["found"] else "?"
         layers = sorted({block_of(name) for _, _, names in ex.maps.values() for name in names})
         text = f"{ex.rows[0]['prompt']}  (seed {ex.rows[0]['seed']})\nfound: " + \

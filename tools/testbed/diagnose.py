@@ -1,5 +1,5 @@
 """Is a shapes-world checkpoint a testbed on which Attention Regulation can show anything? Four gates, each a
-figure (issue: testbed), on held-out seeds:
+figure, on held-out seeds:
 
   a  single objects: "a red circle", every (colour, shape), the strict judge (right colour on the right shape)
   b  two-object held-out prompts, plain: the strict judge finds both objects (20-80% wanted: the model draws,
@@ -11,7 +11,7 @@ figure (issue: testbed), on held-out seeds:
      more than inside the other object's region; plus where the cross-attention goes (start / words / end+pad)
   f  the handle regulation pulls: gate b's prompts with a layout of their two objects written into the nouns'
      attention at the regulated layers during the first half of the steps; are both objects drawn, and where
-     the layout put them? (A diagnostic beside the issue's gates, without a goal of its own: compare with b.)
+     the layout put them? (A diagnostic beside the gates, without a goal of its own: compare with b.)
 
     python -m tools.testbed.diagnose --checkpoint weights/minisd-shapes.safetensors
     python -m tools.testbed.diagnose --checkpoint run/snapshot-002000.safetensors --quick --json out.json

@@ -11,7 +11,7 @@ Four stages, each seeded and resumable, in the order Stable Diffusion's parts we
          each noun's cross-attention at the 16x16 and 8x8 layers is pulled inside its own object, whose mask the
          renderer knows (token loss), and inside it the noun must take the row (pixel loss). SD's maps localise
          objects by themselves, learnt from billions of images; a UNet this small, on this budget, reads the
-         words without placing them (issue: testbed, gate d). The token loss alone, or with an identity term,
+         words without placing them (gate d). The token loss alone, or with an identity term,
          localised the maps by emptying the words into the padding (README); with the pixel loss the model kept
          drawing and following the words. For a quarter of the examples (`--ground-inject 0.25`) the scene's
          layout is written into the nouns' attention instead, at every timestep, so the UNet learns to draw a
@@ -20,7 +20,7 @@ Four stages, each seeded and resumable, in the order Stable Diffusion's parts we
 
 The text encoder is frozen, so whatever it puts in the end-of-text and padding positions is there for the UNet to
 read, and in a world this small those positions summarise the whole prompt: a UNet trained naively reads the
-prompt there, not in the words (issue: testbed). `--pad-swap P` makes the summary unreliable: for a share P of
+prompt there, not in the words. `--pad-swap P` makes the summary unreliable: for a share P of
 the examples the states from the end-of-text token on are taken from another caption of the batch, so only the
 word states always agree with the image. Inference is unchanged: 77 positions, the encoder's own states.
 
@@ -292,7 +292,7 @@ def grounding_loss(seen, columns, masks, contrast=0.0, pixel=0.0):
     a caption names two or more objects.
 
     Both terms can be met by emptying the words: a noun's attention pushed down outside its object goes to the
-    end-of-text and padding states (measured: the words' share of each row fell from 45% to 4%). `pixel` adds,
+    end-of-text and padding states (docs/testbed.md). `pixel` adds,
     with that weight, TokenCompose's pixel loss: the noun's share of each row (its probability, summed over its
     sub-tokens, mean over heads) against the object's mask, binary cross-entropy over the map, so inside its object
     the noun must take the row, not just more of it than elsewhere."""
