@@ -2,6 +2,7 @@
 
     python -m tools.fetch_weights sd15            # Stable Diffusion 1.5, about 4.3 GB
     python -m tools.fetch_weights sd21 --dest /data/weights
+    python -m tools.fetch_weights sdxl            # SDXL base 1.0, about 6.9 GB
 
 The files come from the Hugging Face Hub through huggingface_hub (pip install huggingface_hub). These
 repositories have moved before (SD 1.5 left runwayml/) and may move again: if a download says the repository is
@@ -19,6 +20,8 @@ MODELS = {
              "Stable Diffusion 1.5, EMA weights, 512 px"),
     "sd21": ("stabilityai/stable-diffusion-2-1-base", "v2-1_512-ema-pruned.safetensors",
              "Stable Diffusion 2.1 base, EMA weights, 512 px"),
+    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors",
+             "Stable Diffusion XL base 1.0, 1024 px"),
 }
 
 
