@@ -34,7 +34,8 @@ def test_sdxl_steps_are_timed_and_regulation_edits(capsys):
         assert r["wall"] > 0 and r["cpu"] > 0, (method, r)
         assert r["peak"] is None or r["peak"] > 0
     ratios = [float(v) for v in re.findall(r"([\d.]+)x", out.split("projected 50-step overhead")[1])]
-    assert len(ratios) == 2 * 2 + 4 and all(v > 0 for v in ratios), out   # 2 regulate rows, A&E least and most
+    # 2 regulate rows, syngen, dense, composable, A&E least and most: wall / CPU each
+    assert len(ratios) == 2 * 5 + 4 and all(v > 0 for v in ratios), out
 
     cfg = tiny_sdxl()
     edited = {m: sorted(results[m]["hook"].history) for m in ("regulate", "regulate-layers")}
@@ -48,6 +49,10 @@ def test_sdxl_steps_are_timed_and_regulation_edits(capsys):
         assert not torch.equal(results[method]["out"], plain), f"{method} did not change the step's output"
     x_new, after = results["attend-excite"]["out"]
     assert torch.equal(after, plain) and results["attend-excite"]["hook"].history[1]["loss_before"]
+    x_syn, after = results["syngen"]["out"]    # SynGen moved the latents; its step is then a plain one
+    assert torch.equal(after, plain) and not torch.equal(x_syn, x_new) and results["syngen"]["hook"].history[1]
+    assert not torch.equal(results["dense"]["out"], plain) and results["dense"]["hook"].edited
+    assert results["composable"]["out"].shape == plain.shape and not torch.equal(results["composable"]["out"], plain)
 
 
 def test_sdxl_methods_subset_and_layers(capsys):

@@ -26,7 +26,7 @@ import torch
 
 from tools.bench.timing import timed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]   # the repository
 SHIPPED = ROOT / "weights" / "minisd-shapes.safetensors"
 TEXT = "cond_stage_model.transformer.text_model."
 PROMPTS = {"tiny": "a red circle above a blue square", "sd15": "a photo of a cat and a dog on a sofa"}

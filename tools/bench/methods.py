@@ -47,7 +47,7 @@ import torch
 
 from tools.bench.timing import timed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]   # the repository
 METHOD_NAMES = ("plain", "regulate", "attend-excite")
 
 
@@ -66,8 +66,12 @@ def _quiet(*args, **kwargs):
 
 
 def make_hook(method, pipe, prompt, targets, steps, seed, layers=None):
-    from regulation.editors import make_editor
-    return None if method == "plain" else make_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers)
+    from regulation.editors import make_editor, set_up
+    if method in ("plain", "composable"):   # composable changes the batch, not the attention
+        return None
+    if method in ("syngen", "dense"):
+        return set_up(method, pipe, prompt, steps, layout=LAYOUT if method == "dense" else None, log=None).hooks[0]
+    return make_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers)
 
 
 # ---------------------------------------------------------------------------------------------- tiny model
@@ -226,7 +230,10 @@ PARTS = {
     "sdxl": Part("sdxl", "tiny-sdxl", "SDXL base architecture, random UNet weights, random text conditioning",
                  "float32", unet_only_model, random_conditioning),
 }
-STEP_METHODS = ("plain", "regulate", "regulate-layers", "attend-excite")
+STEP_METHODS = ("plain", "regulate", "regulate-layers", "attend-excite", "syngen", "dense", "composable")
+# the steps of a 50-step run each method acts in (its paper's defaults); the other steps are plain
+ACTIVE_STEPS = {"syngen": 25, "dense": 15, "composable": 50}
+LAYOUT = "black cat:0,0,0.5,1;white dog:0.5,0,1,1"   # DenseDiffusion's regions for the default prompt
 
 
 def one_block(cfg):
@@ -263,7 +270,7 @@ def per_step(part, args):
         pipe.compile(args.backend)
     print(f"{part}: {spec.what} ({family}), {dtype_name}, CPU, {size} px, {args.runs} runs, "
           f"{torch.get_num_threads()} threads (built in {time.perf_counter() - t0:.0f} s)")
-    prompt = args.prompt or "a cat and a dog"
+    prompt = args.prompt or "a black cat and a white dog"
     targets = choose_targets(pipe.tokenizers, prompt, args.targets.split() if args.targets else None, log=_quiet)
     context, y = spec.conditioning(pipe, prompt, size, torch.Generator().manual_seed(args.seed + 1))
     print_default_layers(cfg, size)
@@ -313,8 +320,15 @@ def step_costs(pipe, prompt, targets, context, y, size, dtype, methods, layers, 
         hook.begin_step(1, slice(1, 2))
         return x_new, plain_step()
 
+    def composable_step():   # the unconditional row and one per concept ("a black cat", "a white dog")
+        with torch.no_grad():
+            uncond, *conds = unet(torch.cat([x] * 3), [0, 1, 1]).chunk(3)
+        return uncond + sum(guidance * (c - uncond) for c in conds)
+
     steps = {"plain": ("plain", plain_step), "regulate": ("regulate", regulated_step),
-             "regulate-layers": ("regulate", regulated_step), "attend-excite": ("attend-excite", excite_step)}
+             "regulate-layers": ("regulate", regulated_step), "attend-excite": ("attend-excite", excite_step),
+             "syngen": ("syngen", excite_step), "dense": ("dense", regulated_step),
+             "composable": ("composable", composable_step)}
     results = {}
     for method in methods:
         kind, step = steps[method]
@@ -362,6 +376,11 @@ def print_projection(results):
             r = [results[m][k] for k in ("wall", "cpu")]
             print(f"    {m:15s} (25 regulated + 25 plain) / 50 plain = "
                   + " / ".join(f"{(25 * r[k] + 25 * p[k]) / (50 * p[k]):.2f}x" for k in (0, 1)))
+    for m in ("syngen", "dense", "composable"):
+        if m in results:
+            r, n = [results[m][k] for k in ("wall", "cpu")], ACTIVE_STEPS[m]
+            print(f"    {m:15s} ({n} {m} + {50 - n} plain) / 50 plain = "
+                  + " / ".join(f"{(n * r[k] + (50 - n) * p[k]) / (50 * p[k]):.2f}x" for k in (0, 1)))
     if "attend-excite" in results:
         a = [results["attend-excite"][k] for k in ("wall", "cpu")]
         least = [(25 * a[k] + 25 * p[k]) / (50 * p[k]) for k in (0, 1)]
@@ -393,7 +412,8 @@ def main(argv=None):
     parser.add_argument("--regulate-layers",
                         help="sd15, sdxl: the layers of the regulate-layers step, as minisd.sample takes them "
                              "(default for sdxl: one transformer block, input_blocks.7.1.transformer_blocks.0)")
-    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (sd15, sdxl)")
+    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (generations), 'a black "
+                        "cat and a white dog' (sd15, sdxl steps)")
     parser.add_argument("--targets", help="target words, space separated (default: the prompt's objects)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="eager", choices=("eager", "inductor", "openvino"),
