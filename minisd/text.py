@@ -29,7 +29,10 @@ class TextEncoder(nn.Module):
             self.transformer.text_model = clip
         self.clip = [clip]  # in a list so it is not registered twice
         if cfg.projection_dim:
-            self.text_projection = nn.Parameter(torch.empty(cfg.hidden_size, cfg.projection_dim))
+            # OpenCLIP's initialisation; a checkpoint overwrites it, but a model built from scratch must not start
+            # from uninitialised memory
+            init = torch.randn(cfg.hidden_size, cfg.projection_dim) * cfg.hidden_size ** -0.5
+            self.text_projection = nn.Parameter(init)
 
     @property
     def text_model(self):

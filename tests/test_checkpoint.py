@@ -275,3 +275,15 @@ def test_text_encoder_saved_by_transformers_5(tiny_diffusers):
     clip.save_pretrained(folder)
     assert not any(k.startswith("text_model.") for k in load_file(str(folder / "model.safetensors")))
     load_model(tiny_diffusers)
+
+
+def test_a_model_built_from_scratch_is_the_same_every_time():
+    """build_model(cfg, seed) gives the same weights whatever ran before it: no parameter starts from uninitialised
+    memory (SDXL's text projection once did)."""
+    from minisd.checkpoint import build_model
+    from minisd.config import tiny_sdxl
+    first = build_model(tiny_sdxl(image_size=32), seed=4).state_dict()
+    junk = [torch.full((4096,), float("nan")) for _ in range(64)]   # memory a later allocation may reuse
+    del junk
+    again = build_model(tiny_sdxl(image_size=32), seed=4).state_dict()
+    assert all(torch.isfinite(v).all() and torch.equal(v, again[k]) for k, v in first.items() if v.is_floating_point())

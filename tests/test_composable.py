@@ -32,7 +32,7 @@ CONCEPTS = [("a red circle", 7.5), ("a blue square", 3.0), ("a yellow star", -2.
 def pipe(request):
     cfg = tiny(image_size=PX) if request.param == "sd" else tiny_sdxl(image_size=PX)
     model = build_model(cfg, dtype=torch.float64, seed=0).eval()
-    if cfg.text2:   # the random projection starts at zero, which would make every pooled text (and its mix-up) alike
+    if cfg.text2:   # a projection of this scale keeps the concepts' pooled texts (and a mix-up of them) apart
         projection = model.conditioner.embedders[1].text_projection
         projection.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
     return Pipeline(model)
