@@ -133,7 +133,8 @@ def read_checkpoint(path, allow_pickle=False, dtype=None, float32_prefixes=()):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain containers
-            raise CheckpointError(f"{path} could not be read as a weights-only pickle: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{path} could not be read as a weights-only pickle: "
+                                  f"{str(e).splitlines()[0]}") from None
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
         return obj.get("state_dict", obj), {}

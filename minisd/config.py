@@ -91,7 +91,8 @@ class ModelConfig:
     # SDXL's vector conditioning (unet.adm_in_channels = text2.projection_dim + 6 * micro_cond_dim): the pooled
     # text and six sinusoidally embedded numbers, original size (h, w), crop top-left (top, left), target size.
     micro_cond_dim: int = 256
-    zero_empty_negative: bool = False  # SDXL: an empty negative prompt is zero embeddings (force_zeros_for_empty_prompt)
+    # SDXL: an empty negative prompt is zero embeddings (diffusers' force_zeros_for_empty_prompt)
+    zero_empty_negative: bool = False
     vae_upcast: bool = False           # SDXL's VAE overflows in float16: decode in float32 when the model is float16
 
     def default_blocks(self):

@@ -17,8 +17,10 @@ def _vae_renames(cfg):
     levels = len(cfg.ch_mult)
     r = []
     for part in ("encoder", "decoder"):
-        r += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."), (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
-              (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."), (f"{part}.norm_out.", f"{part}.conv_norm_out.")]
+        r += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."),
+              (f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1."),
+              (f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0."),
+              (f"{part}.norm_out.", f"{part}.conv_norm_out.")]
     for i in range(levels):
         r += [(f"encoder.down.{i}.block.", f"encoder.down_blocks.{i}.resnets."),
               (f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."),
@@ -58,7 +60,8 @@ def _text_config_from_diffusers(t, folder, tokenizer, sdxl):
     """diffusers' SD 2 folders store the text tower already cut where SD reads it, so read its last layer; SDXL's
     are whole and read at the penultimate layer, without the final LayerNorm (diffusers' hidden_states[-2])."""
     pad = folder_pad_token(folder / tokenizer)
-    return TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+    return TextConfig(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+                      intermediate_size=t["intermediate_size"],
                       num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
                       max_position_embeddings=t.get("max_position_embeddings", 77),
                       hidden_act=t.get("hidden_act", "quick_gelu"), layer_norm_eps=t.get("layer_norm_eps", 1e-5),
@@ -80,9 +83,12 @@ def config_from_diffusers(folder):
     depth = u.get("transformer_layers_per_block", 1)
     unet = UNetConfig(in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=boc[0],
                       channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
-                      attention_resolutions=tuple(2 ** i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
-                      context_dim=u["cross_attention_dim"], use_linear_in_transformer=u.get("use_linear_projection", False),
-                      groups=u.get("norm_num_groups", 32), transformer_depth=depth if isinstance(depth, int) else tuple(depth),
+                      attention_resolutions=tuple(2 ** i for i, b in enumerate(u["down_block_types"])
+                                                  if "CrossAttn" in b),
+                      context_dim=u["cross_attention_dim"],
+                      use_linear_in_transformer=u.get("use_linear_projection", False),
+                      groups=u.get("norm_num_groups", 32),
+                      transformer_depth=depth if isinstance(depth, int) else tuple(depth),
                       adm_in_channels=(u.get("projection_class_embeddings_input_dim") or 0) if sdxl else 0)
     if isinstance(heads, int):  # diffusers calls the head count of SD 1.x "attention_head_dim"
         unet.num_heads = heads
@@ -93,7 +99,8 @@ def config_from_diffusers(folder):
         unet.num_head_channels = dims.pop()
     vboc = v["block_out_channels"]
     vae = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
-                    z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3), out_ch=v.get("out_channels", 3),
+                    z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3),
+                    out_ch=v.get("out_channels", 3),
                     groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
     text = _text_config_from_diffusers(t, folder, "tokenizer", sdxl)
     cfg = ModelConfig(name=f"diffusers:{folder.name}", unet=unet, vae=vae, text=text,

@@ -158,7 +158,8 @@ class Pipeline:
         cond, pooled = self.encode(texts)
         cfg_on = guidance > 1.0
         if cfg_on:
-            neg = [negative_prompt] * b if isinstance(negative_prompt, str) else [x for x in negative_prompt for _ in range(n)]
+            neg = [negative_prompt] * b if isinstance(negative_prompt, str) else \
+                [x for x in negative_prompt for _ in range(n)]
             neg_cond, neg_pooled = self.encode(neg)
             if self.cfg.zero_empty_negative:  # SDXL: an empty negative prompt is zeros, not the encoded ""
                 empty = torch.tensor([not x for x in neg], device=self.device)

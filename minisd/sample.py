@@ -203,8 +203,8 @@ def build_parser():
                     help="what to steer away from (classifier-free guidance; SDXL: empty means zero embeddings, "
                          "as in diffusers)")
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                    help="single-file .safetensors (SD 1.x/2.x, SDXL base or minisd) or a diffusers folder (default: the "
-                         "shipped model, weights/minisd-shapes.safetensors)")
+                    help="single-file .safetensors (SD 1.x/2.x, SDXL base or minisd) or a diffusers folder "
+                         "(default: the shipped model, weights/minisd-shapes.safetensors)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; SD: 50)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale, finite and >= 0; 1 or less turns guidance off "
@@ -218,7 +218,8 @@ def build_parser():
     ap.add_argument("--n", type=int, default=1, help="number of images")
     ap.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"], help="timestep spacing")
+    ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"],
+                    help="timestep spacing")
     ap.add_argument("--prediction", default=None, choices=["epsilon", "v"],
                     help="override the model's prediction type (default: from the checkpoint)")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -230,7 +231,8 @@ def build_parser():
                     help="a folder for numbered PNGs, or one image file: .png, .jpg/.jpeg or .webp")
     ap.add_argument("--overwrite", action="store_true", help="allow --out FILE to replace an existing file")
     ap.add_argument("--decoder", default="vae", choices=["vae", "taesd"], help="latents -> pixels")
-    ap.add_argument("--taesd", default=None, help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
+    ap.add_argument("--taesd", default=None,
+                    help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="allow a pickle .ckpt checkpoint (loaded with torch.load(weights_only=True))")
     g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024) and the paper's other methods")
@@ -281,7 +283,8 @@ def _run(args, log, made):
     check_args(args)
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
-        hint = " (the shipped model is missing: train it with python -m tools.testbed.train)" if ckpt == DEFAULT_CHECKPOINT else ""
+        hint = (" (the shipped model is missing: train it with python -m tools.testbed.train)"
+                if ckpt == DEFAULT_CHECKPOINT else "")
         raise UsageError(f"checkpoint not found: {ckpt}{hint}")
     seeds = [args.seed + i for i in range(args.n)]
     paths = output_paths(args.out, args.n, seeds, args.overwrite)

@@ -89,7 +89,8 @@ def load_state(model, path, name):
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{path} does not fit {type(model).__name__} (is it a TAESD {name} in the nn.Sequential "
-                         f"layout?)\n  missing: {missing[:8]}\n  unexpected: {unexpected[:8]}\n  wrong shape: {wrong[:8]}")
+                         f"layout?)\n  missing: {missing[:8]}\n  unexpected: {unexpected[:8]}\n"
+                         f"  wrong shape: {wrong[:8]}")
     model.load_state_dict(state)
     return model
 

@@ -99,8 +99,8 @@ def default_layers(model_config):
 def step_sizes(num_steps, config=None):
     """step_size[i] = scale_factor * sqrt(linspace(scale_range[0], scale_range[1], num_steps)[i]): larger while
     the image is mostly noise, sqrt(0.5) of that by the last step."""
-    cfg = config or AttendExciteConfig()
-    return [cfg.scale_factor * math.sqrt(s) for s in np.linspace(*cfg.scale_range, num_steps)]
+    config = config or AttendExciteConfig()
+    return [config.scale_factor * math.sqrt(s) for s in np.linspace(*config.scale_range, num_steps)]
 
 
 def smoothing_kernel(size=3, sigma=0.5):
@@ -129,21 +129,21 @@ def target_maxima(attn, targets, config=None, eot=None):
 
     The softmax with temperature runs over positions 1..L-2 (or 1..eot-1), then each target's map is smoothed;
     several sub-tokens combine as config.subtokens says."""
-    cfg = config or AttendExciteConfig()
+    config = config or AttendExciteConfig()
     end = attn.shape[-1] - 1
-    if cfg.softmax_span == "prompt":
+    if config.softmax_span == "prompt":
         if eot is None:
             raise ValueError("softmax_span='prompt' needs the end-of-text position (eot=)")
         end = eot
     bad = [p for t in targets for p in t if not 1 <= p < end]
     if bad:
         raise ValueError(f"target positions must be in 1..{end - 1} (the softmax's token span), got {bad}")
-    text = (attn.float()[..., 1:end] * cfg.temperature).softmax(-1)   # column j is token j + 1
-    kernel = smoothing_kernel(cfg.kernel_size, cfg.sigma)
+    text = (attn.float()[..., 1:end] * config.temperature).softmax(-1)   # column j is token j + 1
+    kernel = smoothing_kernel(config.kernel_size, config.sigma)
     maxima = []
     for positions in targets:
         maps = text[..., [p - 1 for p in positions]].permute(0, 3, 1, 2)   # (b, h, w, n) -> (b, n, h, w)
-        if cfg.subtokens == "sum":
+        if config.subtokens == "sum":
             maps = maps.sum(1, keepdim=True)
         maxima.append(smooth(maps, kernel).amax(dim=(-2, -1)).amax(-1))
     return torch.stack(maxima, -1)
@@ -182,16 +182,16 @@ class AttendExcite(AttentionHook):
     """
 
     def __init__(self, targets, num_steps, config=None, select=None, model_config=None, eot=None):
-        self.config = cfg = config or AttendExciteConfig()
+        config = self.config = config or AttendExciteConfig()
         self.targets = _check_targets(targets)
         self.eot = eot
         self.num_steps = int(num_steps)
-        self.step_size = step_sizes(self.num_steps, cfg)
+        self.step_size = step_sizes(self.num_steps, config)
         if select is None:
             if model_config is None:
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
             from regulation.layers import LayerSelector
-            select = LayerSelector(cfg.layers or default_layers(model_config), model_config)
+            select = LayerSelector(config.layers or default_layers(model_config), model_config)
         self.select = select
         self._collecting = False
         self.reset()
@@ -265,8 +265,8 @@ class AttendExcite(AttentionHook):
         return x, loss, grad, tries, active & (loss > goal)   # gave up: capped, and still short of the goal
 
     def edit_latents(self, x, t, i, cond_unet):
-        cfg = self.config
-        if i >= cfg.max_iter_to_alter:
+        config = self.config
+        if i >= config.max_iter_to_alter:
             return x
         if i >= len(self.step_size):
             raise ValueError(f"step {i} of a run the hook was built for {self.num_steps} steps of")
@@ -275,13 +275,13 @@ class AttendExcite(AttentionHook):
         record = dict(loss_before=loss.tolist(), loss_refined=None, loss_after=None, tries=0,
                       gave_up=[False] * len(loss), step_size=size)
         x = x.detach().float()
-        if i in cfg.thresholds and (loss > 1.0 - cfg.thresholds[i]).any():
-            x, loss, grad, tries, gave_up = self.refine(x, t, cond_unet, loss, grad, cfg.thresholds[i], size)
+        if i in config.thresholds and (loss > 1.0 - config.thresholds[i]).any():
+            x, loss, grad, tries, gave_up = self.refine(x, t, cond_unet, loss, grad, config.thresholds[i], size)
             record.update(loss_refined=loss.tolist(), tries=tries, gave_up=gave_up.tolist())
         x = x - size * grad
-        if cfg.measure_after:
+        if config.measure_after:
             with torch.no_grad():
-                loss_after, _ = excite_loss(self._attention(x, t, cond_unet), self.targets, cfg, self.eot)
+                loss_after, _ = excite_loss(self._attention(x, t, cond_unet), self.targets, config, self.eot)
             record["loss_after"] = loss_after.tolist()
         self.history[i] = record
         return x

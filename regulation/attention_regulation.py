@@ -157,7 +157,7 @@ def _quantile_positions(n, q, dtype=torch.float32):
     return lo, hi, float(rank - lo)
 
 
-def optimise_weights(logits, targets, g, w0, cfg, groups=1):
+def optimise_weights(logits, targets, g, w0, config, groups=1):
     """Gradient descent on W for one layer and step. logits: float32 (N, HW, L); g: (C, HW); w0: (N, C, k).
     Returns the W with the lowest loss seen (each W is scored before its update; the last update is never
     scored), the first loss and that lowest loss. With groups > 1 (one per image), each image keeps its own best
@@ -182,23 +182,23 @@ def optimise_weights(logits, targets, g, w0, cfg, groups=1):
     rest = logits[..., :1] - others.log_softmax(-1)[..., :1]                           # (N, HW, 1)
     base = (logits.index_select(-1, idx) - rest).transpose(1, 2).reshape(n * k, hw)   # (N*k, HW)
     # The quantile reads ascending ranks lo and hi; in a descending topk(hw - lo) they sit at hw-1-lo and hw-1-hi.
-    lo, hi, frac = _quantile_positions(hw, cfg.quantile, logits.dtype)
+    lo, hi, frac = _quantile_positions(hw, config.quantile, logits.dtype)
     top, at_lo, at_hi = hw - lo, hw - 1 - lo, hw - 1 - hi
     at = torch.tensor([at_hi, at_lo], device=dev)
-    goals = torch.cat([torch.full((n * k,), cfg.quantile_goal, **f), torch.full((n * k,), cfg.tau(k) / k, **f),
+    goals = torch.cat([torch.full((n * k,), config.quantile_goal, **f), torch.full((n * k,), config.tau(k) / k, **f),
                        torch.zeros(n * k * c, **f)])
-    score = _loss_matrix(n, k, c, groups, cfg, f)
+    score = _loss_matrix(n, k, c, groups, config, f)
     # dL/dq and dL/dm per unit of (q - goal) and (m - tau/k); the quantile's share goes to ranks [hi, lo]
-    slopes = torch.cat([torch.full((n * k,), 2 * cfg.quantile_weight / (n * k), **f),
-                        torch.full((n * k,), 2 * cfg.mean_weight / (n * k * hw), **f)])
+    slopes = torch.cat([torch.full((n * k,), 2 * config.quantile_weight / (n * k), **f),
+                        torch.full((n * k,), 2 * config.mean_weight / (n * k * hw), **f)])
     lerp_share = torch.tensor([frac, 1 - frac], **f)
-    step = cfg.lr * n
-    shrink = 1 - step * 2 * cfg.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
+    step = config.lr * n
+    shrink = 1 - step * 2 * config.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
     gt = g.t()
 
     w = w0.transpose(1, 2).reshape(n * k, c)   # (N*k, C): rows of W, one per (n, t)
     ws, losses = [], []
-    for it in range(cfg.iterations):
+    for it in range(config.iterations):
         z = torch.addmm(base, w, g).view(n, k, hw)
         a = F.pad(z, (0, 0, 1, 0)).softmax(1)[:, 1:]   # row 0 stands for the L - k other tokens
         top_vals, top_idx = a.topk(top, -1)
@@ -206,7 +206,7 @@ def optimise_weights(logits, targets, g, w0, cfg, groups=1):
         x = torch.cat([q.flatten(), a.mean(-1).flatten(), w.flatten()]) - goals   # [q - goal, m - tau/k, W]
         ws.append(w)
         losses.append((x * x) @ score)
-        if it == cfg.iterations - 1:
+        if it == config.iterations - 1:
             break
         gq, gm = (x[:2 * n * k] * slopes).view(2, n, k, 1)
         ga = torch.scatter_add(gm.expand(n, k, hw), -1, top_idx.index_select(-1, at), gq * lerp_share)  # dL/dA
@@ -222,16 +222,16 @@ def optimise_weights(logits, targets, g, w0, cfg, groups=1):
     return best_w.view(n, k, c).transpose(1, 2), losses[0], losses[best, each]
 
 
-def _loss_matrix(n, k, c, groups, cfg, f):
+def _loss_matrix(n, k, c, groups, config, f):
     """The loss as a weighted sum of squares: (x * x) @ M with x = [q - goal (N k), m - tau/k (N k), W (N k C)]
     and M (len(x), groups) holding each term's weight / count within its group, so that each group's loss is
     the spec's loss over its own rows (the whole batch when groups == 1)."""
     rows = n // groups * k                                  # (n, t) rows per group
     group = torch.arange(n * k, device=f["device"]) // rows
     which = torch.cat([group, group, group.repeat_interleave(c)])
-    value = torch.cat([torch.full((n * k,), cfg.quantile_weight / rows, **f),
-                       torch.full((n * k,), cfg.mean_weight / rows, **f),
-                       torch.full((n * k * c,), cfg.reg_weight / (rows * c), **f)])
+    value = torch.cat([torch.full((n * k,), config.quantile_weight / rows, **f),
+                       torch.full((n * k,), config.mean_weight / rows, **f),
+                       torch.full((n * k * c,), config.reg_weight / (rows * c), **f)])
     m = torch.zeros(len(which), groups, **f)
     m[torch.arange(len(which), device=f["device"]), which] = value
     return m
@@ -251,7 +251,7 @@ def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
     and its own best iteration (each row's gradient step does not depend on the batch), so image i of a batch
     gives the result it gives alone with the same seed.
     """
-    cfg = config or RegulationConfig()
+    config = config or RegulationConfig()
     if logits.dim() != 3:
         raise ValueError(f"logits must be (N, h*w, L), got shape {tuple(logits.shape)}")
     n, hwn, num_tokens = logits.shape
@@ -261,19 +261,19 @@ def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
     targets = check_targets(targets, num_tokens)
     # Optimise in float32 whatever the model's dtype; float64 stays float64 (the tests check the math with it).
     s = logits if logits.dtype == torch.float64 else logits.float()
-    g = gaussian_maps(h, w, gaussian_sigma(h, w, cfg.sigma_rule), s.device, s.dtype)
+    g = gaussian_maps(h, w, gaussian_sigma(h, w, config.sigma_rule), s.device, s.dtype)
     w0 = initial_weights(generator, n, g.shape[0], len(targets), s.device, s.dtype)
     groups = len(generator) if isinstance(generator, (list, tuple)) else 1
-    best_w, first_loss, best_loss = optimise_weights(s, targets, g, w0, cfg, groups)
+    best_w, first_loss, best_loss = optimise_weights(s, targets, g, w0, config, groups)
 
     prev_w = w0 if prev is None else prev.weights   # step 0: the Delta of the initial random W
     if prev_w.shape != best_w.shape:
         raise ValueError(f"the previous state has weights {tuple(prev_w.shape)} but this call needs "
                          f"{tuple(best_w.shape)}: the batch, the map or the targets changed between steps")
-    blended = (cfg.blend * prev_w + (1 - cfg.blend) * best_w).transpose(1, 2)      # (N, k, C)
+    blended = (config.blend * prev_w + (1 - config.blend) * best_w).transpose(1, 2)      # (N, k, C)
     applied = (blended.reshape(-1, g.shape[0]) @ g).view(n, len(targets), hwn)     # (N, k, HW)
     out = s.clone()
-    out.index_add_(-1, torch.tensor(targets, device=s.device), applied.transpose(1, 2), alpha=cfg.decay ** step)
+    out.index_add_(-1, torch.tensor(targets, device=s.device), applied.transpose(1, 2), alpha=config.decay ** step)
     return out.to(logits.dtype), RegulationState(best_w, first_loss, best_loss)
 
 
@@ -321,18 +321,18 @@ class AttentionRegulation(AttentionHook):
     evaluates the UNet twice per step) reuses that step's prev, and the next step continues from the last call."""
 
     def __init__(self, targets, eot, num_steps, config=None, select=None, generator=None, model_config=None):
-        self.config = cfg = config or RegulationConfig()
+        config = self.config = config or RegulationConfig()
         self.targets = check_targets(targets)
         if eot in self.targets or eot < 1:
             raise ValueError(f"end-of-text position {eot} must be > 0 and not a target ({self.targets})")
         self.eot = int(eot)
-        self.edit_steps = cfg.edit_steps if cfg.edit_steps is not None else default_edit_steps(num_steps)
+        self.edit_steps = config.edit_steps if config.edit_steps is not None else default_edit_steps(num_steps)
         if select is None:
             if model_config is None:
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
-            select = LayerSelector(cfg.layers, model_config)
+            select = LayerSelector(config.layers, model_config)
         self.select = select
-        self.generator = generator if generator is not None else cfg.seed
+        self.generator = generator if generator is not None else config.seed
         self.reset()
 
     @property

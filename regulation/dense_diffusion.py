@@ -296,7 +296,7 @@ class DenseDiffusion(AttentionHook):
 
     def __init__(self, layout, num_steps, config=None, timesteps=None, num_train_timesteps=1000,
                  model_config=None):
-        self.config = cfg = config or DenseDiffusionConfig()
+        config = self.config = config or DenseDiffusionConfig()
         self.positions, self.masks = _check_layout(layout)
         self.num_steps = int(num_steps)
         if timesteps is None:
@@ -304,16 +304,16 @@ class DenseDiffusion(AttentionHook):
         self.timesteps = [float(t) for t in timesteps]
         if len(self.timesteps) != self.num_steps:
             raise ValueError(f"got {len(self.timesteps)} timesteps for {self.num_steps} steps")
-        self.decay = [(t / num_train_timesteps) ** cfg.decay_power for t in self.timesteps]
+        self.decay = [(t / num_train_timesteps) ** config.decay_power for t in self.timesteps]
         # the authors' test, COUNT / 32 < 50 * reg_part, at the first layer of each step
-        self.edit_steps = sum(i < self.num_steps * cfg.reg_part for i in range(self.num_steps))
-        if cfg.layers is None:
+        self.edit_steps = sum(i < self.num_steps * config.reg_part for i in range(self.num_steps))
+        if config.layers is None:
             self.select = lambda layer: True
         else:
             if model_config is None:
                 raise ValueError("config.layers needs the model config (model_config=) to name layers")
             from .layers import LayerSelector
-            self.select = LayerSelector(cfg.layers, model_config)
+            self.select = LayerSelector(config.layers, model_config)
         self._regions = {}
         self.edited = set()
 

@@ -48,19 +48,19 @@ def make_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_
     `prompt`, for a run of `steps` steps."""
     positions = [p for t in targets for p in t.positions]
     if method == "regulate":
-        cfg = replace(config or RegulationConfig(), layers=layers or (config.layers if config else None),
+        config = replace(config or RegulationConfig(), layers=layers or (config.layers if config else None),
                       edit_steps=edit_steps if edit_steps is not None else (config.edit_steps if config else None))
-        return AttentionRegulation(positions, eot_position(pipe.tokenizer, prompt), steps, config=cfg,
+        return AttentionRegulation(positions, eot_position(pipe.tokenizer, prompt), steps, config=config,
                                    model_config=pipe.cfg, generator=seed)
     if method == "attend-excite":
         # edit_steps is A&E's max_iter_to_alter (a step index, not scaled by `steps`: see attend_excite.py);
         # A&E draws no random numbers, so `seed` is unused. Each target keeps all its sub-tokens.
         if config is not None and not isinstance(config, AttendExciteConfig):
             raise TypeError(f"attend-excite takes an AttendExciteConfig, got {type(config).__name__}")
-        cfg = config or AttendExciteConfig()
-        cfg = replace(cfg, layers=layers or cfg.layers,
-                      max_iter_to_alter=edit_steps if edit_steps is not None else cfg.max_iter_to_alter)
-        return AttendExcite([t.positions for t in targets], steps, config=cfg, model_config=pipe.cfg,
+        config = config or AttendExciteConfig()
+        config = replace(config, layers=layers or config.layers,
+                      max_iter_to_alter=edit_steps if edit_steps is not None else config.max_iter_to_alter)
+        return AttendExcite([t.positions for t in targets], steps, config=config, model_config=pipe.cfg,
                             eot=eot_position(pipe.tokenizer, prompt))
     raise ValueError(f"make_editor makes regulate and attend-excite hooks, not {method!r}; use set_up")
 

@@ -84,8 +84,8 @@ class SynGenConfig:
 def step_sizes(num_steps, config=None):
     """step_size[i] = scale_factor * sqrt(linspace(scale_range[0], scale_range[1], num_steps)[i]); with the
     authors' scale_range (1, 1), scale_factor at every step."""
-    cfg = config or SynGenConfig()
-    return [cfg.scale_factor * math.sqrt(s) for s in np.linspace(*cfg.scale_range, num_steps)]
+    config = config or SynGenConfig()
+    return [config.scale_factor * math.sqrt(s) for s in np.linspace(*config.scale_range, num_steps)]
 
 
 def symmetric_kl(attn, rows, cols):
@@ -172,17 +172,17 @@ class SynGen(AttentionHook):
     """
 
     def __init__(self, pairs, eot, num_steps, config=None, select=None, model_config=None):
-        self.config = cfg = config or SynGenConfig()
+        config = self.config = config or SynGenConfig()
         self.eot = int(eot)
         self.pairs = _check_pairs(pairs, self.eot)
         self.num_steps = int(num_steps)
-        self.step_size = step_sizes(self.num_steps, cfg)
+        self.step_size = step_sizes(self.num_steps, config)
         if select is None:
             if model_config is None:
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
             from regulation.attend_excite import default_layers
             from regulation.layers import LayerSelector
-            select = LayerSelector(cfg.layers or default_layers(model_config), model_config)
+            select = LayerSelector(config.layers or default_layers(model_config), model_config)
         self.select = select
         self._collecting = False
         self.reset()
@@ -301,10 +301,10 @@ def make_syngen(pipe, prompt, steps, layers=None, pairs=None, config=None, log=N
     from regulation.targets import eot_position
     if config is not None and not isinstance(config, SynGenConfig):
         raise TypeError(f"syngen takes a SynGenConfig, got {type(config).__name__}")
-    cfg = config or SynGenConfig()
-    cfg = replace(cfg, layers=layers or cfg.layers)
+    config = config or SynGenConfig()
+    config = replace(config, layers=layers or config.layers)
     tokenizer = pipe.tokenizers if len(getattr(pipe, "tokenizers", [])) > 1 else pipe.tokenizer
-    positions = resolve_pairs(tokenizer, prompt, pairs, cfg.parser, cfg.include_entities)
+    positions = resolve_pairs(tokenizer, prompt, pairs, config.parser, config.include_entities)
     if log:
         tok = tokenizer[0] if isinstance(tokenizer, list) else tokenizer
         ids = tok.ids(prompt)
@@ -314,4 +314,4 @@ def make_syngen(pipe, prompt, steps, layers=None, pairs=None, config=None, log=N
         for mods, noun in positions:
             log(f"SynGen pair: {' '.join(text(m) for m in mods) or '(no modifier)'} -> {text(noun)}   "
                 f"positions {mods} -> {noun}")
-    return SynGen(positions, eot_position(tokenizer, prompt), steps, config=cfg, model_config=pipe.cfg)
+    return SynGen(positions, eot_position(tokenizer, prompt), steps, config=config, model_config=pipe.cfg)

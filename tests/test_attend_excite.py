@@ -208,7 +208,8 @@ def tiny_step(pipe, x, i, config, dtype=torch.float32):
         blocks = set(default_layers(pipe.cfg))
         store = ReferenceStore(lambda layer: block_of(layer.name) in blocks)
         model.set_hooks([store])
-        ref, _ = reference_step(lambda latent, t, r: cond_unet(latent, t, slice(r, r + 1)), store, x, 901.0, i, targets, 50,
+        ref, _ = reference_step(lambda latent, t, r: cond_unet(latent, t, slice(r, r + 1)), store, x, 901.0, i,
+                                targets, 50,
                                 config.max_iter_to_alter, config.thresholds, config.scale_factor,
                                 config.max_refinement_steps)
     model.set_hooks([])

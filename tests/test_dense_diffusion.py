@@ -133,13 +133,13 @@ def run(pipe, hooks, steps=5, sampler="ddim", **kw):
                 return_latents=True, **kw).latents
 
 
-def both_runs(pipe, steps=5, cfg=None, sampler="ddim", height=None, width=None):
+def both_runs(pipe, steps=5, config=None, sampler="ddim", height=None, width=None):
     """Latents with our hook, with the reference hook, and plain."""
-    cfg = cfg or DenseDiffusionConfig(reg_part=0.6)
+    config = config or DenseDiffusionConfig(reg_part=0.6)
     height, width = height or pipe.cfg.image_size, width or pipe.cfg.image_size
     size = dict(height=height, width=width)
-    hook = make_dense(pipe, PROMPT, steps, LAYOUT, cfg, sampler=sampler, **size)
-    assert hook.edit_steps == round(steps * cfg.reg_part)
+    hook = make_dense(pipe, PROMPT, steps, LAYOUT, config, sampler=sampler, **size)
+    assert hook.edit_steps == round(steps * config.reg_part)
     ours = run(pipe, [hook], steps, sampler, **size)
     # the reference reads its timesteps from diffusers' scheduler, as the authors do
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -151,8 +151,8 @@ def both_runs(pipe, steps=5, cfg=None, sampler="ddim", height=None, width=None):
     positions = [t.positions for t in resolve_targets(pipe.tokenizer, PROMPT, ["red circle", "blue square"])]
     f = pipe.cfg.vae.downsample
     ref_hook = ReferenceDense(list(masks), positions, scheduler.timesteps.tolist(),
-                              len(pipe.model.attention_layers()), steps, cfg.creg, cfg.sreg, cfg.sizereg,
-                              cfg.reg_part, latent_hw=(height // f, width // f))
+                              len(pipe.model.attention_layers()), steps, config.creg, config.sreg,
+                              config.sizereg, config.reg_part, latent_hw=(height // f, width // f))
     ref = run(pipe, [ref_hook], steps, sampler, **size)
     assert ref_hook.count == steps * len(pipe.model.attention_layers())
     return ours, ref, run(pipe, [], steps, sampler, **size), hook, ref_hook
@@ -168,7 +168,7 @@ def test_run_equals_reference(pipe):
 
 
 def test_non_square_run_equals_reference(pipe):
-    ours, ref, plain, _, _ = both_runs(pipe, steps=4, cfg=DenseDiffusionConfig(reg_part=0.5), width=48)
+    ours, ref, plain, _, _ = both_runs(pipe, steps=4, config=DenseDiffusionConfig(reg_part=0.5), width=48)
     assert ours.shape[-2:] == (16, 24)
     assert_close(ours, ref)
     assert (ours - plain).abs().amax() > 1e-2
@@ -181,7 +181,7 @@ def test_zero_strength_leaves_the_run_unchanged(pipe):
 
 
 def test_sdxl_run_equals_reference(xl):
-    ours, ref, plain, hook, _ = both_runs(xl, steps=4, cfg=DenseDiffusionConfig(reg_part=0.5), sampler="dpmpp_2m")
+    ours, ref, plain, hook, _ = both_runs(xl, steps=4, config=DenseDiffusionConfig(reg_part=0.5), sampler="dpmpp_2m")
     assert_close(ours, ref)
     assert (ours - plain).abs().amax() > 1e-3
     assert hook.edited == {m.name for m in xl.model.attention_layers()}

@@ -75,7 +75,8 @@ def test_a_plugged_in_judge_is_used(ckpt, tmp_path, monkeypatch):
     (tmp_path / "all_present.py").write_text(JUDGE)
     monkeypatch.syspath_prepend(str(tmp_path))
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "a red circle and a blue square", "objects": [["red", "circle"], ["blue", "square"]]}\n'
+    prompts.write_text('{"prompt": "a red circle and a blue square", '
+                       '"objects": [["red", "circle"], ["blue", "square"]]}\n'
                        '{"prompt": "a photo of a green heart", "objects": ["green heart"]}\n')
     summary = evaluate.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "eval"), "--prompts", str(prompts),
                              "--judge", "all_present:AllPresent", *QUICK])
@@ -159,7 +160,8 @@ def test_the_attend_and_excite_prompt_set_ships_with_its_targets(capsys):
     assert "/shared" not in str(data.resolve())
     listed = evaluate.main(["--prompts", "ae", "--list-prompts"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(listed) == len(lines) == 276 and lines[70] == "70\ta frog and a purple balloon\tfrog; purple balloon\tfrog balloon"
+    assert len(listed) == len(lines) == 276
+    assert lines[70] == "70\ta frog and a purple balloon\tfrog; purple balloon\tfrog balloon"
 
 
 def test_jsonl_targets_are_used_as_given(tmp_path):

@@ -20,7 +20,8 @@ ARGS = ["--checkpoint", str(SHIPPED), "--judge", "tools.testbed.judge:ColourJudg
 # 2 steps: plain misses objects, so there are examples to gather from the ranks (the shipped model gets every
 # colour right in 4 steps)
 
-pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model weights/minisd-shapes.safetensors is absent")
+pytestmark = pytest.mark.skipif(not SHIPPED.is_file(),
+                                reason="the shipped model weights/minisd-shapes.safetensors is absent")
 
 
 def torchrun(out, **env):

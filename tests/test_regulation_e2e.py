@@ -45,7 +45,8 @@ def run(pipe, hooks, steps=4, **kw):
 
 def editor(pipe, steps=4, **kw):
     targets = choose_targets(pipe.tokenizer, PROMPT, ["circle", "square"], log=lambda *_: None)
-    return make_editor("regulate", pipe, PROMPT, targets, steps, seed=0, **kw), [p for t in targets for p in t.positions]
+    editor = make_editor("regulate", pipe, PROMPT, targets, steps, seed=0, **kw)
+    return editor, [p for t in targets for p in t.positions]
 
 
 def test_only_target_columns_of_the_conditional_half_of_chosen_layers_change_during_edit_steps(pipe):

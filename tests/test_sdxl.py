@@ -54,7 +54,8 @@ def vae_config(cfg):
 
 def official_xl(cfg, seed=0):
     """Random weights of a whole SDXL model under the official single-file keys, and the references filled from
-    them by diffusers' converters: (state, diffusers UNet, diffusers VAE, CLIPTextModel, CLIPTextModelWithProjection)."""
+    them by diffusers' converters: (state, diffusers UNet, diffusers VAE, CLIPTextModel,
+    CLIPTextModelWithProjection)."""
     with torch.device("meta"):
         unet_shapes = {UNET + k: v.shape for k, v in StableDiffusion(cfg).unet.state_dict().items()}
     unet_state = random_official(unet_shapes, seed)
@@ -100,7 +101,8 @@ def test_unet_matches_diffusers_text_time(xl):
     ctx = torch.randn(2, 77, xl.cfg.unet.context_dim, generator=g)
     pooled = torch.randn(2, xl.cfg.text2.projection_dim, generator=g)
     t, ids = torch.tensor([3, 742]), torch.tensor([[64., 96, 0, 0, 64, 96], [1024, 768, 16, 32, 512, 512]])
-    ref = xl.theirs.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    ref = xl.theirs.unet(x, t, encoder_hidden_states=ctx,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
     assert_close(ref, xl.model.unet(x, t, ctx, xl.model.vector(pooled, ids)))
     other = xl.model.unet(x, t, ctx, xl.model.vector(pooled, ids.flip(0)))
     assert (other - ref).abs().max() > 1e-3, "the micro-conditioning does not matter: the test could not see it"
@@ -306,7 +308,8 @@ def test_targets_agree_across_both_tokenizers(xl):
     toks = xl.mine.tokenizers
     assert [t.pad_with_eot for t in toks] == [True, False]
     targets = resolve_targets(toks, PROMPTS[1], ["hummingbird", "hill"])
-    assert [t.positions for t in targets] == [t.positions for t in resolve_targets(toks[1], PROMPTS[1], ["hummingbird", "hill"])]
+    second = resolve_targets(toks[1], PROMPTS[1], ["hummingbird", "hill"])
+    assert [t.positions for t in targets] == [t.positions for t in second]
 
     class Shifted:  # a second tokenizer that splits words differently: the positions disagree
         def __init__(self, tok):

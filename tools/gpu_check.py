@@ -206,7 +206,8 @@ def main(argv=None):
     start = time.perf_counter()
     pipe, theirs = build(family)
     px = args.size or (512 if gpu else pipe.cfg.image_size)
-    log(f"gpu_check on {name}: {family}, {px} px, torch {torch.__version__}; built in {time.perf_counter() - start:.0f} s")
+    log(f"gpu_check on {name}: {family}, {px} px, torch {torch.__version__}; "
+        f"built in {time.perf_counter() - start:.0f} s")
     par = parity(pipe, theirs, device, min(px, 256), log)
     spd = speed(pipe, theirs, device, dtype, px, steps, args.runs, args.backend, log)
     dname = str(dtype).removeprefix("torch.")

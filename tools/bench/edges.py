@@ -18,12 +18,12 @@ from tools.bench.unet import minisd_unet, model_config, official_unet_state, reg
 def first_layer_logits(family, px, seed=0):
     """-> (hw, logits (b, heads, hw, 77)) of the first regulated layer, in one float32 UNet call at timestep 500."""
     mc = model_config(family)
-    cfg = mc.unet
-    unet = minisd_unet(cfg, official_unet_state(cfg, torch.float32))
+    unet_cfg = mc.unet
+    unet = minisd_unet(unet_cfg, official_unet_state(unet_cfg, torch.float32))
     g = torch.Generator().manual_seed(seed)
     side = px // mc.vae.downsample
-    x = torch.randn(2, cfg.in_channels, side, side, generator=g)
-    ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
+    x = torch.randn(2, unet_cfg.in_channels, side, side, generator=g)
+    ctx = torch.randn(2, 77, unet_cfg.context_dim, generator=g)
     hook, seen = regulation_hook(mc, slice(1, 2)), []
     edit = hook.edit_logits
     hook.edit_logits = lambda layer, logits: (seen.append((layer.hw, logits.clone())), edit(layer, logits))[1]

@@ -208,7 +208,8 @@ def sd15_pipelines(args, tmp):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.bench generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20, help="sampling steps")
-    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the tiny model's own, sd15 256)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="image side in pixels (default: the tiny model's own, sd15 256)")
     ap.add_argument("--runs", type=int, default=3, help="timed generations of each pipeline (median reported)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     ap.add_argument("--only", choices=["tiny", "sd15"], default=None, help="one model only")

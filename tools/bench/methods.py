@@ -112,7 +112,8 @@ def tiny(args):
     print(f"  prompt {prompt!r}, targets {[t.word for t in targets]}")
     for m, (wall, cpu) in med.items():
         ratio = (wall / med["plain"][0], cpu / med["plain"][1])
-        print(f"  {m:14s} median {wall:7.2f} s wall {cpu:7.2f} s CPU   / plain: {ratio[0]:.2f}x wall {ratio[1]:.2f}x CPU")
+        print(f"  {m:14s} median {wall:7.2f} s wall {cpu:7.2f} s CPU   "
+              f"/ plain: {ratio[0]:.2f}x wall {ratio[1]:.2f}x CPU")
     history = hooks["attend-excite"].history
     tries = {i: (h["tries"], h["gave_up"]) for i, h in history.items() if h["loss_refined"] is not None}
     print(f"  attend-excite: {len(history)} steps altered; refinement (step: tries, gave up): {tries or 'none'}")
@@ -412,7 +413,8 @@ def main(argv=None):
     parser.add_argument("--regulate-layers",
                         help="sd15, sdxl: the layers of the regulate-layers step, as minisd.sample takes them "
                              "(default for sdxl: one transformer block, input_blocks.7.1.transformer_blocks.0)")
-    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' (generations), 'a black "
+    parser.add_argument("--prompt", help="default: a shapes benchmark prompt (tiny), 'a cat and a dog' "
+                        "(generations), 'a black "
                         "cat and a white dog' (sd15, sdxl steps)")
     parser.add_argument("--targets", help="target words, space separated (default: the prompt's objects)")
     parser.add_argument("--seed", type=int, default=0)

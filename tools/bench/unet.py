@@ -23,7 +23,7 @@ path's bfloat16 output against its own float32 output (relative: max |diff| / ma
     python -m tools.bench unet --fast --sizes 256 --dtypes float32 bfloat16 --rounds 5
     python -m tools.bench unet --backend openvino --sizes 256
     python -m tools.bench unet --family tiny --sizes 128 --rounds 2 --fast     # seconds (plus compile): a check
-    python -m tools.bench unet --family sdxl --sizes 512 --rounds 1 --no-openvino   # SDXL base (10 GB of float32 weights)
+    python -m tools.bench unet --family sdxl --sizes 512 --rounds 1 --no-openvino   # SDXL base (10 GB in float32)
 
 SDXL's UNet also takes the pooled text and the six micro-conditioning numbers: diffusers as text_embeds and
 time_ids, minisd as the vector it makes of them (model.py's `vector`, inside the timed call).
@@ -60,13 +60,13 @@ def micro_cond_dim(family):
     return model_config(family).micro_cond_dim
 
 
-def official_unet_state(cfg, dtype, seed=0):
+def official_unet_state(unet_cfg, dtype, seed=0):
     """Random weights under the official names (`input_blocks.1.0.in_layers.2.weight` ...), each tensor drawn from
     a generator seeded by its name: the same in every process, in any order. Norm scales near 1, matrices and
     kernels scaled by 1/sqrt(fan-in), so activations keep a sane size through the network."""
     from minisd.unet import UNet
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in UNet(cfg).state_dict().items()}
+        shapes = {k: v.shape for k, v in UNet(unet_cfg).state_dict().items()}
     state = {}
     for k, shape in shapes.items():
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))
@@ -81,26 +81,26 @@ def official_unet_state(cfg, dtype, seed=0):
     return state
 
 
-def diffusers_unet(cfg, state, micro_dim=256):
+def diffusers_unet(unet_cfg, state, micro_dim=256):
     """diffusers' UNet2DConditionModel filled from official-named weights by diffusers' own converter (not minisd's
     mapping: the two sides share nothing but the tensors). Works on the meta device too."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from tools.parity import diffusers_unet_config
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**diffusers_unet_config(cfg, micro_dim))
+        unet = UNet2DConditionModel(**diffusers_unet_config(unet_cfg, micro_dim))
     official = {PREFIX + k: v for k, v in state.items()}
     unet.load_state_dict(convert_ldm_unet_checkpoint(official, dict(unet.config)), strict=True, assign=True)
     return unet.eval()
 
 
-def minisd_unet(cfg, state):
+def minisd_unet(unet_cfg, state):
     """minisd's UNet on `state` (no copy), its attention layers named and sharing one hook list as in
     StableDiffusion."""
     from minisd.attention import Attention
     from minisd.unet import UNet
     with torch.device("meta"):
-        unet = UNet(cfg)
+        unet = UNet(unet_cfg)
     unet.load_state_dict(state, strict=True, assign=True)
     unet.requires_grad_(False)
     unet.hooks = []
@@ -125,15 +125,15 @@ def diffusers_extra(sdxl):
     return {} if sdxl is None else {"added_cond_kwargs": {"text_embeds": sdxl[0], "time_ids": sdxl[1]}}
 
 
-def build(impl, cfg, dtype, micro_dim=256):
+def build(impl, unet_cfg, dtype, micro_dim=256):
     """One eager UNet, for the tests: -> a function (x, t, context, sdxl=None) -> prediction, and the model's weight
     bytes. For SDXL, `sdxl` is (pooled text, time_ids (b, 6))."""
-    state = official_unet_state(cfg, dtype)
+    state = official_unet_state(unet_cfg, dtype)
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
     if impl == "minisd":
-        unet = minisd_unet(cfg, state)
+        unet = minisd_unet(unet_cfg, state)
         return (lambda x, t, ctx, sdxl=None: unet(x, t, ctx, vector(sdxl, micro_dim))), nbytes
-    unet = diffusers_unet(cfg, state, micro_dim)
+    unet = diffusers_unet(unet_cfg, state, micro_dim)
     return (lambda x, t, ctx, sdxl=None:
             unet(x, t, encoder_hidden_states=ctx, return_dict=False, **diffusers_extra(sdxl))[0]), nbytes
 
@@ -164,7 +164,7 @@ def _rss_mb():
 
 def build_paths(model_cfg, dtype, backend, inputs, log, warmup=2, openvino=True):
     """-> {path name: (function () -> output, seconds of one-time compile or conversion, RSS growth MB)}."""
-    cfg, micro = model_cfg.unet, model_cfg.micro_cond_dim
+    unet_cfg, micro = model_cfg.unet, model_cfg.micro_cond_dim
     x, t, ctx, sdxl = inputs
     paths = {}
 
@@ -179,12 +179,12 @@ def build_paths(model_cfg, dtype, backend, inputs, log, warmup=2, openvino=True)
         paths[name] = (fn, setup, _rss_mb() - rss)
         log(f"    built {name}: {paths[name][1]:.1f} s, peak RSS +{paths[name][2]:.0f} MB")
 
-    state = official_unet_state(cfg, dtype)
-    d = diffusers_unet(cfg, state, micro)
+    state = official_unet_state(unet_cfg, dtype)
+    d = diffusers_unet(unet_cfg, state, micro)
     add("diffusers eager", lambda: lambda: d(x, t, encoder_hidden_states=ctx, return_dict=False,
                                              **diffusers_extra(sdxl))[0])
     from minisd.fast import compile_unet
-    unet = minisd_unet(cfg, state)
+    unet = minisd_unet(unet_cfg, state)
     eager = unet.forward
 
     def call(fn, regulated):
@@ -207,7 +207,8 @@ def build_paths(model_cfg, dtype, backend, inputs, log, warmup=2, openvino=True)
         def convert():
             # diffusers' UNet (minisd's turns the timestep into a constant when traced), converted from float32
             # weights; the bf16 column asks OpenVINO to run in bf16
-            unet = d if dtype == torch.float32 else diffusers_unet(cfg, official_unet_state(cfg, torch.float32), micro)
+            unet = d if dtype == torch.float32 else \
+                diffusers_unet(unet_cfg, official_unet_state(unet_cfg, torch.float32), micro)
             ex = (x.float(), t, ctx.float()) + (() if sdxl is None else (sdxl[0].float(), sdxl[1]))
             with torch.no_grad():
                 m = ov.convert_model(Plain(unet), example_input=ex)
@@ -226,15 +227,15 @@ def measure(family, px, dtype_name, rounds, threads, backend, out_path, warmup=2
     torch.set_num_threads(threads)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     model_cfg, dtype = model_config(family), DTYPES[dtype_name]
-    cfg = model_cfg.unet
+    unet_cfg = model_cfg.unet
     g = torch.Generator().manual_seed(0)
     side = px // 8
-    x = torch.randn(2, cfg.in_channels, side, side, generator=g).to(dtype)
-    ctx = torch.randn(2, 77, cfg.context_dim, generator=g).to(dtype)
+    x = torch.randn(2, unet_cfg.in_channels, side, side, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, unet_cfg.context_dim, generator=g).to(dtype)
     t = torch.full((2,), 500)
     sdxl = None
-    if cfg.adm_in_channels:  # SDXL: pooled text and time_ids (original size, crop, target size)
-        pooled = torch.randn(2, cfg.adm_in_channels - 6 * model_cfg.micro_cond_dim, generator=g).to(dtype)
+    if unet_cfg.adm_in_channels:  # SDXL: pooled text and time_ids (original size, crop, target size)
+        pooled = torch.randn(2, unet_cfg.adm_in_channels - 6 * model_cfg.micro_cond_dim, generator=g).to(dtype)
         sdxl = (pooled, torch.tensor([[px, px, 0, 0, px, px]] * 2, dtype=torch.float32))
     paths = build_paths(model_cfg, dtype, backend, (x, t, ctx, sdxl), log, warmup, openvino)
     times = {name: [] for name in paths}
@@ -254,7 +255,8 @@ def measure(family, px, dtype_name, rounds, threads, backend, out_path, warmup=2
 def run_child(args, px, dtype, out_path):
     cmd = [sys.executable, "-m", "tools.bench.unet", "--child", "--family", args.family, "--sizes", str(px),
            "--dtypes", dtype, "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--threads",
-           str(args.threads), "--backend", args.backend, "--out", str(out_path)] + (["--no-openvino"] * args.no_openvino)
+           str(args.threads), "--backend", args.backend, "--out", str(out_path)] + \
+        (["--no-openvino"] * args.no_openvino)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     if p.returncode != 0:
@@ -320,7 +322,8 @@ def main(argv=None):
                                 f"diffusers eager / minisd {args.backend}{reg} = "
                                 f"{base / r[f'minisd {args.backend}{reg}']['median_s']:.2f}")
     # regulated paths against regulated minisd eager, plain ones against plain minisd eager
-    ref = {(px, reg): outs.get((px, "float32", "minisd eager" + reg)) for px in args.sizes for reg in ("", " regulated")}
+    ref = {(px, reg): outs.get((px, "float32", "minisd eager" + reg))
+           for px in args.sizes for reg in ("", " regulated")}
     print("\n| px | dtype | path | time / diffusers eager | median s | one-time s | RSS +MB | max abs diff vs "
           "minisd eager f32 | bf16 drift (rel.) |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -10,7 +10,8 @@ image drifts from the plain one and what it costs.
     python -m tools.eval --limit 8 --seeds 1 --steps 20 --out /tmp/eval   # a quick look
     python -m tools.eval --prompts ae --list-prompts       # the Attend-and-Excite set and its target words
     torchrun --nproc-per-node 8 -m tools.eval --device cuda --prompts ae --checkpoint sd15.safetensors \
-        --judge tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore --methods plain,attend-excite,regulate
+        --judge tools.eval.real_judges:OwlDetector,tools.eval.real_judges:ClipScore \
+        --methods plain,attend-excite,regulate
 
 A (prompt, seed) pair is a unit of work. Under torchrun the units are dealt out round-robin over the ranks
 (torch.distributed: gloo on CPU, nccl with --device cuda, one GPU per rank from LOCAL_RANK); without it the one
@@ -126,7 +127,8 @@ def load_prompts(path=None, n=120, seed=0):
     of such dicts (objects and targets optional; targets, when given, are the words to regulate), or a text file
     of one prompt per line (objects unknown). Lines starting with # are comments."""
     if path is None:
-        return [dict(prompt=d["prompt"], objects=[tuple(o) for o in d["objects"]]) for d in shapes.benchmark_prompts(n, seed)]
+        return [dict(prompt=d["prompt"], objects=[tuple(o) for o in d["objects"]])
+                for d in shapes.benchmark_prompts(n, seed)]
     path = PROMPT_SETS.get(str(path), path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file (or one of the sets {', '.join(PROMPT_SETS)})")
@@ -150,7 +152,8 @@ def load_prompts(path=None, n=120, seed=0):
             raise ValueError(f'{path}:{i}: expected one JSON object per line, like {{"prompt": "a red circle and a '
                              f'blue square", "objects": [["red", "circle"], ["blue", "square"]], '
                              f'"targets": ["circle", "square"]}} (objects and targets optional)')
-        item = dict(prompt=d["prompt"], objects=[tuple(o) if isinstance(o, list) else o for o in objs] if objs else None)
+        objs = [tuple(o) if isinstance(o, list) else o for o in objs] if objs else None
+        item = dict(prompt=d["prompt"], objects=objs)
         if targets:
             item["targets"] = list(targets)
         items.append(item)
@@ -305,7 +308,8 @@ def judge_image(judge, image, objects):
     if not objects:
         return None, None, None
     pairs = len(objects) >= 2 and all(isinstance(o, tuple) and len(o) == 2 for o in objects)
-    swaps = list(dict.fromkeys((a, n) for _, n in objects for a, _ in objects if (a, n) not in objects)) if pairs else []
+    swaps = list(dict.fromkeys((a, n) for _, n in objects for a, _ in objects if (a, n) not in objects)) \
+        if pairs else []
     verdict = list(judge(np.asarray(image.convert("RGB")), list(objects) + swaps))
     if len(verdict) != len(objects) + len(swaps):
         raise ValueError(f"the judge gave {len(verdict)} answers for {len(objects) + len(swaps)} objects")
@@ -407,7 +411,8 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
 # the table and the examples
 
 def paired_ci(pairs, resamples=10_000, seed=0):
-    """Detection (or any 0/1 measure's) difference (method - plain, in points) and its 95% interval: the images' differences are
+    """Detection (or any 0/1 measure's) difference (method - plain, in points) and its 95% interval: the images'
+    differences are
     averaged per prompt (its seeds), and the prompts are resampled with replacement (paired bootstrap), since
     prompts, not seeds, are what varies most. pairs: [(prompt, plain 0/1, method 0/1)]. None without pairs."""
     per = {}
@@ -500,7 +505,8 @@ def format_table(summary):
         ci = "" if m["ci"] is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*m["ci"])
         sc = "".join("n/a | " if m["scores"].get(k) is None else f"{m['scores'][k]:.4f} | " for k in keys)
         lines.append(f"| {name} | {m['images']} | {pct(m['detection'])} | {pct(m['recall'])} | {pct(m['binding'])} | "
-                     f"{fb} | {ci} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | {m['seconds'] / base - 1:+.0%} |")
+                     f"{fb} | {ci} | {sc}{m['mad']:.4f} | {m['ssim']:.4f} | {m['seconds']:.3f} | "
+                     f"{m['seconds'] / base - 1:+.0%} |")
     return "\n".join(lines)
 
 
@@ -652,7 +658,8 @@ def _run(args, rank, world, group, log):
                  else args.guidance, args.size or pipe.cfg.image_size, args.layers, args.edit_steps)
     ckpt_hash = file_hash(ckpt)
     settings = (f"steps={s.steps} guidance={s.guidance} size={s.size} layers={s.layers} edit_steps={s.edit_steps} "
-                f"judge={judges.settings} checkpoint={ckpt_hash}" + (f" dtype={args.dtype}" if args.dtype != "float32" else ""))
+                f"judge={judges.settings} checkpoint={ckpt_hash}"
+                + (f" dtype={args.dtype}" if args.dtype != "float32" else ""))
     out = Path(args.out)
     units = [(i, item, seed) for i, item in enumerate(items) for seed in range(args.seed, args.seed + args.seeds)]
     names = [v.name for v in variants]
@@ -715,7 +722,8 @@ def _run(args, rank, world, group, log):
     wanted = {(item["prompt"], str(seed), n) for _, item, seed in units for n in names}
     order = {n: k for k, n in enumerate(names)}
     merged = sorted(done_rows(out, settings).values(),
-                    key=lambda r: (int(r["prompt_id"]), int(r["seed"]), order.get(r["method"], len(order)), r["method"]))
+                    key=lambda r: (int(r["prompt_id"]), int(r["seed"]), order.get(r["method"], len(order)),
+                                   r["method"]))
     write_csv(out / "results.csv", merged)
     rows = [r for r in merged if (r["prompt"], r["seed"], r["method"]) in wanted]
     summary = summarise(rows, names)
@@ -775,7 +783,8 @@ def build_parser():
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     ap.add_argument("--judge", default="tools.testbed.judge:ShapesJudge",
-                    help="module:attr[,module:attr...]: one judge of presence (tools.testbed.judge, tools.eval.real_judges:"
+                    help="module:attr[,module:attr...]: one judge of presence (tools.testbed.judge, "
+                         "tools.eval.real_judges:"
                          "OwlDetector) and any scorers (tools.eval.real_judges:ClipScore); their own flags appear in "
                          "--help when they are named")
     ap.add_argument("--examples", type=int, default=8, help="rows of examples.png")

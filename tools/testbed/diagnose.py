@@ -101,7 +101,8 @@ def gate_c(pipe, pairs, steps, log):
     finally:
         pipe.encode_prompts = orig
     n = 2 * len(pairs)
-    log(f"c: swap test ({n} images): follows the words {words / n:.1%}, the padding {pads / n:.1%}, both {both / n:.1%}")
+    log(f"c: swap test ({n} images): follows the words {words / n:.1%}, the padding {pads / n:.1%}, "
+        f"both {both / n:.1%}")
     return dict(words=words / n, padding=pads / n, both=both / n, n=n)
 
 
@@ -154,7 +155,8 @@ def gate_bd(pipe, prompts, seeds, steps, log):
                blocks=list(blocks))
     log(f"b: two-object held-out prompts, plain, both found: {res['both']:.1%} of {res['n']}")
     if own:
-        log(f"d: at {', '.join(blocks)}: noun lift in its own object {res['lift_own']:.2f} (median of {len(own)} found objects)")
+        log(f"d: at {', '.join(blocks)}: noun lift in its own object {res['lift_own']:.2f} "
+            f"(median of {len(own)} found objects)")
     else:
         log("d: no image showed a prompt's object, so no region to measure attention in")
     if len(pairs):
@@ -165,7 +167,8 @@ def gate_bd(pipe, prompts, seeds, steps, log):
 
 
 class LayoutHook(AttentionHook):
-    """Writes a layout into the nouns' cross-attention (tools.testbed.train.inject_layout: inside each object's region its
+    """Writes a layout into the nouns' cross-attention (tools.testbed.train.inject_layout: inside each object's
+    region its
     noun takes 0.9 of the row) at the regulated blocks, in the conditional half, during the steps regulation
     edits (the first half): the most direct form of what regulation does, with the regions given."""
 

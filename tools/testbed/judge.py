@@ -58,22 +58,22 @@ class JudgeConfig:
 # ----------------------------------------------------------------------------------------------------------
 # segmentation
 
-def colour_labels(image, cfg=JudgeConfig()):
+def colour_labels(image, config=JudgeConfig()):
     """Per pixel: index into PALETTE, or -1 for background and for pixels that are no palette colour."""
     img = image.astype(np.float32)
     dist = np.linalg.norm(img[:, :, None, :] - PALETTE, axis=-1)  # (H, W, C)
     label = dist.argmin(-1)
     chroma = img.max(-1) - img.min(-1)
-    label[(dist.min(-1) > cfg.max_colour_dist) | (chroma < cfg.min_chroma)] = -1
+    label[(dist.min(-1) > config.max_colour_dist) | (chroma < config.min_chroma)] = -1
     return label
 
 
-def components(image, cfg=JudgeConfig()):
+def components(image, config=JudgeConfig()):
     """Yield (colour name, boolean mask) for each blob of one palette colour."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image (H, W, 3), got {image.dtype} {image.shape}")
-    labels = colour_labels(image, cfg)
-    min_area = cfg.min_area * image.shape[0] * image.shape[1]
+    labels = colour_labels(image, config)
+    min_area = config.min_area * image.shape[0] * image.shape[1]
     for c, name in enumerate(PALETTE_NAMES):
         lab, n = ndimage.label(labels == c)
         for i in range(1, n + 1):
@@ -143,23 +143,23 @@ def prototypes():
     return np.stack(rows)
 
 
-def classify(mask, cfg=JudgeConfig()):
-    """The nearest prototype's shape name, or 'unknown' when none is within cfg.max_shape_dist."""
+def classify(mask, config=JudgeConfig()):
+    """The nearest prototype's shape name, or 'unknown' when none is within config.max_shape_dist."""
     d = np.linalg.norm((prototypes() - features(mask)) / SCALES, axis=1)
     i = int(d.argmin())
-    return shapes.SHAPES[i] if d[i] <= cfg.max_shape_dist else "unknown"
+    return shapes.SHAPES[i] if d[i] <= config.max_shape_dist else "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the judge
 
-def detect(image, cfg=JudgeConfig()):
+def detect(image, config=JudgeConfig()):
     """Every object the image shows, as Detection(colour, shape, bbox, area), largest first."""
     out = []
-    for colour, mask in components(image, cfg):
+    for colour, mask in components(image, config):
         ys, xs = np.nonzero(mask)
         bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        out.append(Detection(colour, classify(mask, cfg), bbox, int(mask.sum())))
+        out.append(Detection(colour, classify(mask, config), bbox, int(mask.sum())))
     return sorted(out, key=lambda d: -d.area)
 
 
@@ -171,28 +171,28 @@ def _check_objects(objects):
     return objects
 
 
-def check_binding(image, objects, cfg=JudgeConfig()):
+def check_binding(image, objects, config=JudgeConfig()):
     """For each named (colour, shape): a Binding saying whether it is present, and whether its shape
     or its colour shows up on something else (a binding error when the object itself is absent)."""
     objects = _check_objects(objects)
-    found = {(d.colour, d.shape) for d in detect(image, cfg)}
+    found = {(d.colour, d.shape) for d in detect(image, config)}
     return [Binding(present=(c, s) in found,
                     shape_other_colour=any(fs == s and fc != c for fc, fs in found),
                     colour_other_shape=any(fc == c and fs != s for fc, fs in found))
             for c, s in objects]
 
 
-def judge(image, objects, cfg=JudgeConfig()):
+def judge(image, objects, config=JudgeConfig()):
     """[bool] per named (colour, shape): does the image show it?"""
     objects = _check_objects(objects)
-    found = {(d.colour, d.shape) for d in detect(image, cfg)}
+    found = {(d.colour, d.shape) for d in detect(image, config)}
     return [o in found for o in objects]
 
 
 FAILURE_TYPES = ("presence", "strict", "omission", "wrong_shape", "colour_swap", "wrong_colour", "extra")
 
 
-def failure_types(image, objects, cfg=JudgeConfig(), min_object=0.5):
+def failure_types(image, objects, config=JudgeConfig(), min_object=0.5):
     """{type: bool} for one image of a prompt naming (colour, shape) objects:
     presence     every named shape is there, in any colour (as many of each as named): the paper's detection
     strict       every named object is there in its colour (judge())
@@ -204,7 +204,7 @@ def failure_types(image, objects, cfg=JudgeConfig(), min_object=0.5):
     Objects are counted when they are object-sized (ColourJudge's rule: at least `min_object` of the smallest
     object the world draws); a two-coloured shape counts as two. Presence and strict look at every detection."""
     objects = _check_objects(objects)
-    found = detect(image, cfg)
+    found = detect(image, config)
     shapes_seen = [d.shape for d in found]
     named_shapes = [s for _, s in objects]
     presence = all(shapes_seen.count(s) >= named_shapes.count(s) for s in set(named_shapes))
@@ -222,14 +222,14 @@ def failure_types(image, objects, cfg=JudgeConfig(), min_object=0.5):
 class ShapesJudge:
     """The shapes-world implementation of the Judge protocol; `failures` says how an image fails its prompt."""
 
-    def __init__(self, cfg=JudgeConfig()):
-        self.cfg = cfg
+    def __init__(self, config=JudgeConfig()):
+        self.config = config
 
     def __call__(self, image, objects):
-        return judge(image, objects, self.cfg)
+        return judge(image, objects, self.config)
 
     def failures(self, image, objects):
-        return failure_types(image, objects, self.cfg)
+        return failure_types(image, objects, self.config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,14 +256,14 @@ class ColourJudge:
     of the image, so it scales with the image size). JudgeConfig's min_area (49 px at 128) only drops noise; a
     speck of a colour that size is no object, and counting it would call a neglected object present."""
 
-    def __init__(self, cfg=JudgeConfig(), min_object=0.5):
-        self.cfg = cfg
+    def __init__(self, config=JudgeConfig(), min_object=0.5):
+        self.config = config
         self.min_area = min_object * smallest_object_area()
 
     def __call__(self, image, objects):
         _check_objects(objects)
         size = image.shape[0] * image.shape[1]
-        colours = {d.colour for d in detect(image, self.cfg) if d.area >= self.min_area * size}
+        colours = {d.colour for d in detect(image, self.config) if d.area >= self.min_area * size}
         return [c in colours for c, _ in objects]
 
 

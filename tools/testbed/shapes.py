@@ -141,7 +141,8 @@ def render(scene, size=128):
 
 def object_masks(scene, res, size=128):
     """Each object's share of every cell of a res x res grid over the image: float32 (objects, res, res), in the
-    scene's order. The training stage that grounds cross-attention (tools/testbed/train.py) uses it at the latent grid."""
+    scene's order. The training stage that grounds cross-attention (tools/testbed/train.py) uses it at the latent
+    grid."""
     out = []
     for o in scene.objects:
         _check_obj(o)

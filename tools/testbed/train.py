@@ -29,7 +29,7 @@ same loader reads it as real SD weights.
 
     python -m tools.testbed.train --out weights/minisd-shapes.safetensors           # all stages, resumable
     python -m tools.testbed.train --stage clip --clip-steps 200 --run /tmp/try    # one stage: its state in --run only
-    python -m tools.testbed.train --snapshot-every 1000 ...   # also write a checkpoint every 1000 UNet steps (learning curves)
+    python -m tools.testbed.train --snapshot-every 1000 ...   # a checkpoint every 1000 UNet steps (learning curves)
     python -m tools.testbed.train --stage ground --init FILE --run /tmp/g --out /tmp/g/grounded.safetensors
                                   # the ground stage alone, on a checkpoint of the unet stage
 
@@ -104,7 +104,8 @@ def load_state(path):
 
 
 def train_clip(model, args, run):
-    """Contrastive caption <-> render training of the text tower (tools/testbed/tinyclip.py). Returns held-out retrieval."""
+    """Contrastive caption <-> render training of the text tower (tools/testbed/tinyclip.py). Returns held-out
+    retrieval."""
     from tools.testbed import tinyclip
     tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
     clip = tinyclip.TinyCLIP(model.cond_stage_model, tok.eos_id)
@@ -127,7 +128,8 @@ def train_clip(model, args, run):
             # the text tower is causal: states up to the end-of-text token do not depend on what follows, so
             # training on the used length only gives exactly the states of the full 77 positions, 4x cheaper
             n = int(max((ids == clip.eot_id).int().argmax(1).max(), (neg_ids == clip.eot_id).int().argmax(1).max())) + 1
-            lr = args.clip_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / args.clip_steps)) * 0.9 + 0.1)
+            cosine = 0.5 * (1 + math.cos(math.pi * step / args.clip_steps))
+            lr = args.clip_lr * min(1.0, (step + 1) / 100) * (cosine * 0.9 + 0.1)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, acc = tinyclip.contrastive_loss(clip, pool[idx], ids[:, :n], neg_ids[:, :n])
@@ -361,7 +363,8 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
     t_start, losses, glosses, seconds = time.time(), [], [], before
     while step < steps:
         idx = torch.randint(0, n, (args.batch,), generator=g)
-        z = (data["mean"][idx].float() + data["std"][idx].float() * torch.randn(data["mean"][idx].shape, generator=g)) * scale
+        noise = torch.randn(data["mean"][idx].shape, generator=g)
+        z = (data["mean"][idx].float() + data["std"][idx].float() * noise) * scale
         # each caption names its scene's objects in a random order; `order` keeps which object came where. The
         # draws interleave per caption as caption_for(shuffle=True) makes them: the unet stage's captions are the
         # ones that trained the shipped model
@@ -428,10 +431,12 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}", **({"ground": f"{glosses[-1]:.3f}"} if ground else {}))
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}",
+                        **({"ground": f"{glosses[-1]:.3f}"} if ground else {}))
         if step % args.save_every == 0 or step == steps:
             seconds = before + time.time() - t_start  # what the state (and the stage's timing) records
-            save_state(run / f"{stage}.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step, seconds=seconds)
+            save_state(run / f"{stage}.pt", unet=unet.state_dict(), opt=opt.state_dict(), ema=ema, step=step,
+                       seconds=seconds)
             log.write(json.dumps(dict(step=step, loss=float(np.mean(losses)), seconds=seconds,
                                       **({"ground": float(np.mean(glosses))} if ground else {}))) + "\n")
             log.flush()
