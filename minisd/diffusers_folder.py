@@ -13,8 +13,8 @@ from .model import StableDiffusion
 from .tokenizer import folder_pad_token
 
 
-def _vae_renames(cfg):
-    levels = len(cfg.ch_mult)
+def _vae_renames(vae):
+    levels = len(vae.ch_mult)
     r = []
     for part in ("encoder", "decoder"):
         r += [(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0."),

@@ -11,9 +11,9 @@ from .vae import AutoencoderKL
 
 
 class DiffusionWrapper(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, unet):
         super().__init__()
-        self.diffusion_model = UNet(cfg)
+        self.diffusion_model = UNet(unet)
 
 
 class StableDiffusion(nn.Module):

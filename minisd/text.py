@@ -14,13 +14,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, text):
         super().__init__()
-        self.cfg = cfg
-        hf = CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                            num_attention_heads=cfg.num_attention_heads, hidden_act=cfg.hidden_act,
-                            max_position_embeddings=cfg.max_position_embeddings, layer_norm_eps=cfg.layer_norm_eps)
+        self.config = text
+        hf = CLIPTextConfig(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                            intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
+                            num_attention_heads=text.num_attention_heads, hidden_act=text.hidden_act,
+                            max_position_embeddings=text.max_position_embeddings, layer_norm_eps=text.layer_norm_eps)
         clip = CLIPTextModel(hf)
         if hasattr(clip, "text_model"):  # transformers 4.x nests the tower under `text_model`, as the checkpoints do
             self.transformer = clip
@@ -28,10 +28,10 @@ class TextEncoder(nn.Module):
             self.transformer = nn.Module()
             self.transformer.text_model = clip
         self.clip = [clip]  # in a list so it is not registered twice
-        if cfg.projection_dim:
+        if text.projection_dim:
             # OpenCLIP's initialisation; a checkpoint overwrites it, but a model built from scratch must not start
             # from uninitialised memory
-            init = torch.randn(cfg.hidden_size, cfg.projection_dim) * cfg.hidden_size ** -0.5
+            init = torch.randn(text.hidden_size, text.projection_dim) * text.hidden_size ** -0.5
             self.text_projection = nn.Parameter(init)
 
     @property
@@ -41,15 +41,15 @@ class TextEncoder(nn.Module):
 
     def encode(self, ids):
         """Token ids (b, 77) -> (text embeddings (b, 77, hidden), pooled (b, projection_dim) or None)."""
-        out = self.clip[0](input_ids=ids, output_hidden_states=self.cfg.penultimate)
-        if not self.cfg.penultimate:
+        out = self.clip[0](input_ids=ids, output_hidden_states=self.config.penultimate)
+        if not self.config.penultimate:
             hidden = out.last_hidden_state
-        elif self.cfg.final_norm:
+        elif self.config.final_norm:
             hidden = self.text_model.final_layer_norm(out.hidden_states[-2])
         else:
             hidden = out.hidden_states[-2]
         pooled = None
-        if self.cfg.projection_dim:
+        if self.config.projection_dim:
             # OpenCLIP pools at ids.argmax(): end-of-text has the largest id, so that is its first occurrence
             eot = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
             pooled = eot @ self.text_projection
@@ -64,9 +64,9 @@ class Conditioner(nn.Module):
     """SDXL's text conditioning, named as sgm names it: `conditioner.embedders.{0,1}`. (sgm's embedders 2-4, the
     micro-conditioning numbers, have no weights: model.py embeds them.)"""
 
-    def __init__(self, cfgs):
+    def __init__(self, texts):
         super().__init__()
-        self.embedders = nn.ModuleList([TextEncoder(c) for c in cfgs])
+        self.embedders = nn.ModuleList([TextEncoder(c) for c in texts])
 
     def forward(self, ids):
         """One ids tensor per embedder (each tokenizer pads its own way) -> (context (b, 77, sum of widths),

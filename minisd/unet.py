@@ -72,33 +72,33 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, unet):
         super().__init__()
-        mc, nrb, g = cfg.model_channels, cfg.num_res_blocks, cfg.groups
+        mc, nrb, g = unet.model_channels, unet.num_res_blocks, unet.groups
         emb_ch = mc * 4
         self.model_channels = mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        self.adm_in_channels = cfg.adm_in_channels
-        if cfg.adm_in_channels:  # SDXL: a vector (pooled text + micro-conditioning) added to the time embedding
-            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(),
+        self.adm_in_channels = unet.adm_in_channels
+        if unet.adm_in_channels:  # SDXL: a vector (pooled text + micro-conditioning) added to the time embedding
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(unet.adm_in_channels, emb_ch), nn.SiLU(),
                                                          nn.Linear(emb_ch, emb_ch)))
 
         def transformer(ch, level):
-            heads, dim_head = cfg.heads_at(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.depth_at(level), cfg.context_dim,
-                                      cfg.use_linear_in_transformer, g)
+            heads, dim_head = unet.heads_at(ch)
+            return SpatialTransformer(ch, heads, dim_head, unet.depth_at(level), unet.context_dim,
+                                      unet.use_linear_in_transformer, g)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(unet.in_channels, mc, 3, padding=1))])
         skip_chs, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
+        for level, mult in enumerate(unet.channel_mult):
             for _ in range(nrb):
                 layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
+                if ds in unet.attention_resolutions:
                     layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chs.append(ch)
-            if level != len(cfg.channel_mult) - 1:
+            if level != len(unet.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_chs.append(ch)
                 ds *= 2
@@ -107,18 +107,18 @@ class UNet(nn.Module):
                                                     ResBlock(ch, emb_ch, ch, g))
 
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for level, mult in reversed(list(enumerate(unet.channel_mult))):
             for i in range(nrb + 1):
                 layers = [ResBlock(ch + skip_chs.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
-                if ds in cfg.attention_resolutions:
+                if ds in unet.attention_resolutions:
                     layers.append(transformer(ch, level))
                 if level and i == nrb:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(mc, unet.out_channels, 3, padding=1))
 
     def forward(self, x, t, context, y=None):
         """x: noisy latents (b, 4, h, w); t: timesteps (b,) or a number; context: text embeddings (b, 77, d);

@@ -85,19 +85,19 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, vae):
         super().__init__()
-        g, chs = cfg.groups, [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        g, chs = vae.groups, [vae.ch * m for m in vae.ch_mult]
+        self.conv_in = nn.Conv2d(vae.in_channels, vae.ch, 3, padding=1)
         self.down = nn.ModuleList()
-        ch = cfg.ch
+        ch = vae.ch
         for i, out in enumerate(chs):
             last = i == len(chs) - 1
-            self.down.append(Level([ch] + [out] * cfg.num_res_blocks, g, None if last else Downsample(out)))
+            self.down.append(Level([ch] + [out] * vae.num_res_blocks, g, None if last else Downsample(out)))
             ch = out
         self.mid = Mid(ch, g)
         self.norm_out = Normalize(ch, g)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)  # mean and log-variance
+        self.conv_out = nn.Conv2d(ch, 2 * vae.z_channels, 3, padding=1)  # mean and log-variance
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -107,19 +107,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, vae):
         super().__init__()
-        g, chs = cfg.groups, [cfg.ch * m for m in cfg.ch_mult]
+        g, chs = vae.groups, [vae.ch * m for m in vae.ch_mult]
         ch = chs[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(vae.z_channels, ch, 3, padding=1)
         self.mid = Mid(ch, g)
         levels = []
         for i in reversed(range(len(chs))):
-            levels.append(Level([ch] + [chs[i]] * (cfg.num_res_blocks + 1), g, Upsample(chs[i]) if i else None))
+            levels.append(Level([ch] + [chs[i]] * (vae.num_res_blocks + 1), g, Upsample(chs[i]) if i else None))
             ch = chs[i]
         self.up = nn.ModuleList(reversed(levels))  # up.0 is the full-resolution level, run last
         self.norm_out = Normalize(ch, g)
-        self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, vae.out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
@@ -143,11 +143,11 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, vae):
         super().__init__()
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.encoder, self.decoder = Encoder(vae), Decoder(vae)
+        self.quant_conv = nn.Conv2d(2 * vae.z_channels, 2 * vae.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(vae.z_channels, vae.z_channels, 1)
 
     def encode(self, x):
         """Pixels in [-1, 1] -> the posterior over (unscaled) latents."""

@@ -253,6 +253,10 @@ class SynGen(AttentionHook):
 
 # --- from a prompt to the hook -----------------------------------------------------------------------------
 
+class NoPairsError(ValueError):
+    """A prompt in which SynGen finds no modifier to bind to a noun."""
+
+
 def parse_pairs(spec):
     """"small fluffy cat; wooden table" -> [(["small", "fluffy"], "cat"), (["wooden"], "table")]: groups split by
     ";", each group's last word is the noun ("red#2 cube": the second "red", see resolve_targets)."""
@@ -282,8 +286,8 @@ def resolve_pairs(tokenizer, prompt, pairs=None, parser="rules", include_entitie
     kept = [(mods, noun) for mods, noun in words if mods or include_entities]
     if not any(mods for mods, _ in kept):
         found = "; ".join(" ".join(m + [n]) for m, n in words) or "no nouns"
-        raise ValueError(f"SynGen found no modifier-noun pair in {prompt!r} ({'given' if given else 'parsed'}: "
-                         f"{found}); name them, e.g. pairs='red circle; blue square'")
+        raise NoPairsError(f"SynGen found no modifier-noun pair in {prompt!r} ({'given' if given else 'parsed'}: "
+                           f"{found}); name them, e.g. pairs='red circle; blue square'")
     out = []
     for mods, noun in kept:
         try:

@@ -51,12 +51,12 @@ def test_smoothing_rejects_tiny_maps():
 
 @pytest.mark.parametrize("subtokens,span", [("max", "all"), ("sum", "all"), ("max", "prompt")])
 def test_loss_and_gradient_equal_reference_on_random_maps(subtokens, span):
-    cfg = AttendExciteConfig(subtokens=subtokens, softmax_span=span)
+    config = AttendExciteConfig(subtokens=subtokens, softmax_span=span)
     eot = 9
     targets = [[2], [4, 5], [7]]
     for h, w in [(4, 4), (8, 6), (16, 16)]:
         attn = random_attention(3, h, w, 77, seed=h * w).requires_grad_(True)
-        loss, maxima = excite_loss(attn, targets, cfg, eot=eot)
+        loss, maxima = excite_loss(attn, targets, config, eot=eot)
         (ours,) = torch.autograd.grad(loss.sum(), attn)
         attn_ref = attn.detach().clone().requires_grad_(True)
         ref_loss = []
@@ -145,10 +145,10 @@ def test_refinement_equals_reference_on_toy_unet():
     torch.testing.assert_close(plain, plain_ref, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(plain, x)
     assert hook.history[1]["tries"] == 0 and hook.history[1]["loss_refined"] is None
-    cfg = AttendExciteConfig(thresholds={1: 0.5}, max_refinement_steps=20, measure_after=True)
+    config = AttendExciteConfig(thresholds={1: 0.5}, max_refinement_steps=20, measure_after=True)
     before = hook.history[1]["loss_before"]
     assert min(before) <= 0.5 < max(before)     # a mixed batch: some images refine, some do not
-    ours, ref, hook = run_both(x, 1, targets, cfg)
+    ours, ref, hook = run_both(x, 1, targets, config)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     rec = hook.history[1]
     assert rec["tries"] >= 2 and not any(rec["gave_up"])
@@ -158,9 +158,9 @@ def test_refinement_equals_reference_on_toy_unet():
 
 def test_refinement_stops_at_the_cap():
     x = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
-    cfg = AttendExciteConfig(thresholds={0: 1.0}, max_refinement_steps=3)   # max attention 1: unreachable
+    config = AttendExciteConfig(thresholds={0: 1.0}, max_refinement_steps=3)   # max attention 1: unreachable
     toy = ToyUNet()
-    ours, ref, hook = run_both(x, 0, [[2], [5]], cfg, toy=toy)
+    ours, ref, hook = run_both(x, 0, [[2], [5]], config, toy=toy)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     rec = hook.history[0]
     assert rec["tries"] == 3 and all(rec["gave_up"])
@@ -219,8 +219,8 @@ def tiny_step(pipe, x, i, config, dtype=torch.float32):
 
 def test_tiny_model_step_equals_reference(pipe):
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    cfg = AttendExciteConfig(max_refinement_steps=2)      # step 0's threshold is not reached by a random model
-    ours, ref, hook = tiny_step(pipe, x, 0, cfg)
+    config = AttendExciteConfig(max_refinement_steps=2)      # step 0's threshold is not reached by a random model
+    ours, ref, hook = tiny_step(pipe, x, 0, config)
     rec = hook.history[0]
     assert rec["tries"] == 2 and all(rec["gave_up"])
     assert hook._layers and all(block_of(n) in default_layers(pipe.cfg) for n in hook._layers)

@@ -48,8 +48,8 @@ def random_masks(n, h, w, seed):
 def test_layer_logits_equal_reference(is_cross, hw, cond):
     masks = random_masks(3, 13, 17, seed=hw[0] * hw[1])
     positions = [[2, 3], [5], [3, 7]]                  # token 3 in two phrases: the later one wins
-    cfg = DenseDiffusionConfig(creg=1.3, sreg=0.4, sizereg=0.7)
-    hook = DenseDiffusion(list(zip(positions, masks)), 10, cfg, timesteps=[900 - 90 * i for i in range(10)])
+    config = DenseDiffusionConfig(creg=1.3, sreg=0.4, sizereg=0.7)
+    hook = DenseDiffusion(list(zip(positions, masks)), 10, config, timesteps=[900 - 90 * i for i in range(10)])
     hook.begin_step(1, slice(2, 4) if cond == "half" else slice(None))
     b, heads, q = 4, 3, hw[0] * hw[1]
     k = 77 if is_cross else q
@@ -58,10 +58,11 @@ def test_layer_logits_equal_reference(is_cross, hw, cond):
     ours = hook.edit_logits(layer(hw, is_cross), logits)
     assert torch.equal(logits, before)                 # the unedited logits stay for the other hooks
 
-    sreg_map, creg_map, size = reference_maps(masks, positions, hw, cfg.sizereg, num_tokens=77)
+    sreg_map, creg_map, size = reference_maps(masks, positions, hw, config.sizereg, num_tokens=77)
     rows = None if cond == "half" else range(b * heads)
     ref = reference_modulate(logits.reshape(b * heads, q, k), creg_map if is_cross else sreg_map, size,
-                             cfg.creg if is_cross else cfg.sreg, reference_treg(810), rows).reshape(b, heads, q, k)
+                             config.creg if is_cross else config.sreg, reference_treg(810),
+                             rows).reshape(b, heads, q, k)
     assert_close(ours, ref)
     if cond == "half":
         assert torch.equal(ours[:2], logits[:2])       # the unconditional rows are left alone

@@ -274,3 +274,16 @@ def test_every_method_of_the_paper_table_runs(ckpt, tmp_path):
     assert [r["method"] for r in rows] == [v.name for v in variants]
     assert all(float(r["mad"]) > 0 for r in rows[1:])   # every method changed the image
     assert all(set(json.loads(r["types"])) == set(judge.FAILURE_TYPES) for r in rows)
+
+
+def test_syngen_without_a_modifier_leaves_the_image_as_plain(ckpt, tmp_path):
+    """A prompt with no modifier (Attend-and-Excite's "a dog and a frog"): the authors' SynGen has a zero loss and
+    does nothing; the benchmark records the plain image for it instead of stopping."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a dog and a frog", "targets": ["dog", "frog"]}\n')
+    out = tmp_path / "syn"
+    evaluate.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--seeds", "1",
+                   "--steps", "3", "--methods", "plain,syngen", "--threads", "1"])
+    rows = read_csv(out / "results.csv")
+    assert [r["method"] for r in rows] == ["plain", "syngen"]
+    assert float(rows[1]["mad"]) == 0 and rows[1]["targets"] == ""

@@ -41,9 +41,9 @@ def clip_tokenizer(folder, max_length):
 def clip_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(text_config=dict(TEXT, max_position_embeddings=77), vision_config=VISION,
-                                  projection_dim=16)
-    transformers.CLIPModel(cfg).save_pretrained(root / "model")
+    config = transformers.CLIPConfig(text_config=dict(TEXT, max_position_embeddings=77), vision_config=VISION,
+                                     projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(root / "model")
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     transformers.CLIPProcessor(image_processor=image_processor,
                                tokenizer=clip_tokenizer(root / "tok", 77)).save_pretrained(root / "model")
@@ -54,9 +54,9 @@ def clip_dir(tmp_path_factory):
 def owl_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("owl")
     torch.manual_seed(0)
-    cfg = transformers.Owlv2Config(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION,
-                                   projection_dim=32)   # OWL's class head maps image features to the text width
-    model = transformers.Owlv2ForObjectDetection(cfg)
+    config = transformers.Owlv2Config(text_config=dict(TEXT, max_position_embeddings=16), vision_config=VISION,
+                                      projection_dim=32)   # OWL's class head maps image features to the text width
+    model = transformers.Owlv2ForObjectDetection(config)
     # random shift and scale layers of the class head push every logit far out, where every sigmoid is 1.0;
     # zeroed, a logit is the cosine of box and query embeddings, and the scores spread over (0.27, 0.73)
     with torch.no_grad():

@@ -258,9 +258,9 @@ def test_benchmark_compares_equal_unets():
     """tools/bench/unet.py times minisd against diffusers filled by diffusers' own converter from the same
     official-named weights: both must compute the same function, or the timing compares different work."""
     from tools.bench.unet import build, unet_config
-    cfg = unet_config("tiny")
-    x, t, ctx = unet_inputs(SimpleNamespace(unet=cfg))
-    (mine, _), (theirs, _) = build("minisd", cfg, torch.float32), build("diffusers", cfg, torch.float32)
+    unet = unet_config("tiny")
+    x, t, ctx = unet_inputs(SimpleNamespace(unet=unet))
+    (mine, _), (theirs, _) = build("minisd", unet, torch.float32), build("diffusers", unet, torch.float32)
     assert_close(theirs(x, t, ctx), mine(x, t, ctx))
 
 
@@ -269,8 +269,8 @@ def test_benchmark_full_size_weights_fit_diffusers(family):
     """The full-size benchmark's conversion, on the meta device: every official UNet key reaches diffusers."""
     from minisd.unet import UNet
     from tools.bench.unet import diffusers_unet, unet_config
-    cfg = unet_config(family)
+    unet_cfg = unet_config(family)
     with torch.device("meta"):
-        state = UNet(cfg).state_dict()
-    unet = diffusers_unet(cfg, state)  # load_state_dict(strict=True) names any key left over
+        state = UNet(unet_cfg).state_dict()
+    unet = diffusers_unet(unet_cfg, state)  # load_state_dict(strict=True) names any key left over
     assert sum(p.numel() for p in unet.parameters()) == sum(v.numel() for v in state.values())

@@ -94,7 +94,7 @@ def test_other_quantiles_follow_autograd(quantile):
     s, targets = torch.randn(2, 64, 77, dtype=torch.float64), [3, 4]
     g = gaussian_maps(8, 8, 1, torch.device("cpu"), torch.float64)
     w0 = torch.rand(2, len(g), 2, dtype=torch.float64)
-    cfg = RegulationConfig(quantile=quantile, iterations=2)
+    config = RegulationConfig(quantile=quantile, iterations=2)
 
     def loss_of(w):
         d = torch.zeros_like(s)
@@ -107,7 +107,7 @@ def test_other_quantiles_follow_autograd(quantile):
     first = loss_of(w)
     (grad,) = torch.autograd.grad(first, w)
     second = loss_of(w0 - 2 * 100 * grad)
-    _, l0, best = optimise_weights(s, targets, g, w0, cfg)
+    _, l0, best = optimise_weights(s, targets, g, w0, config)
     assert abs(l0.item() - first.item()) < 1e-12
     assert abs(best.item() - min(first.item(), second.item())) < 1e-12
 

@@ -375,9 +375,9 @@ def test_benchmark_compares_equal_sdxl_unets():
     """tools/bench/unet.py on SDXL: minisd (vector made inside the call) and diffusers (text_embeds, time_ids)
     compute the same function from the same weights, or the timing would compare different work."""
     from tools.bench.unet import build, micro_cond_dim, unet_config
-    cfg, micro = unet_config("tiny-sdxl"), micro_cond_dim("tiny-sdxl")
+    unet, micro = unet_config("tiny-sdxl"), micro_cond_dim("tiny-sdxl")
     g = torch.Generator().manual_seed(2)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, cfg.context_dim, generator=g)
-    extra = (torch.randn(2, cfg.adm_in_channels - 6 * micro, generator=g), xl_time_ids(64, 64, 2))
-    (mine, _), (theirs, _) = build("minisd", cfg, torch.float32, micro), build("diffusers", cfg, torch.float32, micro)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet.context_dim, generator=g)
+    extra = (torch.randn(2, unet.adm_in_channels - 6 * micro, generator=g), xl_time_ids(64, 64, 2))
+    (mine, _), (theirs, _) = build("minisd", unet, torch.float32, micro), build("diffusers", unet, torch.float32, micro)
     assert_close(theirs(x, torch.tensor([10, 900]), ctx, extra), mine(x, torch.tensor([10, 900]), ctx, extra))

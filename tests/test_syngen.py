@@ -225,12 +225,12 @@ def reference_run(pipe, prompt, pairs, layers, config):
     ("a small fluffy capybara on a wooden table", None, ("8x8",)),
 ])
 def test_whole_run_equals_reference(pipe, prompt, pairs, layers):
-    cfg = SynGenConfig(max_iter_to_alter=3)
-    hook = make_syngen(pipe, prompt, RUN["steps"], layers=layers, pairs=pairs, config=cfg)
+    config = SynGenConfig(max_iter_to_alter=3)
+    hook = make_syngen(pipe, prompt, RUN["steps"], layers=layers, pairs=pairs, config=config)
     if "capybara" in prompt:
         assert len(hook.pairs[0][1]) > 1          # a noun of several pieces
     ours = pipe(prompt, hooks=[hook], **RUN)
-    ref, ref_hook = reference_run(pipe, prompt, hook.pairs, layers, cfg)
+    ref, ref_hook = reference_run(pipe, prompt, hook.pairs, layers, config)
     plain = pipe(prompt, **RUN)
     assert list(hook.history) == [0, 1, 2] == list(ref_hook.losses)
     for i in hook.history:

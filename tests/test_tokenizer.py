@@ -18,8 +18,10 @@ HAND_WRITTEN = [
     "", " ", "!!!", "a cat... and a dog!!! (maybe?)", "hello, world; foo: bar - baz / qux", "it's a dog's life",
     "they're here, we've gone, I'm done, you'll see, he'd go, don't", "IT'S LOUD", "rock'n'roll", "'s 's's",
     "café crème brûlée", "naïve coöperation", "Ærøskøbing fjord", "São Paulo at night", "Straße und Fluß",
-    "ΣΊΣΥΦΟΣ and σίσυφος", "Москва зимой", "東京タワー at dusk", "서울의 밤", "مرحبا بالعالم", "हिन्दी पाठ",
-    "a cat 😀 and a dog 🐶", "👍🏽👍🏽 thumbs", "🏳️‍🌈 flag", "family 👨‍👩‍👧‍👦", "e\u0301 composed vs é",
+    "ΣΊΣΥΦΟΣ and σίσυφος", "Москва зимой", "東京タワー at dusk",
+    "서울의 밤", "مرحبا بالعالم", "हिन्दी पाठ",
+    "a cat 😀 and a dog 🐶", "👍🏽👍🏽 thumbs", "🏳️‍🌈 flag",
+    "family 👨‍👩‍👧‍👦", "e\u0301 composed vs é",
     "1234567890", "3.14159 and 2,718", "version 2.0-beta", "4k 8k uhd 1080p", "$100 & 50% off #hashtag @user",
     "a <b>bold</b> tag", "C++ and C# code", "snake_case and kebab-case", "email me@example.com", "http://x.y/z?q=1",
     "tabs\tand\u00a0nbsp\u2003emspace", "zero\u200bwidth", "soft\u00adhyphen", "ﬁne ligature", "full-width ＡＢＣ",
@@ -27,8 +29,8 @@ HAND_WRITTEN = [
     "supercalifragilisticexpialidocious", "The Quick Brown Fox Jumps Over The Lazy Dog", "tHiS iS wEiRd CaSiNg",
 ]
 PIECES = ["a", "the", "cat", "dog", "red", "circle", "Blue", "SQUARE", "hummingbird", "naïve", "café", "über",
-          "😀", "🐶🐱", "東京", "123", "7", "3.5", "!", "?", ",", ".", "...", "'s", "'re", "-", "(", ")", "\"", "&",
-          "next to", "on top of", "don't", "ÉCOLE", "Σ", "straße", "\t", "  ", "\n", "#2", "x" * 30]
+          "😀", "🐶🐱", "東京", "123", "7", "3.5", "!", "?", ",", ".", "...", "'s", "'re", "-", "(", ")",
+          "\"", "&", "next to", "on top of", "don't", "ÉCOLE", "Σ", "straße", "\t", "  ", "\n", "#2", "x" * 30]
 
 
 def generated_prompts(n=300, seed=0):

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from minisd.blocks import block_of
 from minisd.maps import AttentionMaps, grid, word_maps
 from minisd.checkpoint import DEFAULT_CHECKPOINT, file_hash
-from regulation.editors import choose_targets, set_up
+from regulation.editors import Run, choose_targets, set_up
+from regulation.syngen import NoPairsError
 from regulation.targets import auto_targets, is_adjective
 from tools.testbed import shapes
 
@@ -368,11 +369,15 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
                 targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=quiet)
             elif v.method == "composable":
                 targets = concepts(item)
-            run = set_up(v.method, pipe, prompt, s.steps, targets=targets or None, seed=seed,
-                         layers=s.layers if v.method != "composable" else None,
-                         edit_steps=s.edit_steps if v.method != "composable" else None,
-                         layout=renderer_layout(item, seed, s.size) if v.method == "dense" else None,
-                         height=s.size, width=s.size, guidance=s.guidance, log=quiet)
+            try:
+                run = set_up(v.method, pipe, prompt, s.steps, targets=targets or None, seed=seed,
+                             layers=s.layers if v.method != "composable" else None,
+                             edit_steps=s.edit_steps if v.method != "composable" else None,
+                             layout=renderer_layout(item, seed, s.size) if v.method == "dense" else None,
+                             height=s.size, width=s.size, guidance=s.guidance, log=quiet)
+            except NoPairsError:
+                # a prompt with no modifier: the authors' SynGen has a zero loss there and leaves the image as it is
+                run = Run(v.method)
             targets = run.shown or []
             hooks += run.hooks
             if want_maps and run.shown and not (plain_found and all(plain_found)):

@@ -41,7 +41,7 @@ class TinyCLIP(nn.Module):
         super().__init__()
         self.text = text_encoder
         self.eot_id = eot_id
-        self.text_projection = nn.Linear(text_encoder.cfg.hidden_size, dim, bias=False)
+        self.text_projection = nn.Linear(text_encoder.config.hidden_size, dim, bias=False)
         self.image = ImageTower(dim)
         self.logit_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
 
