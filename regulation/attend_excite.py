@@ -169,31 +169,24 @@ def _check_targets(targets):
     return out
 
 
-class AttendExcite(AttentionHook):
-    """The Attend-and-Excite hook. Give it to `Pipeline.__call__(..., hooks=[hook])`: the pipeline calls
-    `edit_latents` at the start of each step; only inside that call, while its own conditional UNet pass runs,
-    does the hook want the chosen cross-attention layers (the guided model call takes the fast path).
+class ConditionalPassMaps(AttentionHook):
+    """The maps a method that moves the latents reads (Attend-and-Excite, and SynGen, which its authors built on it):
+    during the method's own conditional pass, with gradient, the cross-attention probabilities of the chosen layers
+    (`self.select`), averaged over every head of every layer, (b, h, w, L), as diffusers averages them. The guided
+    model call takes the fast path: only inside that pass does the hook want any layer."""
+    method = "this method"   # for the messages
+    _collecting = False
 
-    targets: one token position per target, or per target a list of its sub-token positions.
-    num_steps: the run's number of sampling steps (for the step sizes).
-    eot: the end-of-text position, needed for softmax_span="prompt".
-    `history[step]` holds, per image, the loss at the step's start, after refinement, and (with
-    config.measure_after) after the update, the refinement's number of tries and whether it gave up.
-    """
-
-    def __init__(self, targets, num_steps, config=None, select=None, model_config=None, eot=None):
-        config = self.config = config or AttendExciteConfig()
-        self.targets = _check_targets(targets)
-        self.eot = eot
-        self.num_steps = int(num_steps)
-        self.step_size = step_sizes(self.num_steps, config)
+    def _set_up(self, config, num_steps, select, model_config):
+        """The run's length and the layers: `select`, else config.layers, else the authors' attention_res = 16
+        rule (default_layers)."""
+        self.config, self.num_steps = config, int(num_steps)
         if select is None:
             if model_config is None:
                 raise ValueError("give a layer selector (select=) or the model config to use its default layers")
             from regulation.layers import LayerSelector
             select = LayerSelector(config.layers or default_layers(model_config), model_config)
         self.select = select
-        self._collecting = False
         self.reset()
 
     @property
@@ -206,8 +199,6 @@ class AttendExcite(AttentionHook):
         self.history = {}
         self._sum, self._heads, self._layers = None, 0, []
 
-    # --- the observer: collects the maps of the chosen layers during its own pass
-
     def wants(self, layer):
         return self._collecting and layer.is_cross and self.select(layer)
 
@@ -216,7 +207,7 @@ class AttendExcite(AttentionHook):
         h, w = layer.hw
         maps = probs[self.cond].sum(1).view(-1, h, w, num_tokens)   # summed over heads, with gradient
         if self._sum is not None and self._sum.shape != maps.shape:
-            raise ValueError(f"Attend-and-Excite averages maps of one size, but layer {layer.name} gives {h}x{w} "
+            raise ValueError(f"{self.method} averages maps of one size, but layer {layer.name} gives {h}x{w} "
                              f"and {self._layers[0]} gave {tuple(self._sum.shape[1:3])}: choose layers of one size")
         self._sum = maps if self._sum is None else self._sum + maps
         self._heads += heads
@@ -224,8 +215,7 @@ class AttendExcite(AttentionHook):
         return probs
 
     def _attention(self, x, t, cond_unet):
-        """Run the conditional pass on x and return the maps averaged over every head of every chosen layer,
-        (b, h, w, L), as diffusers averages them (all heads of all layers pooled)."""
+        """Run the conditional pass on x and return the maps averaged over every head of every chosen layer."""
         self._sum, self._heads, self._layers = None, 0, []
         self.cond = slice(None)   # every row of the conditional pass is conditional
         self._collecting = True
@@ -237,6 +227,26 @@ class AttendExcite(AttentionHook):
             raise ValueError(f"no cross-attention layer was selected by {self.select!r} during the pass")
         attn, self._sum = self._sum / self._heads, None
         return attn
+
+
+class AttendExcite(ConditionalPassMaps):
+    """The Attend-and-Excite hook. Give it to `Pipeline.__call__(..., hooks=[hook])`: the pipeline calls
+    `edit_latents` at the start of each step; only inside that call, while its own conditional UNet pass runs,
+    does the hook want the chosen cross-attention layers (the guided model call takes the fast path).
+
+    targets: one token position per target, or per target a list of its sub-token positions.
+    num_steps: the run's number of sampling steps (for the step sizes).
+    eot: the end-of-text position, needed for softmax_span="prompt".
+    `history[step]` holds, per image, the loss at the step's start, after refinement, and (with
+    config.measure_after) after the update, the refinement's number of tries and whether it gave up.
+    """
+    method = "Attend-and-Excite"
+
+    def __init__(self, targets, num_steps, config=None, select=None, model_config=None, eot=None):
+        self._set_up(config or AttendExciteConfig(), num_steps, select, model_config)
+        self.targets = _check_targets(targets)
+        self.eot = eot
+        self.step_size = step_sizes(self.num_steps, self.config)
 
     def loss_and_grad(self, x, t, cond_unet):
         """The loss of each image at latents x and its gradient with respect to x (zero where the loss is 0)."""

@@ -60,7 +60,7 @@ import math
 import numpy as np
 import torch
 
-from minisd.attention import AttentionHook
+from regulation.attend_excite import ConditionalPassMaps
 
 
 @dataclass
@@ -159,7 +159,7 @@ def _check_pairs(pairs, eot):
     return out
 
 
-class SynGen(AttentionHook):
+class SynGen(ConditionalPassMaps):
     """The SynGen hook. Give it to `Pipeline.__call__(..., hooks=[hook])`: the pipeline calls `edit_latents` at the
     start of each step; only inside that call, while its own conditional UNet pass runs, does the hook want the
     chosen cross-attention layers (the guided model call takes the fast path).
@@ -171,62 +171,13 @@ class SynGen(AttentionHook):
     `select` is the LayerSelector of the maps the loss reads (for observers that show them).
     """
 
+    method = "SynGen"
+
     def __init__(self, pairs, eot, num_steps, config=None, select=None, model_config=None):
-        config = self.config = config or SynGenConfig()
+        self._set_up(config or SynGenConfig(), num_steps, select, model_config)
         self.eot = int(eot)
         self.pairs = _check_pairs(pairs, self.eot)
-        self.num_steps = int(num_steps)
-        self.step_size = step_sizes(self.num_steps, config)
-        if select is None:
-            if model_config is None:
-                raise ValueError("give a layer selector (select=) or the model config to use its default layers")
-            from regulation.attend_excite import default_layers
-            from regulation.layers import LayerSelector
-            select = LayerSelector(config.layers or default_layers(model_config), model_config)
-        self.select = select
-        self._collecting = False
-        self.reset()
-
-    @property
-    def edit_steps(self):
-        """How many steps of this run are altered (for reports; the same name as AttentionRegulation's)."""
-        return min(self.config.max_iter_to_alter, self.num_steps)
-
-    def reset(self):
-        """Forget the history, e.g. before sampling another image with the same hook."""
-        self.history = {}
-        self._sum, self._heads, self._layers = None, 0, []
-
-    # --- the observer: collects the maps of the chosen layers during its own pass
-
-    def wants(self, layer):
-        return self._collecting and layer.is_cross and self.select(layer)
-
-    def edit_probs(self, layer, logits, probs):
-        b, heads, _, num_tokens = probs.shape
-        h, w = layer.hw
-        maps = probs[self.cond].sum(1).view(-1, h, w, num_tokens)   # summed over heads, with gradient
-        if self._sum is not None and self._sum.shape != maps.shape:
-            raise ValueError(f"SynGen averages maps of one size, but layer {layer.name} gives {h}x{w} and "
-                             f"{self._layers[0]} gave {tuple(self._sum.shape[1:3])}: choose layers of one size")
-        self._sum = maps if self._sum is None else self._sum + maps
-        self._heads += heads
-        self._layers.append(layer.name)
-        return probs
-
-    def _attention(self, x, t, cond_unet):
-        """Run the conditional pass on x; the maps averaged over every head of every chosen layer, (b, h, w, L)."""
-        self._sum, self._heads, self._layers = None, 0, []
-        self.cond = slice(None)   # every row of the conditional pass is conditional
-        self._collecting = True
-        try:
-            cond_unet(x, t)
-        finally:
-            self._collecting = False
-        if self._sum is None:
-            raise ValueError(f"no cross-attention layer was selected by {self.select!r} during the pass")
-        attn, self._sum = self._sum / self._heads, None
-        return attn
+        self.step_size = step_sizes(self.num_steps, self.config)
 
     def loss_and_grad(self, x, t, cond_unet):
         """Each image's (loss, positive, negative) at latents x, and the gradient of its loss with respect to x
