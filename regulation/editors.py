@@ -80,11 +80,6 @@ class Run:
     settings: dict = field(default_factory=dict)
 
 
-def _words(pipe, prompt, words):
-    tokenizer = pipe.tokenizers if len(pipe.tokenizers) > 1 else pipe.tokenizer
-    return resolve_targets(tokenizer, prompt, words)
-
-
 def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_steps=None, layout=None,
            guidance=None, height=None, width=None, sampler="dpmpp_2m", spacing="leading", log=print):
     """The Run of `method` for one image of `prompt` (seed: that image's seed). targets: Targets from
@@ -119,14 +114,15 @@ def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_
                          "Regulation layers": " ".join(hook.select.specs), "Regulation edit steps": hook.edit_steps})
         return Run(method, [hook], select=hook.select, shown=shown, settings=settings)
     if method == "dense":
-        from .dense_diffusion import NEEDS_LAYOUT, DenseDiffusionConfig, layout_masks, make_dense, phrase_embeddings
+        from .dense_diffusion import (NEEDS_LAYOUT, DenseDiffusionConfig, layout_masks, make_dense, phrase_embeddings,
+                                      resolve_phrases)
         if not layout:
             raise ValueError(NEEDS_LAYOUT)
-        config = DenseDiffusionConfig(layers=layers)
-        hook = make_dense(pipe, prompt, steps, layout, config, height=height, width=width, sampler=sampler,
-                          spacing=spacing)
-        phrases, _ = layout_masks(layout, height or pipe.cfg.image_size, width or pipe.cfg.image_size)
-        shown = _words(pipe, prompt, phrases)
+        # boxes and mask files become masks once, here; make_dense takes the (phrase, mask) pairs as they are
+        phrases, masks = layout_masks(layout, height or pipe.cfg.image_size, width or pipe.cfg.image_size)
+        hook = make_dense(pipe, prompt, steps, list(zip(phrases, masks)), DenseDiffusionConfig(layers=layers),
+                          height=height, width=width, sampler=sampler, spacing=spacing)
+        shown = resolve_phrases(pipe, prompt, phrases)
         from .layers import LayerSelector
         # it modulates every layer (config.layers: some); its maps are shown where regulation's would be
         select = LayerSelector(layers, pipe.cfg)
