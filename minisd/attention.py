@@ -15,7 +15,8 @@ class AttentionHook:
 
     The pipeline calls `begin_step` before each UNet call; `cond` says which rows of the batch are the
     conditional half under classifier-free guidance (editors must leave the other rows alone).
-    Tensors given to the hooks are float32 and shaped (batch, heads, queries, keys).
+    Tensors given to the hooks are float32 and shaped (batch, heads, queries, keys). In SD 3's joint attention
+    (`layer.joint`) queries and keys are both [text tokens, image tokens]; `cross_block` cuts out image x text.
     """
     step = 0
     cond = slice(None)
@@ -64,17 +65,32 @@ class Attention(nn.Module):
     def attend(self, q, k, v):
         """softmax(q k^T * scale) v, (b, heads, n, d) each; the hooks' side door. minisd/fast.py routes this call
         around torch.compile, so the hooks' Python state never becomes part of a compiled graph."""
-        active = [h for h in self.hooks if h.wants(self)]
-        if not active:
-            return F.scaled_dot_product_attention(q, k, v)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * self.scale
-        edited = logits
-        for h in active:
-            edited = h.edit_logits(self, edited)
-        probs = edited.softmax(-1)
-        for h in active:
-            probs = h.edit_probs(self, logits, probs)
-        return probs.to(v.dtype) @ v
+        return hooked_attention(self, q, k, v)
+
+
+def hooked_attention(layer, q, k, v):
+    """softmax(q k^T * layer.scale) v for any layer with `hooks`: SDPA unless a hook wants the layer, else the
+    explicit path in float32 with the hooks' edits. The UNet's Attention and SD 3's joint attention share it."""
+    active = [h for h in layer.hooks if h.wants(layer)]
+    if not active:
+        return F.scaled_dot_product_attention(q, k, v)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * layer.scale
+    edited = logits
+    for h in active:
+        edited = h.edit_logits(layer, edited)
+    probs = edited.softmax(-1)
+    for h in active:
+        probs = h.edit_probs(layer, logits, probs)
+    return probs.to(v.dtype) @ v
+
+
+def cross_block(layer, t):
+    """The part of a hook's (batch, heads, queries, keys) tensor that is a cross-attention map: image queries x
+    text keys. A UNet's cross-attention is that already; SD 3's joint attention (`layer.joint`) holds it as one
+    block of its [text, image] x [text, image] square."""
+    if getattr(layer, "joint", False):
+        return t[..., layer.image_queries, layer.text_keys]
+    return t
 
 
 class GEGLU(nn.Module):

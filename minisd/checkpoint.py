@@ -10,6 +10,10 @@ Three rules cover what differs:
      fused `in_proj`): `openclip_to_hf` maps it onto CLIPTextModel's names.
   3. diffusers folders (`unet/`, `vae/`, `text_encoder/`): `diffusers_to_official` renames block by block, rules
      derived from the folder's config; the VAE's mid-block attention is Linear there, 1x1 conv here.
+  4. SD 3 (`model.diffusion_model.joint_blocks.*`): the text encoders keep transformers' names under
+     `text_encoders.{clip_l, clip_g, t5xxl}.transformer.`; CLIP-L's projection (the identity, unused) is dropped;
+     T5's tied embedding may be stored as `shared.weight`, `encoder.embed_tokens.weight` or both. Text encoders
+     can come from their separate official files (`clip_l.safetensors`, ...), whose keys get that prefix.
 Whatever remains must match the model exactly: missing keys, unexpected keys and wrong shapes are all named in one
 error, never a partial load.
 """
@@ -23,10 +27,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, sd1, sd2, sdxl
+from .config import MMDiTConfig, ModelConfig, sd1, sd2, sd35_large, sd35_medium, sd3_medium, sdxl
 from .model import StableDiffusion
 
-PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.")
+SD3_TEXT = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+            "t5xxl": "text_encoders.t5xxl.transformer."}
+# the flag that supplies each SD 3 text encoder from its own file
+SD3_TEXT_FLAGS = {"clip_l": "--clip-l (clip_l.safetensors)", "clip_g": "--clip-g (clip_g.safetensors)",
+                  "t5xxl": "--t5 (t5xxl_fp16.safetensors)"}
 TEXT = "cond_stage_model.transformer.text_model."
 OPENCLIP = "cond_stage_model.model."
 XL_TEXT = "conditioner.embedders.0.transformer.text_model."   # SDXL's CLIP ViT-L, transformers' names
@@ -38,7 +47,9 @@ OPENCLIP_TO_HF = {OPENCLIP: ("cond_stage_model.transformer.text_model.", "cond_s
 PARTS = {"model.diffusion_model.": "the UNet", "first_stage_model.": "the VAE",
          "cond_stage_model.": "the text encoder",
          "conditioner.embedders.0.": "SDXL's first text encoder (CLIP ViT-L, conditioner.embedders.0.transformer.*)",
-         "conditioner.embedders.1.": "SDXL's second text encoder (OpenCLIP ViT-bigG, conditioner.embedders.1.model.*)"}
+         "conditioner.embedders.1.": "SDXL's second text encoder (OpenCLIP ViT-bigG, conditioner.embedders.1.model.*)",
+         "text_encoders.clip_l.": f"SD 3's CLIP-L text encoder: give it with {SD3_TEXT_FLAGS['clip_l']}",
+         "text_encoders.clip_g.": f"SD 3's OpenCLIP bigG text encoder: give it with {SD3_TEXT_FLAGS['clip_g']}"}
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -146,8 +157,14 @@ def inference_keys(state):
     def keep(k):
         return (k.startswith(PREFIXES) and not k.startswith("first_stage_model.loss.")
                 and not k.endswith((".position_ids", "logit_scale"))
-                and not (k.startswith("cond_stage_model.") and k.endswith("text_projection")))
-    return {k: v for k, v in state.items() if keep(k)}
+                and not (k.startswith("cond_stage_model.") and k.endswith("text_projection"))
+                and k != SD3_TEXT["clip_l"] + "text_projection.weight")
+    state = {k: v for k, v in state.items() if keep(k)}
+    # T5's input embedding is one tensor under two names (tied): keep both names on it, from whichever is stored
+    shared, embed = SD3_TEXT["t5xxl"] + "shared.weight", SD3_TEXT["t5xxl"] + "encoder.embed_tokens.weight"
+    if shared in state or embed in state:
+        state[shared] = state[embed] = state.get(shared, state.get(embed))
+    return state
 
 
 def openclip_to_hf(state):
@@ -192,6 +209,8 @@ def detect_config(state, metadata=None, path=None, prediction=None):
     metadata = metadata or {}
     if "minisd_config" in metadata:
         cfg = ModelConfig.from_json(metadata["minisd_config"])
+    elif "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in state:
+        cfg = detect_sd3(state, path)
     elif any(k.startswith("conditioner.") for k in state) or "model.diffusion_model.label_emb.0.0.weight" in state:
         cfg = detect_sdxl(state, path)
     else:
@@ -211,6 +230,35 @@ def detect_config(state, metadata=None, path=None, prediction=None):
             raise CheckpointError(f"prediction must be 'epsilon' or 'v', not {prediction!r}")
         cfg.prediction = prediction
     return cfg
+
+
+def detect_sd3(state, path=None):
+    """SD 3 / 3.5: the MMDiT's shape read from its tensors, as Stability's reference reads it (width = 64 x depth,
+    heads = depth, qk norm where `ln_k` exists, image-only attention where `x_block.attn2` exists). The family (SD 3
+    Medium, SD 3.5 Medium, SD 3.5 Large) gives the defaults that the reference keys by file name."""
+    pre = "model.diffusion_model."
+    patch = state[pre + "x_embedder.proj.weight"]
+    depth = len({k.split(".")[3] for k in state if k.startswith(pre + "joint_blocks.")})
+    attn2 = sorted({int(k.split(".")[3]) for k in state
+                    if k.startswith(pre + "joint_blocks.") and ".x_block.attn2." in k})
+    m = MMDiTConfig(depth=depth, hidden_size=patch.shape[0], num_heads=patch.shape[0] // 64,
+                    patch_size=patch.shape[2], in_channels=patch.shape[1],
+                    pos_embed_max_size=round(state[pre + "pos_embed"].shape[1] ** 0.5),
+                    adm_in_channels=state[pre + "y_embedder.mlp.0.weight"].shape[1],
+                    context_dim=state[pre + "context_embedder.weight"].shape[1],
+                    qk_norm=pre + "joint_blocks.0.x_block.attn.ln_k.weight" in state,
+                    x_block_self_attn_layers=tuple(attn2))
+    cfg = sd35_large() if depth == 38 else sd35_medium() if attn2 else sd3_medium()
+    cfg.mmdit = m
+    return cfg
+
+
+def sd3_text_file(name, path, dtype=None):
+    """One of SD 3's text encoders from its own official file (`clip_l.safetensors`: transformers' names with no
+    prefix) -> its keys under the single file's prefix."""
+    raw, _ = read_checkpoint(path, dtype=dtype)
+    prefix = SD3_TEXT[name]
+    return {prefix + k: v for k, v in raw.items()}
 
 
 def detect_sdxl(state, path=None):
@@ -259,9 +307,11 @@ def check_state(want, state, path=""):
         raise CheckpointError(mismatch_message(path, missing, unexpected, shapes, want))
 
 
-def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float32=False):
+def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float32=False, text_files=None):
     """A checkpoint file or diffusers folder -> (config, state with official keys, metadata); floating tensors of
-    safetensors files in `dtype` if given (cast as they are read), the VAE's in float32 with `vae_float32`."""
+    safetensors files in `dtype` if given (cast as they are read), the VAE's in float32 with `vae_float32`.
+    SD 3: `text_files` {"clip_l" | "clip_g" | "t5xxl": path} adds text encoders from their own files; without
+    T5 the model is built without it (zeros in its place)."""
     path = Path(path)
     if path.is_dir():
         if not (path / "unet").is_dir():
@@ -272,26 +322,34 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float3
             cfg.prediction = prediction
         return cfg, diffusers_to_official(path, cfg, dtype, vae_float32), {}
     raw, metadata = read_checkpoint(path, allow_pickle, dtype, ("first_stage_model.",) if vae_float32 else ())
+    for name, file in (text_files or {}).items():
+        if file:
+            raw = {**{k: v for k, v in raw.items() if not k.startswith(SD3_TEXT[name])},
+                   **sd3_text_file(name, file, dtype)}
     state = inference_keys(raw)
     cfg = detect_config(state, metadata, path, prediction)
+    if cfg.is_sd3 and cfg.t5 is not None and not any(k.startswith(SD3_TEXT["t5xxl"]) for k in state):
+        print(f"no T5-XXL in {Path(path).name}: zeros stand in for its tokens (give it with {SD3_TEXT_FLAGS['t5xxl']})")
+        cfg.t5 = None
     if "openclip" in (cfg.text.key_layout, cfg.text2.key_layout if cfg.text2 else None):
         state = openclip_to_hf(state)
     return cfg, state, metadata
 
 
-def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
+def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None, text_files=None):
     """Build Stable Diffusion for the checkpoint at `path` and load it, strictly. The model is built on the meta
     device and takes the file's tensors, cast to `dtype` as they are read: no float32 copy of a bfloat16 model.
     SDXL's VAE stays float32 in a float16 model (it overflows in float16), with the file's values, never rounded."""
     # which model this is shows only once the file is read, so with float16 every VAE is read in float32 (a few
     # hundred MB) and cast below unless the model keeps it
-    cfg, state, metadata = load_state(path, allow_pickle, prediction, dtype, vae_float32=dtype == torch.float16)
+    cfg, state, metadata = load_state(path, allow_pickle, prediction, dtype, vae_float32=dtype == torch.float16,
+                                      text_files=text_files)
     with torch.device("meta"):
-        model = StableDiffusion(cfg)
+        model = new_model(cfg)
     check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the tensors now; a cast below (pickle files) can free each as it goes
-    for enc in model.text_encoders():
+    for enc in (model.text_encoder_modules() if cfg.is_sd3 else model.text_encoders()):
         emb = enc.text_model.embeddings  # a non-persistent buffer, still on meta
         emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata
@@ -302,10 +360,18 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
     return model.eval()
 
 
+def new_model(cfg):
+    """The model class of a config's family: StableDiffusion (UNet) or StableDiffusion3 (MMDiT)."""
+    if cfg.is_sd3:
+        from .model_sd3 import StableDiffusion3
+        return StableDiffusion3(cfg)
+    return StableDiffusion(cfg)
+
+
 def build_model(cfg, device="cpu", dtype=torch.float32, seed=0):
     """A randomly initialised model (for tests and for training from scratch)."""
     torch.manual_seed(seed)
-    return StableDiffusion(cfg).to(device=device, dtype=dtype)
+    return new_model(cfg).to(device=device, dtype=dtype)
 
 
 def save_checkpoint(model, path, metadata=None):

@@ -47,6 +47,8 @@ class VAEConfig:
     out_ch: int = 3
     groups: int = 32
     scale_factor: float = 0.18215  # latents are multiplied by this before the UNet sees them
+    shift_factor: float = 0.0      # SD 3: and this is subtracted first (its latents are not centred)
+    use_quant_conv: bool = True    # SD 3's VAE has no 1x1 convolutions around the latent
 
     @property
     def downsample(self):
@@ -68,6 +70,37 @@ class TextConfig:
     key_layout: str = "hf"      # "hf": cond_stage_model.transformer.text_model.*; "openclip": cond_stage_model.model.*
     final_norm: bool = True     # with penultimate: SD 2.x applies the final LayerNorm to that layer, SDXL does not
     projection_dim: int = 0     # SDXL's OpenCLIP bigG: also return the pooled end-of-text state @ text_projection
+
+
+@dataclass
+class MMDiTConfig:
+    """SD 3's transformer (minisd/mmdit.py). Stability's files fix hidden_size = 64 * depth and heads = depth."""
+    depth: int = 24                   # joint blocks
+    hidden_size: int = 1536
+    num_heads: int = 24
+    patch_size: int = 2
+    in_channels: int = 16
+    pos_embed_max_size: int = 192     # the learned position table is max x max patches, cropped to the image
+    adm_in_channels: int = 2048       # pooled text: CLIP-L (768) + CLIP-G (1280)
+    context_dim: int = 4096           # T5-XXL's width; the CLIP states are zero-padded to it
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False             # SD 3.5: RMSNorm on each head's q and k
+    x_block_self_attn_layers: tuple = ()  # SD 3.5 Medium: blocks with a second, image-only attention (attn2)
+    frequency_embedding_size: int = 256
+
+
+@dataclass
+class T5Config:
+    """T5 v1.1's encoder as SD 3 reads it (transformers.T5EncoderModel)."""
+    vocab_size: int = 32128
+    d_model: int = 4096
+    d_kv: int = 64
+    d_ff: int = 10240
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    min_length: int = 77              # Stability's reference pads (never cuts) to 77 tokens; diffusers: 256
 
 
 @dataclass
@@ -94,6 +127,16 @@ class ModelConfig:
     # SDXL: an empty negative prompt is zero embeddings (diffusers' force_zeros_for_empty_prompt)
     zero_empty_negative: bool = False
     vae_upcast: bool = False           # SDXL's VAE overflows in float16: decode in float32 when the model is float16
+    # SD 3: the MMDiT in place of the UNet (unet is then None), T5-XXL beside the two CLIPs (text, text2), and the
+    # rectified-flow schedule with its shift; default_sampler is what Stability's reference samples with.
+    mmdit: MMDiTConfig = None
+    t5: T5Config = None
+    shift: float = 1.0
+    default_sampler: str = "dpmpp_2m"
+
+    @property
+    def is_sd3(self):
+        return self.mmdit is not None
 
     def default_blocks(self):
         """The blocks whose cross-attention is regulated (and shown) by default, by one rule for every family:
@@ -104,6 +147,8 @@ class ModelConfig:
         size. `regulate_blocks` overrides it."""
         if self.regulate_blocks is not None:
             return tuple(self.regulate_blocks)
+        if self.is_sd3:
+            return sd3_default_blocks(self.mmdit)
         return level_blocks(self.unet, max(attention_levels(self.unet)))
 
     def to_json(self):
@@ -112,7 +157,8 @@ class ModelConfig:
     @staticmethod
     def from_json(s):
         d = json.loads(s) if isinstance(s, str) else dict(s)
-        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text2": TextConfig}
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "text2": TextConfig,
+               "mmdit": MMDiTConfig, "t5": T5Config}
         kw = {}
         for f in fields(ModelConfig):
             if f.name not in d:
@@ -202,5 +248,75 @@ def tiny_sdxl(image_size=64, groups=8):
     return cfg
 
 
+def sd3_default_blocks(mmdit):
+    """The joint blocks regulated by default. MMDiT has no resolution levels, so the UNet's rule (the deepest
+    level, where the layout is decided) has no direct analogue. Provisional rule: the middle third of the joint
+    blocks. Work that reads SD 3's image-to-text maps (e.g. the MMDiT attention analyses behind training-free
+    layout and editing methods) reports that the first blocks' maps are diffuse, the last blocks' refine
+    appearance, and the middle blocks place the objects; no trained MMDiT is reachable here to measure it."""
+    n = mmdit.depth
+    return tuple(f"joint_blocks.{i}" for i in range(n // 3, max(n // 3 + 1, 2 * n // 3)))
+
+
+def sd3_text():
+    """CLIP-L and OpenCLIP bigG as SD 3 stores them: transformers' names under `text_encoders.clip_l.` and
+    `.clip_g.`, both read at the penultimate layer without the final LayerNorm; bigG's projection a Linear."""
+    return (TextConfig(penultimate=True, final_norm=False, key_layout="sd3"),
+            TextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       hidden_act="gelu", penultimate=True, final_norm=False, pad_with_eot=False,
+                       key_layout="sd3", projection_dim=1280))
+
+
+def sd3_family(name, mmdit, shift, steps, guidance, sampler="dpmpp_2m"):
+    clip_l, clip_g = sd3_text()
+    return ModelConfig(name=name, unet=None, mmdit=mmdit, t5=T5Config(), text=clip_l, text2=clip_g,
+                       vae=VAEConfig(z_channels=16, scale_factor=1.5305, shift_factor=0.0609,
+                                     use_quant_conv=False),
+                       prediction="flow", image_size=1024, shift=shift, default_steps=steps,
+                       default_guidance=guidance, default_sampler=sampler)
+
+
+def sd3_medium():
+    """Stable Diffusion 3 Medium (2B): 24 joint blocks, 1536 wide, a 192 x 192 position table. Defaults as
+    Stability's reference (sd3_infer.py) for `sd3_medium`: shift 1.0, 50 steps, guidance 5, dpmpp_2m."""
+    return sd3_family("sd3-medium", MMDiTConfig(), 1.0, 50, 5.0)
+
+
+def sd35_medium():
+    """Stable Diffusion 3.5 Medium (2.5B): SD 3 Medium's shape with qk RMSNorm, a 384 x 384 position table and
+    a second image-only attention in blocks 0-12 (MMDiT-X). Reference defaults: shift 3, 50 steps, guidance 5."""
+    return sd3_family("sd3.5-medium", MMDiTConfig(pos_embed_max_size=384, qk_norm=True,
+                                                  x_block_self_attn_layers=tuple(range(13))), 3.0, 50, 5.0)
+
+
+def sd35_large():
+    """Stable Diffusion 3.5 Large (8B): 38 joint blocks, 2432 wide, qk RMSNorm. Reference defaults: shift 3,
+    40 steps, guidance 4.5."""
+    return sd3_family("sd3.5-large", MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, qk_norm=True),
+                      3.0, 40, 4.5)
+
+
+def tiny_sd3(dual=True, image_size=32):
+    """SD 3.5's shape in miniature, for tests: 3 joint blocks 32 wide; `dual`: SD 3.5 Medium's qk norm and extra
+    image-only attention in block 0 and 1, else SD 3 Medium's plain blocks. Tiny CLIPs and T5."""
+    cfg = sd3_family("tiny-sd3.5" if dual else "tiny-sd3",
+                     MMDiTConfig(depth=3, hidden_size=32, num_heads=2, pos_embed_max_size=12,
+                                 adm_in_channels=64, context_dim=48, qk_norm=dual,
+                                 x_block_self_attn_layers=(0, 1) if dual else ()),
+                     3.0, 4, 5.0, "euler")
+    cfg.image_size = image_size
+    cfg.vae = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, scale_factor=1.5305,
+                        shift_factor=0.0609, use_quant_conv=False)
+    cfg.text = TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                          penultimate=True, final_norm=False, key_layout="sd3")
+    cfg.text2 = TextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           hidden_act="gelu", penultimate=True, final_norm=False, pad_with_eot=False,
+                           key_layout="sd3", projection_dim=48)
+    cfg.t5 = T5Config(vocab_size=300, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    return cfg
+
+
 FAMILIES = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2(True), "sdxl": sdxl, "tiny": tiny,
-            "tiny-sd2": lambda: tiny(True), "tiny-sdxl": tiny_sdxl}
+            "tiny-sd2": lambda: tiny(True), "tiny-sdxl": tiny_sdxl, "sd3-medium": sd3_medium,
+            "sd3.5-medium": sd35_medium, "sd3.5-large": sd35_large, "tiny-sd3": lambda: tiny_sd3(False),
+            "tiny-sd3.5": tiny_sd3}

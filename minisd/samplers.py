@@ -311,3 +311,80 @@ def _adams_bashforth(outs):
 
 
 SAMPLERS = {"ddim": ddim, "euler": euler, "dpmpp_2m": dpmpp_2m, "plms": plms}
+
+
+# ------------------------------------------------------------------------------------- rectified flow (SD 3)
+
+@dataclass
+class FlowSchedule:
+    """SD 3's rectified flow (Esser et al. 2024; Liu et al. 2022, "Flow Straight and Fast"): x_sigma =
+    (1 - sigma) x0 + sigma eps for sigma in [0, 1], and the model predicts the velocity v = eps - x0, read at the
+    timestep t = 1000 sigma. The shift moves the visited sigmas towards the noisy end, sigma -> shift sigma /
+    (1 + (shift - 1) sigma): 3.0 for SD 3.5 (high resolutions need more steps at high noise).
+
+    `sigmas(steps)`: as Stability's reference (ModelSamplingDiscreteFlow + get_sigmas) and diffusers'
+    FlowMatchEulerDiscreteScheduler both lay them out: t evenly from 1000 to 1000 shift(1/1000) (the shifted end
+    is shifted again, in both), each shifted, then 0 appended; computed in float64, kept in float32."""
+    shift: float = 3.0
+    num_train_timesteps: int = 1000
+
+    def shifted(self, s):
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def sigmas(self, steps):
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        T = self.num_train_timesteps
+        lo = float(np.float32(self.shifted(np.float32(1 / T))))  # the table's smallest sigma, in float32 as both
+        s = self.shifted(np.linspace(T, lo * T, steps) / T)
+        return torch.tensor(np.append(s, 0.0), dtype=torch.float32)
+
+
+def _flow_prepare(x, schedule, steps, generator):
+    if not isinstance(schedule, FlowSchedule):
+        raise TypeError(f"schedule must be a samplers.FlowSchedule, got {type(schedule).__name__}")
+    if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per row")
+    return x.float(), schedule.sigmas(steps)
+
+
+def flow_euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+    """Euler's method on the flow ODE dx/dsigma = v: x <- x + (sigma_next - sigma) v. Starts from x = eps (sigma
+    = 1). `model(x, t, i)` returns v at t = 1000 sigma. Equals diffusers' FlowMatchEulerDiscreteScheduler (SD 3's
+    pipeline) and Stability's `sample_euler`."""
+    x, sigmas = _flow_prepare(x, schedule, steps, generator)
+    for i in range(steps):
+        sigma, t = sigmas[i], float(sigmas[i] * schedule.num_train_timesteps)
+        x = _edit(edit, x, t, i)
+        v = _predict(model, x, t, i)
+        x0 = x - sigma * v
+        x = x + (sigmas[i + 1] - sigma) * v
+        _report(callback, i, t, x, x0)
+    return x
+
+
+def flow_dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+    """DPM-Solver++(2M) as Stability's reference runs it on SD 3 (`sample_dpmpp_2m`, its default sampler): k-diffusion's
+    form in lambda = -log sigma applied to the flow's sigmas and the model's clean-latent guess x0 = x - sigma v;
+    the first step, and the step to sigma = 0, are first order."""
+    x, sigmas = _flow_prepare(x, schedule, steps, generator)
+    x0_old = None
+    for i in range(steps):
+        sigma, sigma_next, t = sigmas[i], sigmas[i + 1], float(sigmas[i] * schedule.num_train_timesteps)
+        x = _edit(edit, x, t, i)
+        x0 = x - sigma * _predict(model, x, t, i)
+        if sigma_next == 0:
+            x_new = x0
+        else:
+            h = torch.log(sigma) - torch.log(sigma_next)
+            d = x0
+            if x0_old is not None:
+                r = (torch.log(sigmas[i - 1]) - torch.log(sigma)) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_old
+            x_new = (sigma_next / sigma) * x - torch.expm1(-h) * d
+        x, x0_old = x_new, x0
+        _report(callback, i, t, x, x0)
+    return x
+
+
+FLOW_SAMPLERS = {"euler": flow_euler, "dpmpp_2m": flow_dpmpp_2m}

@@ -7,7 +7,10 @@ module with one small transform.
 
 SDXL has two (`conditioner.embedders.0` = CLIP ViT-L, `.1` = OpenCLIP ViT-bigG), both read at the penultimate
 layer *without* the final LayerNorm, their outputs concatenated to 2048 channels. bigG also gives the pooled text:
-the final-LayerNorm'd last layer at the end-of-text token, times `text_projection` (OpenCLIP's `x @ P`)."""
+the final-LayerNorm'd last layer at the end-of-text token, times `text_projection` (OpenCLIP's `x @ P`).
+
+SD 3 has three (`text_encoders.clip_l`, `.clip_g`, `.t5xxl`), each under transformers' own names: the two CLIPs
+read as SDXL reads them, side by side and zero-padded to T5's width, then T5's tokens after them (SD3Text)."""
 import torch
 import torch.nn as nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -28,7 +31,11 @@ class TextEncoder(nn.Module):
             self.transformer = nn.Module()
             self.transformer.text_model = clip
         self.clip = [clip]  # in a list so it is not registered twice
-        if text.projection_dim:
+        if text.key_layout == "sd3":
+            # SD 3 stores transformers' CLIPTextModelWithProjection: the projection is a Linear beside text_model
+            if text.projection_dim:
+                self.transformer.text_projection = nn.Linear(text.hidden_size, text.projection_dim, bias=False)
+        elif text.projection_dim:
             # OpenCLIP's initialisation; a checkpoint overwrites it, but a model built from scratch must not start
             # from uninitialised memory
             init = torch.randn(text.hidden_size, text.projection_dim) * text.hidden_size ** -0.5
@@ -49,7 +56,14 @@ class TextEncoder(nn.Module):
         else:
             hidden = out.hidden_states[-2]
         pooled = None
-        if self.config.projection_dim:
+        if self.config.key_layout == "sd3":
+            # SD 3 pools both CLIPs: the final-LayerNorm'd end-of-text state, projected where there is a projection
+            # (bigG). CLIP-L's is used unprojected, as Stability's reference does (its official projection is the
+            # identity, which diffusers fills in).
+            pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
+            if self.config.projection_dim:
+                pooled = self.transformer.text_projection(pooled)
+        elif self.config.projection_dim:
             # OpenCLIP pools at ids.argmax(): end-of-text has the largest id, so that is its first occurrence
             eot = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
             pooled = eot @ self.text_projection
@@ -73,3 +87,32 @@ class Conditioner(nn.Module):
         pooled text of the last embedder that has a projection)."""
         hidden, pooled = zip(*(e.encode(i) for e, i in zip(self.embedders, ids)))
         return torch.cat(hidden, dim=-1), next(p for p in reversed(pooled) if p is not None)
+
+
+class SD3Text(nn.Module):
+    """SD 3's text conditioning under the official names: `text_encoders.{clip_l, clip_g, t5xxl}`. T5 may be
+    absent (t5 config None): zeros then stand in for its tokens, as diffusers allows."""
+
+    def __init__(self, clip_l, clip_g, t5, context_dim, t5_tokens=77):
+        super().__init__()
+        from .t5 import T5Encoder
+        self.clip_l, self.clip_g = TextEncoder(clip_l), TextEncoder(clip_g)
+        if t5 is not None:
+            self.t5xxl = T5Encoder(t5)
+        self.context_dim, self.t5_tokens = context_dim, t5_tokens
+
+    @property
+    def has_t5(self):
+        return hasattr(self, "t5xxl")
+
+    def forward(self, ids):
+        """(CLIP-L ids, CLIP-G ids, T5 ids or None), each (b, tokens) -> (context (b, 77 + T5 tokens, 4096),
+        pooled (b, 768 + 1280))."""
+        (l, l_pooled), (g, g_pooled) = self.clip_l.encode(ids[0]), self.clip_g.encode(ids[1])
+        clip = torch.cat([l, g], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.context_dim - clip.shape[-1]))
+        if self.has_t5:
+            t5 = self.t5xxl(ids[2]).to(clip.dtype)
+        else:
+            t5 = clip.new_zeros(clip.shape[0], self.t5_tokens, self.context_dim)
+        return torch.cat([clip, t5], dim=1), torch.cat([l_pooled, g_pooled], dim=-1)

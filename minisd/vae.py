@@ -146,8 +146,11 @@ class AutoencoderKL(nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.encoder, self.decoder = Encoder(vae), Decoder(vae)
-        self.quant_conv = nn.Conv2d(2 * vae.z_channels, 2 * vae.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(vae.z_channels, vae.z_channels, 1)
+        if vae.use_quant_conv:  # SD 3's 16-channel VAE has neither
+            self.quant_conv = nn.Conv2d(2 * vae.z_channels, 2 * vae.z_channels, 1)
+            self.post_quant_conv = nn.Conv2d(vae.z_channels, vae.z_channels, 1)
+        else:
+            self.quant_conv = self.post_quant_conv = nn.Identity()
 
     def encode(self, x):
         """Pixels in [-1, 1] -> the posterior over (unscaled) latents."""

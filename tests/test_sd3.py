@@ -1,0 +1,186 @@
+"""SD 3 / 3.5: minisd computes what diffusers computes, on tiny SD 3-shaped models (random weights, float32).
+
+The tests write one file in the official single-file layout (`model.diffusion_model.joint_blocks.N...`,
+`first_stage_model.*`, `text_encoders.{clip_l, clip_g, t5xxl}.transformer.*`). diffusers reads it with its own
+single-file loaders (`SD3Transformer2DModel.from_single_file`, `AutoencoderKL.from_single_file`, its CLIP and T5
+converters): an independent check that minisd's module names are the official keys. Two shapes: SD 3.5 Medium's
+(qk RMSNorm, the extra image-only attention in the first blocks) and SD 3 Medium's (neither).
+"""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is the reference")
+
+from minisd.checkpoint import CheckpointError, detect_config, load_model, new_model  # noqa: E402
+from minisd.config import sd35_large, sd35_medium, sd3_medium, tiny_sd3  # noqa: E402
+from minisd.samplers import FlowSchedule, flow_dpmpp_2m, flow_euler  # noqa: E402
+from tools.parity import difference, random_official, save_official  # noqa: E402
+
+TOL = 1e-5
+
+
+def assert_close(ref, out, tol=TOL):
+    assert ref.shape == out.shape, (ref.shape, out.shape)
+    d, rel = difference(ref, out)
+    assert rel <= tol, f"max abs difference {d:.3g} is {rel:.3g} of the output scale (tolerance {tol})"
+
+
+def transformer_config(cfg):
+    m = cfg.mmdit
+    return {"_class_name": "SD3Transformer2DModel", "sample_size": cfg.image_size // cfg.vae.downsample,
+            "patch_size": m.patch_size, "in_channels": m.in_channels, "out_channels": m.in_channels,
+            "num_layers": m.depth, "attention_head_dim": m.hidden_size // m.num_heads,
+            "num_attention_heads": m.num_heads, "joint_attention_dim": m.context_dim,
+            "caption_projection_dim": m.hidden_size, "pooled_projection_dim": m.adm_in_channels,
+            "pos_embed_max_size": m.pos_embed_max_size, "dual_attention_layers": list(m.x_block_self_attn_layers),
+            "qk_norm": "rms_norm" if m.qk_norm else None}
+
+
+def vae_config(cfg):
+    v = cfg.vae
+    return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": v.z_channels,
+            "block_out_channels": [v.ch * m for m in v.ch_mult], "layers_per_block": v.num_res_blocks,
+            "down_block_types": ["DownEncoderBlock2D"] * len(v.ch_mult),
+            "up_block_types": ["UpDecoderBlock2D"] * len(v.ch_mult), "norm_num_groups": v.groups,
+            "sample_size": cfg.image_size, "scaling_factor": v.scale_factor, "shift_factor": v.shift_factor,
+            "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": False}
+
+
+def official_state(cfg, seed=0):
+    """Random weights under the official keys of every part minisd's model has (shapes from a meta build)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in new_model(cfg).state_dict().items() if not k.endswith("position_ids")}
+    state = random_official(shapes, seed)
+    # T5's embedding is one tensor under two names; the official files hold it once as shared.weight
+    t5 = "text_encoders.t5xxl.transformer."
+    if t5 + "shared.weight" in state:
+        state.pop(t5 + "encoder.embed_tokens.weight")
+    return state
+
+
+def write_folder(tmp, cfg):
+    for name, conf in (("transformer", transformer_config(cfg)), ("vae", vae_config(cfg))):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        (tmp / name / "config.json").write_text(json.dumps(conf))
+    return tmp
+
+
+def build(tmp, dual):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    cfg = tiny_sd3(dual)
+    state = official_state(cfg, seed=1 if dual else 2)
+    path = tmp / f"{cfg.name}.safetensors"
+    save_official(path, state, cfg)
+    folder = write_folder(tmp / f"{cfg.name}-config", cfg)
+    kw = dict(config=str(folder), local_files_only=True)
+    transformer = SD3Transformer2DModel.from_single_file(str(path), subfolder="transformer", **kw).eval()
+    vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw).eval()
+    return SimpleNamespace(cfg=cfg, state=state, path=path, folder=folder, transformer=transformer, vae=vae,
+                           model=load_model(path))
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["sd3.5-medium-shape", "sd3-medium-shape"])
+def sd3(request, tmp_path_factory):
+    return build(tmp_path_factory.mktemp("sd3"), request.param)
+
+
+@torch.no_grad()
+def test_mmdit_matches_diffusers(sd3):
+    """Batch 2, two timesteps, a non-square latent (the position table cropped off-centre in one direction)."""
+    g = torch.Generator().manual_seed(5)
+    m = sd3.cfg.mmdit
+    x = torch.randn(2, 16, 16, 24, generator=g)
+    ctx = torch.randn(2, 154, m.context_dim, generator=g)
+    pooled = torch.randn(2, m.adm_in_channels, generator=g)
+    t = torch.tensor([1000.0, 37.5])
+    ref = sd3.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample
+    out = sd3.model.mmdit(x, t, ctx, pooled)
+    assert_close(ref, out)
+    assert ref.abs().max() > 0.1, "the reference output is near zero: the comparison could not see a difference"
+    assert (sd3.model.mmdit(x, t.flip(0), ctx, pooled) - ref).abs().max() > 1e-3, "the timestep does not matter"
+
+
+def test_model_has_the_shape_asked(sd3):
+    blocks = sd3.model.mmdit.joint_blocks
+    assert [hasattr(b.x_block, "attn2") for b in blocks] == [i in sd3.cfg.mmdit.x_block_self_attn_layers
+                                                            for i in range(len(blocks))]
+    assert (blocks[0].x_block.attn.ln_q is not None) == sd3.cfg.mmdit.qk_norm
+    assert blocks[-1].context_block.pre_only and not hasattr(blocks[-1].context_block.attn, "proj")
+    assert not any(b.context_block.pre_only for b in blocks[:-1])
+
+
+@torch.no_grad()
+def test_vae_matches_diffusers(sd3):
+    z = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(8))
+    assert_close(sd3.vae.decode(z).sample, sd3.model.vae.decode(z))
+    assert not hasattr(sd3.model.vae.post_quant_conv, "weight"), "SD 3's VAE has no post_quant_conv"
+    assert sd3.vae.config.scaling_factor == sd3.model.cfg.vae.scale_factor == 1.5305
+
+
+def test_full_size_families_detected_from_keys():
+    """Official SD 3 Medium, SD 3.5 Medium and SD 3.5 Large files are told apart by their keys and shapes alone."""
+    for family in (sd3_medium, sd35_medium, sd35_large):
+        cfg = family()
+        with torch.device("meta"):
+            state = {k: v for k, v in new_model(cfg).state_dict().items() if k.startswith("model.")}
+        got = detect_config(state)
+        assert (got.name, got.mmdit, got.shift) == (cfg.name, cfg.mmdit, cfg.shift)
+
+
+def test_missing_clip_named_with_its_flag(sd3, tmp_path):
+    state = {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.clip_g.")}
+    path = tmp_path / "no-clip-g.safetensors"
+    save_official(path, state, sd3.cfg)
+    with pytest.raises(CheckpointError, match="--clip-g"):
+        load_model(path)
+
+
+def test_flow_schedule_matches_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    for shift, steps in ((3.0, 28), (1.0, 50), (3.0, 4)):
+        s = FlowMatchEulerDiscreteScheduler(shift=shift)
+        s.set_timesteps(steps)
+        mine = FlowSchedule(shift).sigmas(steps)
+        assert torch.allclose(s.sigmas, mine, atol=1e-6, rtol=0), (shift, steps)
+
+
+def test_flow_euler_matches_diffusers_step_by_step():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+
+    def model(x, t, i):  # any smooth function of (x, t) stands in for the MMDiT
+        return torch.sin(x * (1 + t / 1000)) - 0.3 * x
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    s.set_timesteps(10)
+    ref = x.clone()
+    for t in s.timesteps:
+        ref = s.step(model(ref, float(t), 0), t, ref).prev_sample
+    assert_close(ref, flow_euler(model, x, FlowSchedule(3.0), 10), 1e-6)
+
+
+def test_flow_dpmpp_2m_matches_stabilitys_sampler():
+    """Stability's `sample_dpmpp_2m` (sd3_impls.py), transcribed line by line, on the flow's sigmas."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 4, 4, generator=g)
+
+    def velocity(x, t, i):
+        return torch.cos(x * (1 + t / 1000)) + 0.2 * x
+
+    sigmas = FlowSchedule(3.0).sigmas(8)
+    ref, old = x.clone(), None
+    for i in range(len(sigmas) - 1):
+        denoised = ref - velocity(ref, float(sigmas[i] * 1000), i) * sigmas[i]
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old is None or sigmas[i + 1] == 0:
+            ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
+        old = denoised
+    assert_close(ref, flow_dpmpp_2m(velocity, x, FlowSchedule(3.0), 8), 1e-6)
