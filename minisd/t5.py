@@ -33,7 +33,11 @@ class T5Tokenizer:
     """Prompts -> T5 token ids, as Stability's reference makes them (or padded and cut to `length`)."""
 
     def __init__(self, model_file, min_length=77, length=None):
-        import sentencepiece
+        try:
+            import sentencepiece
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError("SD 3's T5 tokenizer needs the sentencepiece package: "
+                                      "pip install sentencepiece") from None
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         self.min_length, self.length = min_length, length
 

@@ -16,8 +16,15 @@ pytest.importorskip("diffusers", reason="diffusers is the reference")
 
 from minisd.checkpoint import CheckpointError, detect_config, load_model, new_model  # noqa: E402
 from minisd.config import sd35_large, sd35_medium, sd3_medium, tiny_sd3  # noqa: E402
+from minisd.pipeline_sd3 import SD3Pipeline  # noqa: E402
 from minisd.samplers import FlowSchedule, flow_dpmpp_2m, flow_euler  # noqa: E402
+from tools.bench.generate import clip_tokenizer  # noqa: E402
 from tools.parity import difference, random_official, save_official  # noqa: E402
+
+PROMPTS = ["a red circle left of a blue square", "a hummingbird over a green hill, studio photo"]
+NEGATIVE = ["blurry, grey", ""]
+WORDS = ("a an the red blue green yellow grey circle square triangle star cat dog bird over under left right of on "
+         "top photo hummingbird hill studio sphere cube big small blurry").split()
 
 TOL = 1e-5
 
@@ -68,8 +75,54 @@ def write_folder(tmp, cfg):
     return tmp
 
 
+def train_t5_tokenizer(folder):
+    """A tiny SentencePiece model (T5's ids: pad 0, end-of-text 1, unknown 2) as `folder/spiece.model`."""
+    import random
+
+    import sentencepiece
+    rng = random.Random(0)
+    corpus = folder / "corpus.txt"
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(2000)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=120,
+                                             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                             minloglevel=2)
+    return folder / "spiece.model"
+
+
+def references(state, cfg, folder):
+    """transformers' text encoders filled from the official keys by diffusers' own converters: CLIP-L with the
+    identity projection its single-file loader gives it, bigG with the file's, T5 (eval: its loader leaves dropout
+    on)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_sd3_t5_checkpoint_to_diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    clips = []
+    for name, t in (("clip_l", cfg.text), ("clip_g", cfg.text2)):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            hidden_act=t.hidden_act, projection_dim=t.projection_dim or t.hidden_size))
+        sd = convert_ldm_clip_checkpoint(dict(state), f"text_encoders.{name}.transformer.")
+        if name == "clip_l":
+            sd["text_projection.weight"] = torch.eye(t.hidden_size)
+        model.load_state_dict(sd, strict=False)
+        missing = {k for k in model.state_dict() if not k.endswith("position_ids")} - set(sd)
+        assert not missing, missing
+        clips.append(model.eval())
+    t5 = cfg.t5
+    model = T5EncoderModel(T5Config(vocab_size=t5.vocab_size, d_model=t5.d_model, d_kv=t5.d_kv, d_ff=t5.d_ff,
+                                    num_layers=t5.num_layers, num_heads=t5.num_heads, feed_forward_proj="gated-gelu",
+                                    is_encoder_decoder=False))
+    sd = convert_sd3_t5_checkpoint_to_diffusers(dict(state))
+    model.load_state_dict(sd, strict=False)
+    assert {k for k in model.state_dict() if k != "encoder.embed_tokens.weight"} <= set(sd)
+    from transformers import T5Tokenizer
+    return clips + [model.eval(), T5Tokenizer.from_pretrained(str(folder), extra_ids=0)]
+
+
 def build(tmp, dual):
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
     cfg = tiny_sd3(dual)
     state = official_state(cfg, seed=1 if dual else 2)
     path = tmp / f"{cfg.name}.safetensors"
@@ -78,8 +131,17 @@ def build(tmp, dual):
     kw = dict(config=str(folder), local_files_only=True)
     transformer = SD3Transformer2DModel.from_single_file(str(path), subfolder="transformer", **kw).eval()
     vae = AutoencoderKL.from_single_file(str(path), subfolder="vae", **kw).eval()
+    spiece = train_t5_tokenizer(tmp / "tokenizer_3")
+    clip_l, clip_g, t5, t5_tok = references(state, cfg, spiece.parent)
+    theirs = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift), vae=vae,
+        text_encoder=clip_l, tokenizer=clip_tokenizer(tmp / "vocab1", pad_with_eot=True),
+        text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(tmp / "vocab2", pad_with_eot=False),
+        text_encoder_3=t5, tokenizer_3=t5_tok)
+    theirs.set_progress_bar_config(disable=True)
+    mine = SD3Pipeline.from_checkpoint(path, t5_tokenizer=spiece)
     return SimpleNamespace(cfg=cfg, state=state, path=path, folder=folder, transformer=transformer, vae=vae,
-                           model=load_model(path))
+                           model=mine.model, theirs=theirs, mine=mine, spiece=spiece, tmp=tmp)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["sd3.5-medium-shape", "sd3-medium-shape"])
@@ -184,3 +246,85 @@ def test_flow_dpmpp_2m_matches_stabilitys_sampler():
             ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
         old = denoised
     assert_close(ref, flow_dpmpp_2m(velocity, x, FlowSchedule(3.0), 8), 1e-6)
+
+
+@torch.no_grad()
+def test_text_states_match_diffusers(sd3):
+    """CLIP-L and bigG at the penultimate layer, side by side, zero-padded to T5's width, then T5's 77 tokens;
+    pooled: CLIP-L's (unprojected) and bigG's (projected) end-of-text states. Each tokenizer's ids first."""
+    theirs = sd3.theirs
+    ids = [tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for tok in (theirs.tokenizer, theirs.tokenizer_2, theirs.tokenizer_3)]
+    mine = sd3.mine.ids(PROMPTS)
+    assert all(torch.equal(a, b) for a, b in zip(ids, mine)), "token ids differ"
+    assert mine[2].shape[1] == 77 and (mine[2][:, -1] == 0).all() and (mine[2] == 1).sum() == len(PROMPTS)
+    ref, _, ref_pooled, _ = theirs.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                                                 max_sequence_length=77)
+    context, pooled = sd3.model.encode_text(mine)
+    assert_close(ref, context)
+    assert_close(ref_pooled, pooled)
+    assert context.shape == (2, 154, sd3.cfg.mmdit.context_dim)
+
+
+def run_both(sd3, guidance, negative, mine=None, theirs=None, sequence=77, steps=4):
+    mine, theirs = mine or sd3.mine, theirs or sd3.theirs
+    px = sd3.cfg.image_size
+    side = px // sd3.cfg.vae.downsample
+    latents = torch.randn(len(PROMPTS), 16, side, side, generator=torch.Generator().manual_seed(3))
+    ref = theirs(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                 latents=latents.clone(), height=px, width=px, output_type="latent",
+                 max_sequence_length=sequence).images
+    out = mine(PROMPTS, negative_prompt=negative, steps=steps, guidance=guidance, sampler="euler",
+               latents=latents.clone(), height=px, width=px, return_latents=True, decode=False).latents
+    return ref, out
+
+
+@pytest.mark.parametrize("guidance,negative", [(5.0, NEGATIVE), (1.0, "")], ids=["cfg5-negative", "no-cfg"])
+def test_pipeline_matches_diffusers(sd3, guidance, negative):
+    """The whole 4-step pipeline with Euler (diffusers' FlowMatchEulerDiscreteScheduler, shift 3): final latents."""
+    ref, out = run_both(sd3, guidance, negative)
+    assert_close(ref, out)
+    assert ref.abs().max() > 0.1
+
+
+def test_images_match_diffusers(sd3):
+    px = sd3.cfg.image_size
+    side = px // sd3.cfg.vae.downsample
+    latents = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(4))
+    ref = sd3.theirs(PROMPTS[:1], num_inference_steps=2, guidance_scale=5.0, latents=latents.clone(), height=px,
+                     width=px, output_type="pt", max_sequence_length=77).images
+    out = sd3.mine.decode(sd3.mine(PROMPTS[0], steps=2, guidance=5.0, sampler="euler", latents=latents.clone(),
+                                   return_latents=True, decode=False).latents)
+    assert_close(ref, out)
+
+
+def test_without_t5_zeros_stand_in(sd3, tmp_path, capsys):
+    """A file without T5: one line says so; its 77 tokens are zeros, as diffusers' pipeline without text_encoder_3."""
+    from diffusers import StableDiffusion3Pipeline
+    state = {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.t5xxl.")}
+    path = tmp_path / "no-t5.safetensors"
+    save_official(path, state, sd3.cfg)
+    mine = SD3Pipeline.from_checkpoint(path)
+    assert "no T5-XXL" in capsys.readouterr().out
+    t = sd3.theirs
+    theirs = StableDiffusion3Pipeline(transformer=t.transformer, scheduler=t.scheduler, vae=t.vae,
+                                      text_encoder=t.text_encoder, tokenizer=t.tokenizer,
+                                      text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
+                                      text_encoder_3=None, tokenizer_3=None)
+    theirs.set_progress_bar_config(disable=True)
+    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, theirs, steps=2)
+    assert_close(ref, out)
+
+
+def test_t5_length_flag_gives_diffusers_256(sd3):
+    mine = SD3Pipeline(sd3.model, sd3.spiece, t5_length=256)
+    assert mine.ids(PROMPTS)[2].shape == (2, 256)
+    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, sequence=256, steps=1)
+    assert_close(ref, out)
+    ref77, _ = run_both(sd3, 5.0, NEGATIVE, steps=1)
+    assert (ref77 - ref).abs().max() > 1e-4, "the padding length made no difference: the test could not see it"
+
+
+def test_t5_needs_a_tokenizer(sd3):
+    with pytest.raises(CheckpointError, match="--t5-tokenizer"):
+        SD3Pipeline(sd3.model)
