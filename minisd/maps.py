@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .attention import AttentionHook
+from .attention import AttentionHook, cross_block
 from .blocks import block_of
 
 
@@ -33,7 +33,8 @@ class AttentionMaps(AttentionHook):
     def edit_probs(self, layer, logits, probs):
         h, w = layer.hw
         self.layers_seen.add(layer.name)
-        p = probs[self.cond][..., self.positions].mean(dim=1)  # (b, heads, hw, k) -> (b, hw, k)
+        # SD 3: the image-to-text block of the joint attention; positions are text-key indices
+        p = cross_block(layer, probs)[self.cond][..., self.positions].mean(dim=1)  # (b, heads, hw, k) -> (b, hw, k)
         m = p.transpose(1, 2).reshape(p.shape[0], len(self.positions), h, w).detach().float().cpu()
         if self.step in self.maps and self.maps[self.step].shape[-2:] != m.shape[-2:]:
             m = F.interpolate(m, size=self.maps[self.step].shape[-2:], mode="bilinear", align_corners=False)

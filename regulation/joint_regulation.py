@@ -1,0 +1,194 @@
+"""Attention Regulation (and Attend-and-Excite) on SD 3's joint attention.
+
+In an MMDiT there is no cross-attention layer: each joint block runs one softmax over [text keys, image keys] for
+every query, text and image alike (minisd/mmdit.py). The part that plays the UNet's cross-attention map is the
+image-to-text block: image queries (the h x w patch grid) x text keys (77 CLIP states, then T5's tokens). The
+spec (shared/design/attention-regulation.md) carries over as follows; what changed, and why:
+
+- Where: the image-query rows of the conditional half, in the joint blocks chosen (JointBlockSelector; default
+  `ModelConfig.default_blocks`, a provisional rule stated in minisd/config.py: sd3_default_blocks). Text-query
+  rows are never edited.
+- Targets: each target word resolves in both tokenizers, CLIP (its position p, key p) and T5 (position q, key
+  77 + q); every sub-token in either is a target column, so k counts both (tau = min(1, 0.2 k) as in the spec).
+- The additive term: Delta, the spec's Gaussian bumps over the h x w patch grid, is added to the logits of the
+  target text columns of the image-query rows only; the softmax then runs over all keys (text and image), so the
+  edit can take mass from image keys as well as from the other words.
+- The loss reads the maps renormalised over the text keys: A = softmax over the text columns only of the edited
+  logits, i.e. each image query's attention to text, as a distribution over the text tokens. Why: the released
+  loss (0.9-quantile near 0.9, mean near tau / k) is calibrated for a softmax over 77 text tokens. In joint
+  attention a query's text mass is a fraction of 1 (thousands of image keys against 154 text keys), so the raw
+  share of a word could seldom come near 0.9; the optimiser would inflate Delta until the target columns beat the
+  image keys, changing how the image reads itself rather than which word it reads. Renormalised, the loss asks
+  the paper's question ("of the text this patch reads, how much is the target?") whatever the text mass is, and
+  it is the existing optimiser unchanged, run on the (N, h*w, text keys) block: the log-sum-exp that folds the
+  other columns runs over the other text columns.
+- After the softmax, the columns the released code restores (start of text and end of text) are restored in
+  the image-query rows from the unedited joint softmax: CLIP's start (key 0), CLIP's end of text and T5's end of
+  text (key 77 + its position).
+- State per layer name (`model.diffusion_model.joint_blocks.N`), generators per image, float32, blend, decay and
+  edit steps: as the spec and regulation/attention_regulation.py.
+
+Attend-and-Excite reads the same image-to-text block (unrenormalised: its own softmax over the prompt's CLIP tokens,
+x 100, renormalises it) during its conditional pass, with its targets at their CLIP positions.
+
+What could not be measured here: no trained MMDiT is reachable from this machine, so neither the block rule nor
+the effect of the edit on real images has been measured; the tests check the arithmetic against a float64
+line-by-line reference (tests/reference_joint_regulation.py) and the plumbing on a tiny random SD 3.5.
+"""
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from minisd.attention import cross_block
+from regulation.attend_excite import AttendExcite, AttendExciteConfig
+from regulation.attention_regulation import AttentionRegulation, RegulationConfig
+from regulation.targets import TargetError, eot_position, parse_target, resolve_targets, token_table
+
+CLIP_TOKENS = 77   # the CLIP states come first among the text keys; T5's follow
+
+
+class JointBlockSelector:
+    """`selector(layer) -> bool` for SD 3's joint attention: specs are block names (`joint_blocks.12`, with or
+    without `model.diffusion_model.`) or block numbers; None: the model's default blocks."""
+
+    def __init__(self, specs, model_config):
+        if specs is None:
+            specs = model_config.default_blocks()
+        if isinstance(specs, (str, int)):
+            specs = str(specs).replace(",", " ").split()
+        depth = model_config.mmdit.depth
+        self.specs, self.blocks = list(specs), set()
+        for spec in map(str, specs):
+            m = re.fullmatch(r"(?:model\.diffusion_model\.)?(?:joint_blocks\.)?(\d+)", spec)
+            if not m or int(m.group(1)) >= depth:
+                raise ValueError(f"{spec!r} names no joint block of this model: joint_blocks.0 to "
+                                 f"joint_blocks.{depth - 1} (or their numbers)")
+            self.blocks.add(int(m.group(1)))
+        if not self.blocks:
+            raise ValueError("no joint blocks given")
+
+    def __call__(self, layer):
+        return getattr(layer, "joint", False) and int(layer.name.rsplit(".", 1)[-1]) in self.blocks
+
+    def __repr__(self):
+        return f"JointBlockSelector({self.specs})"
+
+
+@dataclass
+class JointTarget:
+    word: str
+    positions: list                  # text-key indices in the joint attention: CLIP's p, T5's 77 + q
+    clip: list = field(default_factory=list)
+    t5: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+
+
+def t5_words(t5_tokenizer, prompt):
+    """[(word, [its T5 positions])] for the prompt's words, each word tokenized alone as Stability's reference
+    tokenizes (so every T5 token belongs to exactly one word)."""
+    out, pos = [], 0
+    for word in prompt[:226].split():
+        ids = t5_tokenizer.sp.encode(word)
+        out.append((word, list(range(pos, pos + len(ids)))))
+        pos += len(ids)
+    return out
+
+
+def _norm(word):
+    return re.sub(r"[^\w]", "", word.lower())
+
+
+def resolve_joint_targets(pipe, prompt, words, log=print):
+    """Target words -> JointTargets, resolved with the CLIP tokenizers and with T5's; prints both tables."""
+    clip = resolve_targets(pipe.tokenizers, prompt, words)
+    t5 = pipe.t5_tokenizer if pipe.model.text_encoders.has_t5 else None
+    targets = []
+    for c in clip:
+        word, nth = parse_target(c.word)
+        q = []
+        if t5 is not None:
+            hits = [p for w, p in t5_words(t5, prompt) if _norm(w) == _norm(word)]
+            if len(hits) < nth:
+                raise TargetError(f"target {c.word!r} is not in T5's reading of the prompt {nth} time(s)")
+            q = hits[nth - 1]
+            if q and q[-1] >= pipe.model.text_encoders.t5_tokens:
+                raise TargetError(f"target {c.word!r} lies beyond T5's {pipe.model.text_encoders.t5_tokens} tokens")
+        targets.append(JointTarget(c.word, list(c.positions) + [CLIP_TOKENS + p for p in q], list(c.positions), q,
+                                   list(c.tokens)))
+    if log:
+        log("CLIP tokens:\n" + token_table(pipe.tokenizers, prompt, clip))
+        if t5 is not None:
+            pieces = t5.pieces(prompt)
+            rows = [f"{p:>8}  {pieces[p]:<16} {t.word}" for t in targets for p in t.t5]
+            log("T5 tokens (key = 77 + position):\n position  token            word\n" + "\n".join(rows))
+    return targets
+
+
+def special_columns(pipe, prompt):
+    """Text keys whose probabilities the released code restores: CLIP's start and end of text, T5's end of text."""
+    cols = [0, eot_position(pipe.tokenizers, prompt)]
+    if pipe.model.text_encoders.has_t5:
+        cols.append(CLIP_TOKENS + pipe.t5_tokenizer.ids(prompt).index(1))
+    return cols
+
+
+class JointRegulation(AttentionRegulation):
+    """Attention Regulation on the image-to-text block of joint attention (see the module docstring).
+    targets: text-key indices; specials: text-key columns restored after the softmax."""
+
+    def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None):
+        super().__init__(targets, specials[1], num_steps, config, select, generator)
+        self.specials = [int(c) for c in specials]
+
+    def wants(self, layer):
+        return getattr(layer, "joint", False) and super().wants(layer)
+
+    def edit_logits(self, layer, logits):
+        # the optimiser runs on the (images x heads, h*w, text keys) block: its softmax, and so the loss, over the
+        # text keys alone
+        block = super().edit_logits(layer, cross_block(layer, logits).contiguous())
+        out = logits.clone()
+        out[..., layer.image_queries, layer.text_keys] = block
+        return out
+
+    def edit_probs(self, layer, logits, probs):
+        if not self.config.restore_special:
+            return probs
+        out = probs.clone()
+        rows = out[self.cond][:, :, layer.image_queries]          # a view: written in place below
+        unedited = logits[self.cond][:, :, layer.image_queries]   # every key: the joint softmax's own columns
+        cols = torch.tensor(self.specials, device=probs.device)
+        orig = (unedited.index_select(-1, cols) - unedited.logsumexp(-1, keepdim=True)).exp().to(rows.dtype)
+        if self.config.keep_rows_normalised:
+            rest = rows.sum(-1, keepdim=True) - rows.index_select(-1, cols).sum(-1, keepdim=True)
+            rows.mul_((1 - orig.sum(-1, keepdim=True)) / rest)
+        rows.index_copy_(-1, cols, orig)
+        return out
+
+
+class JointAttendExcite(AttendExcite):
+    """Attend-and-Excite reading the image-to-text block of the chosen joint blocks."""
+
+    def wants(self, layer):
+        return getattr(layer, "joint", False) and super().wants(layer)
+
+    def edit_probs(self, layer, logits, probs):
+        super().edit_probs(layer, logits, cross_block(layer, probs))
+        return probs
+
+
+def make_joint_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=None, config=None):
+    """The hook of `method` ("regulate" or "attend-excite") on SD 3 for JointTargets from resolve_joint_targets."""
+    select = JointBlockSelector(layers, pipe.cfg)
+    if method == "regulate":
+        config = config or RegulationConfig(edit_steps=edit_steps)
+        return JointRegulation([p for t in targets for p in t.positions], special_columns(pipe, prompt), steps,
+                               config, select, generator=seed)
+    if method == "attend-excite":
+        config = config or AttendExciteConfig(**({"max_iter_to_alter": edit_steps} if edit_steps is not None
+                                                 else {}))
+        return JointAttendExcite([t.clip for t in targets], steps, config, select,
+                                 eot=eot_position(pipe.tokenizers, prompt))
+    raise ValueError(f"{method!r} does not run on SD 3: only regulate and attend-excite read its joint attention "
+                     f"(SynGen's and DenseDiffusion's layer rules and Composable Diffusion's guidance are the UNet's)")
