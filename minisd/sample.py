@@ -86,6 +86,15 @@ def check_args(args):
                     raise UsageError(f"--{flag.replace('_', '-')} applies to --regulate, --method or --save-attention")
     if args.layout is not None and method != "dense":
         raise UsageError("--layout gives DenseDiffusion its regions; add --method dense")
+    if args.layout_background is not None and method != "dense":
+        raise UsageError("--layout-background applies to DenseDiffusion's layout; add --method dense")
+    if args.concept_weights is not None and method != "composable":
+        raise UsageError("--concept-weights weighs Composable Diffusion's concepts; add --method composable")
+    if args.strength is not None and method in (None, "regulate"):
+        raise UsageError("--strength applies to --method attend-excite, syngen, dense or composable; Attention "
+                         "Regulation's knob is --edit-steps")
+    if args.strength is not None and not math.isfinite(args.strength):
+        raise UsageError(f"--strength must be a finite number, got {args.strength}")
     if method == "dense" and not args.layout:
         raise UsageError('--method dense (DenseDiffusion) needs a layout: --layout "circle:0.1,0.1,0.5,0.5;'
                          'square:0.5,0.5,0.9,0.9" (phrase:box as fractions x0,y0,x1,y1) or "circle=mask.png;..."')
@@ -252,6 +261,16 @@ def build_parser():
                    help='--method dense: a region per phrase, "circle:0.1,0.1,0.5,0.5;square:0.5,0.5,0.9,0.9" '
                         '(boxes as fractions x0,y0,x1,y1 of the image) or "red circle=mask1.png;blue square=mask2.png" '
                         '(white = inside)')
+    g.add_argument("--layout-background", default=None, choices=["region", "none"],
+                   help="--method dense: the pixels no phrase covers form a background region with no tokens "
+                        "(region, the authors' demo; the default) or belong to no region (none)")
+    g.add_argument("--strength", type=float, default=None,
+                   help="the method's one strength knob (its authors' default otherwise): attend-excite and syngen, "
+                        "the latent step size (20); dense, a scale of its creg and sreg (1); composable, every "
+                        "concept's weight (the guidance). Attention Regulation's knob is --edit-steps")
+    g.add_argument("--concept-weights", default=None,
+                   help='--method composable: one weight per concept, the authors\' syntax "7.5 | -5" (a negative '
+                        "weight pushes away from its concept; missing weights are the guidance scale)")
     g.add_argument("--regulate-layers", default=None,
                    help="layers: checkpoint names (input_blocks.7), diffusers names (down_blocks.2) or map sizes "
                         "(16x16); also the layers --save-attention shows (default: the deepest level of "
@@ -344,7 +363,9 @@ def _run(args, log, made):
         # built before sampling, so that a bad option is an error before any work; one per image (its seed)
         runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed, layers=args.regulate_layers,
                        edit_steps=args.edit_steps, layout=args.layout, guidance=guidance, height=size[0],
-                       width=size[1], sampler=args.sampler, spacing=args.spacing, log=log if i == 0 else None)
+                       width=size[1], sampler=args.sampler, spacing=args.spacing, strength=args.strength,
+                       layout_background=args.layout_background, weights=args.concept_weights,
+                       log=log if i == 0 else None)
                 for i, seed in enumerate(seeds)] if method else []
         # the maps shown are those the method acts on (the same layers in the plain run beside them)
         select = runs[0].select if runs else LayerSelector(args.regulate_layers, cfg)

@@ -71,14 +71,15 @@ def concept_weights(weights, k, guidance):
         try:
             given = [float(w) for w in weights.split("|")]
         except ValueError:
-            raise ValueError(f"weights must be numbers separated by \"|\", got {weights!r}") from None
+            raise ValueError(f"concept weights must be numbers separated by \"|\" (e.g. \"7.5 | -5\"), got "
+                             f"{weights!r}") from None
     else:
         given = list(weights)
     for w in given:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"each weight must be a finite number, got {w!r} in {weights!r}")
     if len(given) > k:
-        raise ValueError(f"{len(given)} weights for {k} concepts: give at most one weight per concept")
+        raise ValueError(f"{len(given)} concept weights for {k} concepts: give at most one weight per concept")
     return [float(w) for w in given] + [float(guidance)] * (k - len(given))
 
 

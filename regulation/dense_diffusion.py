@@ -45,11 +45,15 @@ Where this module differs, on purpose:
     at a word boundary, "phrase#2" for the second occurrence, an error that prints the token table otherwise).
     As in their code, a token shared by two phrases takes the region of the later one.
   - Text embeddings: the authors also replace the prompt's embeddings at each phrase's tokens by those of the
-    phrase encoded alone (the notebook always, the demo for SD 1.5 only). That is not an attention edit, so the
-    hook does not do it; `phrase_embeddings` does, as a separate opt-in around a pipeline call.
-  - Layouts: the authors read one colour-segment image (a background segment usually covers the rest). Here a
-    layout is one box or one mask image per phrase; pixels in no region keep no phrase, and, as in their code,
-    their self-attention rows are flattened and every token's logit is lowered there.
+    phrase encoded alone (the notebook and the demo, always). That is not an attention edit, so the hook does not
+    do it; `phrase_embeddings` does, around a pipeline call (`regulation.editors.set_up` always uses it, as the
+    authors do, unless asked not to: the benchmark's ablation row).
+  - Layouts: the authors read one colour-segment image whose segments cover the whole image: the demo makes the
+    uncovered (white) area a segment of its own, the background, whose prompt is usually empty, so it has no
+    tokens. Here a layout is one box or one mask image per phrase, and by default (`background="region"`) the
+    pixels that no phrase covers form that background region: no tokens, its own size term, and its pixels
+    attend to each other in self-attention, as in the demo. `background="none"` leaves them in no region (every
+    logit of their rows pushed down at full strength, size term 1), a case the authors never run.
   - The time decay uses the model's number of training timesteps rather than a literal 1000 (the same for every
     SD family).
 
@@ -72,6 +76,7 @@ from .targets import TargetError, parse_target, resolve_targets
 NEEDS_LAYOUT = ("DenseDiffusion needs a layout: --layout \"phrase:x0,y0,x1,y1;...\" (a box in fractions of the "
                 "image) or --layout \"phrase=mask.png;...\" (white = inside)")
 THRESHOLD = 0.5   # the authors' preprocess_mask: a pixel >= 0.5 is inside
+BACKGROUNDS = ("region", "none")
 
 
 @dataclass
@@ -82,8 +87,12 @@ class DenseDiffusionConfig:
     reg_part: float = 0.3      # the fraction of the steps modulated, from the first (`COUNT/32 < 50*reg_part`)
     decay_power: float = 5.0   # lam ~ (t / T) ** decay_power (`torch.pow(timesteps[COUNT//32]/1000, 5)`)
     layers: tuple | None = None  # None: every attention layer (the authors'); else regulation.layers specs
+    background: str = "region"  # pixels no phrase covers: "region" (a tokenless region, the authors') or "none"
 
     def __post_init__(self):
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"DenseDiffusion's background must be one of {', '.join(BACKGROUNDS)}, "
+                             f"got {self.background!r}")
         for name in ("creg", "sreg", "sizereg", "decay_power"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
@@ -298,6 +307,10 @@ class DenseDiffusion(AttentionHook):
                  model_config=None):
         config = self.config = config or DenseDiffusionConfig()
         self.positions, self.masks = _check_layout(layout)
+        uncovered = self.masks.amax(0) == 0
+        if config.background == "region" and uncovered.any():
+            self.positions.append([])   # the background: a region of no token
+            self.masks = torch.cat([self.masks, uncovered[None].float()])
         self.num_steps = int(num_steps)
         if timesteps is None:
             timesteps = Schedule(num_train_timesteps).timesteps(self.num_steps)
@@ -338,7 +351,8 @@ class DenseDiffusion(AttentionHook):
                     raise ValueError(f"layout token positions {bad} are beyond the {num_keys} text tokens")
                 tokens = torch.zeros(num_keys, h * w)
                 for pos, region in zip(self.positions, m):
-                    tokens[pos] = region          # a later phrase overwrites a shared token, as in the authors' code
+                    if pos:
+                        tokens[pos] = region      # a later phrase overwrites a shared token, as in the authors' code
                 inside = tokens.T > 0
             else:
                 if num_keys != h * w:

@@ -29,6 +29,18 @@ def reference_resize(mask, hw, latent_hw=None):
     return F.interpolate(m, size=tuple(hw), mode="nearest")[0, 0]
 
 
+def with_background(masks, positions):
+    """The demo's layout: its canvas's white area, the pixels no phrase's segment painted, is a segment of its own
+    whose prompt is empty (no tokens), listed first as the demo lists it. Nothing is added where every pixel is
+    painted."""
+    painted = torch.zeros_like(masks[0], dtype=torch.float32)
+    for m in masks:
+        painted = torch.maximum(painted, (m >= 0.5).float())
+    if painted.min() == 1:
+        return list(masks), list(positions)
+    return [1 - painted, *masks], [[], *positions]
+
+
 def reference_maps(masks, positions, hw, sizereg=1.0, num_tokens=77, latent_hw=None):
     """For an (h, w) layer: (sreg_map (q, q), creg_map (q, num_tokens), reg_size (q, 1))."""
     h, w = hw

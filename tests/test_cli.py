@@ -195,3 +195,28 @@ def test_the_papers_other_methods_on_the_shipped_model(tmp_path, capsys, method,
     assert np.abs(np.asarray(image, float) - np.asarray(Image.open(tmp_path / "plain.png"), float)).max() > 0
     if says:
         assert says in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, extra, records", [
+    ("composable", ["--concept-weights", "5 | -3"], "Regulation concept weights: 5 | -3"),
+    ("composable", ["--strength", "2.5"], "Regulation concept weights: 2.5 | 2.5"),
+    ("dense", ["--layout", "red circle:0.05,0.05,0.5,0.5;blue square:0.5,0.5,0.95,0.95", "--layout-background",
+               "none"], "Regulation layout background: none"),
+    ("dense", ["--layout", "red circle:0.05,0.05,0.5,0.5;blue square:0.5,0.5,0.95,0.95", "--strength", "0.5"],
+     "Regulation creg/sreg scale: 0.5"),
+    ("syngen", ["--strength", "5"], "Regulation step size: 5"),
+    ("attend-excite", ["--strength", "5"], "Regulation step size: 5"),
+])
+def test_method_options_change_the_image_and_are_recorded(tmp_path, method, extra, records):
+    """--concept-weights (the authors' "7.5 | -5"), --strength (each method's knob) and --layout-background: each
+    is recorded in the PNG and gives another image than the method's defaults from the same seed."""
+    from minisd.sample import DEFAULT_CHECKPOINT
+    base = ["--prompt", "a red circle | a blue square" if method == "composable" else "a red circle and a blue square",
+            "--checkpoint", str(DEFAULT_CHECKPOINT), "--steps", "4", "--method", method]
+    base += extra[:2] if method == "dense" else []
+    main(base + ["--out", str(tmp_path / "default.png")])
+    main(base + [*extra[2 if method == "dense" else 0:], "--out", str(tmp_path / "knob.png")])
+    knob = Image.open(tmp_path / "knob.png")
+    assert records in knob.text["parameters"]
+    assert records not in Image.open(tmp_path / "default.png").text["parameters"]
+    assert np.abs(np.asarray(knob, float) - np.asarray(Image.open(tmp_path / "default.png"), float)).max() > 0

@@ -199,8 +199,8 @@ def test_weights(weights, expected):
 
 
 @pytest.mark.parametrize("weights, says", [
-    ("1 | 2 | 3 | 4", "4 weights for 3 concepts"),
-    ([1, 2, 3, 4], "4 weights for 3 concepts"),
+    ("1 | 2 | 3 | 4", "4 concept weights for 3 concepts"),
+    ([1, 2, 3, 4], "4 concept weights for 3 concepts"),
     ("1 | x", "numbers separated by"),
     ("1 || 2", "numbers separated by"),
     ([1, float("inf")], "finite number"),

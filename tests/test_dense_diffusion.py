@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from minisd.checkpoint import build_model
 from minisd.config import tiny, tiny_sdxl
@@ -16,9 +17,11 @@ from regulation.dense_diffusion import (NEEDS_LAYOUT, DenseDiffusion, DenseDiffu
 from regulation.targets import resolve_targets
 
 try:
-    from tests.reference_dense_diffusion import ReferenceDense, reference_maps, reference_modulate, reference_treg
+    from tests.reference_dense_diffusion import (ReferenceDense, reference_maps, reference_modulate, reference_treg,
+                                           with_background)
 except ImportError:  # tests/ itself on sys.path
-    from reference_dense_diffusion import ReferenceDense, reference_maps, reference_modulate, reference_treg
+    from reference_dense_diffusion import (ReferenceDense, reference_maps, reference_modulate, reference_treg,
+                                           with_background)
 
 PROMPT = "a red circle and a blue square"
 LAYOUT = "red circle:0,0,0.5,0.6; blue square:0.4,0.3,1,1"     # overlapping: pixels in two regions
@@ -43,13 +46,17 @@ def random_masks(n, h, w, seed):
 
 # --------------------------------------------------------------------------------------------- one layer
 
+@pytest.mark.parametrize("background", ["region", "none"])
 @pytest.mark.parametrize("is_cross,hw,cond", [(True, (6, 5), "half"), (False, (6, 5), "half"),
                                               (True, (4, 4), "all"), (False, (8, 3), "all")])
-def test_layer_logits_equal_reference(is_cross, hw, cond):
+def test_layer_logits_equal_reference(is_cross, hw, cond, background):
     masks = random_masks(3, 13, 17, seed=hw[0] * hw[1])
     positions = [[2, 3], [5], [3, 7]]                  # token 3 in two phrases: the later one wins
-    config = DenseDiffusionConfig(creg=1.3, sreg=0.4, sizereg=0.7)
+    config = DenseDiffusionConfig(creg=1.3, sreg=0.4, sizereg=0.7, background=background)
     hook = DenseDiffusion(list(zip(positions, masks)), 10, config, timesteps=[900 - 90 * i for i in range(10)])
+    if background == "region":   # the reference is given the demo's layout, background segment included
+        masks, positions = with_background(masks, positions)
+        assert len(masks) == 4
     hook.begin_step(1, slice(2, 4) if cond == "half" else slice(None))
     b, heads, q = 4, 3, hw[0] * hw[1]
     k = 77 if is_cross else q
@@ -86,10 +93,14 @@ def test_full_strength_sends_logits_to_the_row_extremes():
 def test_size_term_and_steps():
     mask = torch.zeros(8, 8)
     mask[:4, :4] = 1                                    # a quarter of the image
-    hook = DenseDiffusion([([2], mask)], 50)
-    inside, size = hook.regions((4, 4), False, 16)
+    alone = DenseDiffusion([([2], mask)], 50, DenseDiffusionConfig(background="none"))
+    inside, size = alone.regions((4, 4), False, 16)
     assert inside.sum() == 4 * 4                        # the 4 pixels of the region see each other
     assert size.view(4, 4)[0, 0] == 0.75 and size.view(4, 4)[3, 3] == 1.0
+    hook = DenseDiffusion([([2], mask)], 50)            # the other 12 pixels: the background region
+    inside, size = hook.regions((4, 4), False, 16)
+    assert inside.sum() == 4 * 4 + 12 * 12
+    assert size.view(4, 4)[0, 0] == 0.75 and size.view(4, 4)[3, 3] == 0.25
     assert hook.edit_steps == 15                        # the authors' COUNT / 32 < 50 * 0.3
     assert hook.timesteps[:2] == [981.0, 961.0]         # default: SD's leading timesteps, as their DDIM
     hook.begin_step(14)
@@ -150,6 +161,8 @@ def both_runs(pipe, steps=5, config=None, sampler="ddim", height=None, width=Non
     scheduler.set_timesteps(steps)
     masks = masks_from_boxes([(0, 0, 0.5, 0.6), (0.4, 0.3, 1, 1)], height, width)
     positions = [t.positions for t in resolve_targets(pipe.tokenizer, PROMPT, ["red circle", "blue square"])]
+    if config.background == "region":
+        masks, positions = with_background(masks, positions)
     f = pipe.cfg.vae.downsample
     ref_hook = ReferenceDense(list(masks), positions, scheduler.timesteps.tolist(),
                               len(pipe.model.attention_layers()), steps, config.creg, config.sreg,
@@ -166,6 +179,33 @@ def test_run_equals_reference(pipe):
     names = {m.name for m in pipe.model.attention_layers()}
     assert hook.edited == names                         # every self- and cross-attention layer
     assert len(ref_hook.modulated) == 3 * len(names)    # three steps of five
+
+
+def test_uncovered_pixels_form_a_tokenless_region(pipe):
+    """The layout's boxes leave pixels uncovered: by default they become a region of no token (the authors'
+    background segment); background="none" gives the earlier behaviour, still equal to the reference without it."""
+    hook = make_dense(pipe, PROMPT, 5, LAYOUT)
+    covered = masks_from_boxes([(0, 0, 0.5, 0.6), (0.4, 0.3, 1, 1)], pipe.cfg.image_size, pipe.cfg.image_size)
+    assert hook.positions[-1] == [] and len(hook.positions) == 3
+    assert torch.equal(hook.masks[-1], (covered.amax(0) == 0).float())
+    inside, size = hook.regions((8, 8), True, 77)
+    back = F.interpolate(hook.masks[-1][None, None], size=(8, 8), mode="nearest").flatten().bool()
+    assert back.any() and not inside[back].any()          # no token is "inside" on the background
+    assert torch.allclose(size[back, 0], 1 - back.float().mean())   # its own size term, not 1
+    self_inside, _ = hook.regions((8, 8), False, 64)
+    assert self_inside[back][:, back].all()               # background pixels attend to each other
+
+    none = DenseDiffusionConfig(reg_part=0.6, background="none")
+    ours, ref, plain, hook, _ = both_runs(pipe, config=none)
+    assert len(hook.positions) == 2
+    assert_close(ours, ref)
+    region, _, _, _, _ = both_runs(pipe)
+    assert (region - ours).abs().amax() > 1e-3            # the background region changes the run
+
+    full = make_dense(pipe, PROMPT, 5, "red circle:0,0,0.5,1; blue square:0.5,0,1,1")
+    assert len(full.positions) == 2                       # nothing uncovered: no background region
+    with pytest.raises(ValueError, match="background"):
+        DenseDiffusionConfig(background="sky")
 
 
 def test_non_square_run_equals_reference(pipe):
@@ -276,7 +316,7 @@ def test_make_dense_inputs_and_errors(pipe, tmp_path):
     tensor = masks_from_boxes([(0.4, 0.3, 1, 1)], 32, 32)[0]
     a = make_dense(pipe, PROMPT, 5, LAYOUT)
     b = make_dense(pipe, PROMPT, 5, [("red circle", (0, 0, 0.5, 0.6)), ("blue square", tensor)])
-    assert a.positions == b.positions == [[2, 3], [6, 7]]
+    assert a.positions == b.positions == [[2, 3], [6, 7], []]   # the last: the background region
     assert torch.equal(a.masks, b.masks)
     assert a.timesteps == step_timesteps(Schedule(), 5, "dpmpp_2m")   # the pipeline's default sampler
     with pytest.raises(ValueError, match="mask values"):
