@@ -57,10 +57,17 @@ def _ramp(m):
     return np.stack([np.clip(2 * m, 0, 1), np.clip(2 * m - 1, 0, 1), np.clip(1 - 2 * m, 0, 1) * 0.6], -1)
 
 
-def _heat(m, size):
+def heat(m, size):
+    """A map (h, w) -> RGB in [0, 1] of `size`, scaled to its own min..max."""
     m = (m - m.min()) / (m.max() - m.min() + 1e-8)
     m = np.asarray(Image.fromarray((m.numpy() * 255).astype(np.uint8)).resize(size, Image.BILINEAR)) / 255.0
     return _ramp(m)
+
+
+def overlay(base, m):
+    """The map m (h, w) as heat over the image `base` (PIL, RGB), at the image's size."""
+    over = 0.45 * np.asarray(base) / 255.0 + 0.55 * heat(m, base.size)
+    return Image.fromarray((over * 255).astype(np.uint8))
 
 
 def grid(runs, words, cell=128):
@@ -91,8 +98,7 @@ def grid(runs, words, cell=128):
                 if step in maps and maps[step] is not None:
                     m = maps[step][c]
                     draw.text((x, y + 1), f"{word}, step {step}\nmax {float(m.max()):.4f}", fill="black")
-                    over = 0.45 * np.asarray(base) / 255.0 + 0.55 * _heat(m, (cell, cell))
-                    canvas.paste(Image.fromarray((over * 255).astype(np.uint8)), (x, y + label))
+                    canvas.paste(overlay(base, m), (x, y + label))
                 else:
                     draw.text((x, y + 1), f"{word}, step {step}", fill="black")
         x0 += (1 + len(words)) * (cell + pad)

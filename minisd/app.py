@@ -1,0 +1,374 @@
+"""python -m minisd.app [--port 7860] [--listen] [--checkpoint FILE]: see inside the attention, in the browser.
+
+A page (Gradio; pip install -e ".[app]") where you type a prompt, pick a method, and see the plain image and the
+method's side by side from the same seed, each target word's cross-attention map at the steps the run kept, and
+the method's loss. Every Run is a command line: the page writes the `python -m minisd.sample` arguments that remake
+it (shown under the images), parses them with the command line's own parser and runs them through
+minisd/generate.py, as the command line does. Only the model stays loaded between runs.
+"""
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from .generate import DTYPES, generate, load_pipeline, prepare
+from .images import UsageError, parameters_text, save_image
+from .maps import heat, overlay
+from .pipeline import NonFiniteError
+from .sample import build_parser, check_args, one_line
+
+# The preset: the first (prompt, seed) of the benchmark's fixed order (eval/shapes-methods/results.csv, by prompt_id
+# then seed) where plain omits an object and Attention Regulation, with the prompt's nouns, draws every named object
+# in its colour (docs/app.md says the rule and how it was checked).
+PRESET_PROMPT, PRESET_SEED = "a picture of a green star and a yellow cross", 1
+RATE = ("On the shipped model this prompt and seed is where plain drops the star and Attention Regulation brings it "
+        "back: the first such case in the benchmark's order. One picture is not the rate: over the benchmark's 400 "
+        "images (100 held-out prompts x 4 seeds) presence goes **49.2% -> 58.2%** (+9.0 points, 95% CI "
+        "[+4.0, +14.2]); [eval/shapes-methods/table.md](https://example.invalid)")
+METHODS = [("plain", "plain"), ("Attention Regulation", "regulate"), ("Attend-and-Excite", "attend-excite"),
+           ("SynGen", "syngen"), ("DenseDiffusion", "dense"), ("Composable Diffusion", "composable")]
+TITLES = {v: k for k, v in METHODS}
+MAPS_DIR = "outputs/maps"   # what the shown command writes its grid to; the page itself writes no grid
+CELL = 192                  # pixels of one map in the page
+# the shipped model's images are 128 px: shown larger, with their pixels kept sharp
+CSS = "#plain-image img, #method-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+
+
+class Stopped(Exception):
+    pass
+
+
+# --- from the page's fields to a command line ------------------------------------------------------------------
+
+def default_targets(tokenizer, method, prompt):
+    """What the command line would pick without --targets (--layout for dense: a box per object, side by side, as
+    a start to edit): the text the targets field is filled with."""
+    from regulation.composable import split_concepts
+    from regulation.targets import auto_targets, modifier_noun_pairs
+    kept = tokenizer.kept(prompt)[0]
+    try:
+        if method in ("plain", "regulate", "attend-excite"):
+            return " ".join(auto_targets(kept))
+        if method == "composable":
+            return " | ".join(split_concepts(prompt))
+        pairs = modifier_noun_pairs(kept)
+        if method == "syngen":
+            return "; ".join(" ".join(m + [n]) for m, n in pairs if m)
+        k = len(pairs)
+        return ";".join(f"{' '.join(m + [n])}:{i / k + 0.05:.2f},0.25,{(i + 1) / k - 0.05:.2f},0.75"
+                        for i, (m, n) in enumerate(pairs))
+    except ValueError:
+        return ""
+
+
+def page_argv(fields, tokenizer, defaults):
+    """The command line of a page's Run: (method's argv, plain's argv), each a list for minisd.sample. Flags
+    equal to the command line's defaults are left out, so the command shown is the one a person would type."""
+    prompt, seed, steps, guidance, method, targets, weights = (fields[k] for k in (
+        "prompt", "seed", "steps", "guidance", "method", "targets", "weights"))
+    targets = " ".join(str(targets or "").split())
+    base = [f"--prompt={prompt}" if prompt.startswith("-") else "--prompt", *([] if prompt.startswith("-") else
+                                                                            [prompt])]
+    for flag, value in (("--checkpoint", defaults["checkpoint"]), ("--device", defaults["device"]),
+                        ("--dtype", defaults["dtype"])):
+        if value != defaults["parser"][flag]:
+            base += [flag, str(value)]
+    if steps is not None and int(steps) != defaults["steps"]:
+        base += ["--steps", str(int(steps))]
+    if guidance is not None and float(guidance) != defaults["guidance"]:
+        base += ["--guidance", f"{float(guidance):g}"]
+    if int(seed or 0) != 0:
+        base += ["--seed", str(int(seed))]
+    auto = " ".join(default_targets(tokenizer, method, prompt).split())
+    given = ["--targets", targets] if targets and targets != auto else []
+    if method == "plain":
+        maps = ["--save-attention", MAPS_DIR] if targets or auto else []   # no object words: no maps
+        return base + maps + given, None
+    argv = base + ["--method", method]
+    if method == "dense":
+        argv += ["--layout", targets]
+    elif method == "composable":
+        argv += given + (["--concept-weights", weights] if str(weights or "").strip() else [])
+        return argv, base   # no maps: Composable Diffusion acts on no attention map
+    else:
+        argv += given
+    return argv + ["--save-attention", MAPS_DIR], base + ["--save-attention", MAPS_DIR]
+
+
+def command(argv):
+    return "python -m minisd.sample " + shlex.join(argv)
+
+
+# --- the app -------------------------------------------------------------------------------------------------
+
+class App:
+    """The loaded model (one at a time) and the runs of the page. Runs take turns (Gradio's queue), so the
+    model is only ever used by one."""
+
+    def __init__(self, checkpoint=str(DEFAULT_CHECKPOINT), device="cpu", dtype="float32"):
+        self.parser = build_parser()
+        self.checkpoint, self.device, self.dtype = checkpoint, device, dtype
+        self.pipe, self.loaded = None, None
+        self.stop = {}                      # session -> its Stop button was pressed
+        self.files = Path(tempfile.mkdtemp(prefix="minisd-app-"))
+        self.model(checkpoint)
+
+    def parse(self, argv):
+        try:
+            return self.parser.parse_args(argv)
+        except SystemExit:   # argparse printed why; the page's fields cannot give such argv
+            raise UsageError(f"the command line does not parse: {command(argv)}") from None
+
+    def model(self, checkpoint):
+        """The pipeline of `checkpoint`, loaded unless it is the one in memory; if it fails to load, the one
+        before comes back, so the page keeps working."""
+        args = self.parse(["--prompt", "", "--checkpoint", checkpoint, "--device", self.device, "--dtype", self.dtype])
+        key = (args.checkpoint, args.device, args.dtype)
+        if key != self.loaded:
+            before = self.loaded
+            self.pipe, self.loaded = None, None   # the old model goes before the new one comes: memory
+            try:
+                self.pipe, self.loaded = load_pipeline(args), key
+            except BaseException:
+                if before:
+                    self.model(before[0])
+                raise
+        return self.pipe
+
+    def defaults(self, checkpoint):
+        """What page_argv leaves out: the command line's defaults, and the model's steps and guidance."""
+        cfg = self.model(checkpoint).cfg
+        return {"checkpoint": checkpoint, "device": self.device, "dtype": self.dtype, "steps": cfg.default_steps,
+                "guidance": cfg.default_guidance, "parser": {f"--{k}": self.parser.get_default(k)
+                                                             for k in ("checkpoint", "device", "dtype")}}
+
+    def run_argv(self, argv, callback=None, with_plain=True, log=None):
+        """One command line, as minisd.sample runs it, without writing files: (Output, the job)."""
+        args = self.parse(argv)
+        checked = argparse.Namespace(**vars(args))
+        if checked.save_attention:   # the page writes no grid: check a folder it may write in instead
+            checked.save_attention = str(self.files)
+        check_args(checked)
+        job = prepare(args, self.model(args.checkpoint), log=log or (lambda *a: None))
+        return generate(job, 0, callback=callback, with_plain=with_plain), job
+
+
+def loss_frame(out):
+    """The method's loss for a plot: regulation's first and best loss per layer and step; Attend-and-Excite's and
+    SynGen's loss per step. None for a method without one."""
+    import pandas as pd
+    from .blocks import block_of
+    if out.run is None or not out.run.hooks:
+        return None
+    hook, rows = out.run.hooks[0], []
+    one = lambda v: v[0] if isinstance(v, (list, tuple)) else v   # one image: its own loss
+    if hasattr(hook, "loss_table"):
+        for name, steps in hook.loss_table().items():
+            for s, (first, best) in steps.items():
+                rows += [(s, one(first), f"first, {block_of(name)}"), (s, one(best), f"best, {block_of(name)}")]
+    elif out.run.method == "attend-excite":
+        rows = [(s, one(r["loss_before"]), "loss") for s, r in hook.history.items()]
+        rows += [(s, one(r["loss_refined"]), "after refinement") for s, r in hook.history.items() if r["loss_refined"]]
+    elif out.run.method == "syngen":
+        rows = [(s, one(r[k]), k) for s, r in hook.history.items() for k in ("loss", "positive", "negative")]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
+
+
+def map_cells(shown, step, alone):
+    """Gallery items for one step: per run (plain, then the method), each word's map over the image or alone, at
+    the kept step nearest to `step`."""
+    import torch
+    items = []
+    for title, image, maps in shown["panels"]:
+        s = min(maps, key=lambda k: abs(k - step))
+        base = Image.fromarray(image).resize((CELL, CELL), Image.NEAREST)
+        for word, m in zip(shown["words"], maps[s]):
+            m = torch.from_numpy(m)
+            cell = Image.fromarray((heat(m, (CELL, CELL)) * 255).astype(np.uint8)) if alone else overlay(base, m)
+            items.append((cell, f"{title}: {word}, step {s} (max {float(m.max()):.3f})"))
+    return items
+
+
+def build(app):
+    """The page."""
+    import gradio as gr
+
+    def targets_field(prompt, method):
+        label = {"syngen": "modifier-noun pairs ('green star; yellow cross')",
+                 "dense": "layout: phrase:x0,y0,x1,y1 per region, as fractions of the image ('star:0.1,0.1,0.5,0.5;"
+                          "cross:0.5,0.5,0.9,0.9'), or phrase=mask.png",
+                 "composable": "concepts ('a green star | a yellow cross')"}.get(method, "target words ('star cross'; "
+                                                                                  "'dog#2': the second dog)")
+        return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=label),
+                gr.update(visible=method == "composable"))
+
+    def run(prompt, seed, steps, guidance, method, targets, weights, checkpoint, progress=gr.Progress(),
+            request: gr.Request = None):
+        session = request.session_hash if request else None
+        app.stop[session] = False
+        fields = dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, method=method, targets=targets,
+                      weights=weights)
+        lines, started, done = [], time.perf_counter(), [0]
+        try:
+            defaults = app.defaults(checkpoint.strip() or app.checkpoint)
+            argv, plain_argv = page_argv(fields, app.pipe.tokenizer, defaults)
+            total = int(steps or defaults["steps"]) * (1 if method == "plain" else 2)
+
+            def step(info):
+                if app.stop.get(session):
+                    raise Stopped(f"stopped at step {info['i'] + 1}")
+                done[0] += 1
+                progress((done[0], total), desc="plain" if done[0] > total // 2 or method == "plain" else TITLES[method])
+            out, job = app.run_argv(argv, callback=step, log=lines.append)
+        except Stopped as e:
+            return error_outputs(f"{e}; nothing was kept")
+        except (UsageError, CheckpointError, NonFiniteError, ValueError, OSError, MemoryError) as e:
+            return error_outputs(f"error: {one_line(e, argparse.Namespace(checkpoint=checkpoint))}")
+        except Exception as e:   # a bug: its traceback goes to the server's console, the page gets one line
+            traceback.print_exc()
+            return error_outputs(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        seconds = time.perf_counter() - started
+        return result_outputs(out, job, argv, plain_argv, lines, seconds)
+
+    def write(image, settings, job, name):
+        folder = app.files / f"{time.time_ns()}"
+        path = folder / name
+        save_image(image, path, parameters_text(job.args.prompt, job.args.negative_prompt, settings), [])
+        return str(path)
+
+    def result_outputs(out, job, argv, plain_argv, lines, seconds):
+        from .generate import settings
+        method = job.method or "plain"
+        plain_png = write(out.plain, settings(job, out.seed), job, f"minisd-plain-{out.seed}.png")
+        method_png = write(out.image, out.settings, job, f"minisd-{method}-{out.seed}.png") if job.method else None
+        shown = {"words": [w for w, _ in job.groups],
+                 "panels": [(t, np.asarray(im), {s: m.numpy() for s, m in maps.items()}) for t, im, maps in out.panels]}
+        last = job.show_steps[-1]
+        cmds = [f"# {TITLES[method]}\n{command(argv)}"] + ([f"# plain\n{command(plain_argv)}"] if plain_argv else [])
+        frame = loss_frame(out)
+        status = (f"plain{' and ' + TITLES[method] if job.method else ''} in {seconds:.1f} s "
+                  f"(seed {out.seed}, {job.steps} steps)")
+        return (np.asarray(out.plain), np.asarray(out.image) if job.method else None, "\n".join(cmds),
+                gr.update(value=plain_png, visible=True), gr.update(value=method_png, visible=bool(method_png)),
+                shown if out.panels else None,
+                gr.update(maximum=job.steps - 1, value=last, visible=bool(out.panels)),
+                gr.update(value=map_cells(shown, last, False) if out.panels else [], visible=bool(out.panels)),
+                gr.update(value=frame, visible=frame is not None), "\n".join(lines), status)
+
+    def error_outputs(line):
+        return (None, None, "", gr.update(visible=False), gr.update(visible=False), None, gr.update(),
+                gr.update(value=[]), gr.update(visible=False), "", line)
+
+    def stop(request: gr.Request = None):
+        app.stop[request.session_hash if request else None] = True
+
+    def redraw(shown, step, view):
+        return map_cells(shown, step, view == "alone") if shown else []
+
+    first, _ = targets_field(PRESET_PROMPT, "regulate")
+    defaults = app.defaults(app.checkpoint)
+    with gr.Blocks(title="minisd: see inside the attention", analytics_enabled=False) as demo:
+        gr.Markdown("## minisd: see inside the attention\nType a prompt, pick a method, Run: the plain image and "
+                    "the method's from the same seed, and the target words' cross-attention maps in the layers "
+                    "the method acts on.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(PRESET_PROMPT, label="prompt", elem_id="prompt")
+                with gr.Row():
+                    seed = gr.Number(PRESET_SEED, label="seed", precision=0, minimum=0, elem_id="seed")
+                    steps = gr.Number(defaults["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
+                    guidance = gr.Number(defaults["guidance"], label="guidance", minimum=0, elem_id="guidance")
+                method = gr.Radio(METHODS, value="regulate", label="method", elem_id="method")
+                targets = gr.Textbox(first["value"], label=first["label"], elem_id="targets")
+                weights = gr.Textbox("", label="concept weights ('7.5 | 3'; empty: the guidance scale each)",
+                                     visible=False, elem_id="weights")
+                with gr.Row():
+                    go = gr.Button("Run", variant="primary", elem_id="run")
+                    halt = gr.Button("Stop", variant="stop", elem_id="stop")
+                status = gr.Markdown("", elem_id="status")
+                tokens = gr.Code(label="targets and their tokens", elem_id="tokens", lines=4)
+                with gr.Accordion("model", open=False):
+                    checkpoint = gr.Textbox(app.checkpoint, label="checkpoint (.safetensors or a "
+                                            "diffusers folder)", elem_id="checkpoint")
+                gr.Markdown(RATE)
+            with gr.Column(scale=3):
+                with gr.Row():
+                    plain_image = gr.Image(label="plain", format="png", interactive=False, elem_id="plain-image",
+                                           height=300)
+                    method_image = gr.Image(label="method", format="png", interactive=False, elem_id="method-image",
+                                            height=300)
+                commands = gr.Code(label="the command lines that remake these images", language="shell",
+                                   lines=4, wrap_lines=True, elem_id="command")
+                with gr.Row():
+                    plain_png = gr.DownloadButton("plain image (PNG)", visible=False, elem_id="download-plain")
+                    method_png = gr.DownloadButton("method's image (PNG)", visible=False, elem_id="download-method")
+                with gr.Row():
+                    step = gr.Slider(0, defaults["steps"] - 1, step=1, label="step (the nearest step kept)",
+                                     visible=False, elem_id="step")
+                    view = gr.Radio(["over the image", "alone"], value="over the image", label="maps",
+                                    elem_id="view")
+                maps = gr.Gallery(label="cross-attention maps: plain, then the method", columns=4, format="png",
+                                  allow_preview=False, visible=False, elem_id="maps")
+                loss = gr.LinePlot(x="step", y="loss", color="series", label="the method's loss",
+                                   visible=False, elem_id="loss")
+        shown = gr.State(None)
+
+        for trigger in (prompt.change, method.change):
+            trigger(targets_field, [prompt, method], [targets, weights], concurrency_limit=None,
+                    trigger_mode="always_last")
+        running = go.click(run, [prompt, seed, steps, guidance, method, targets, weights, checkpoint],
+                           [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, loss,
+                            tokens, status], concurrency_limit=1, concurrency_id="run")
+        halt.click(stop, None, None, cancels=[running], concurrency_limit=None)
+        for trigger in (step.change, view.change):
+            trigger(redraw, [shown, step, view], maps, concurrency_limit=None, trigger_mode="always_last")
+    return demo
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minisd.app", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=7860, help="the port to serve on (default 7860)")
+    ap.add_argument("--listen", action="store_true",
+                    help="serve on every network interface, not only 127.0.0.1: whoever reaches this machine "
+                         "can then run the model")
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                    help="the model (default: the shipped one); the page can load another")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no calls home: the page is local
+    try:
+        import gradio as gr
+    except ImportError:
+        print('error: the app needs Gradio: pip install -e ".[app]"', file=sys.stderr)
+        sys.exit(2)
+    try:
+        app = App(args.checkpoint, args.device, args.dtype)
+    except (UsageError, CheckpointError, ValueError, OSError, MemoryError) as e:
+        print(f"error: {one_line(e, args)}", file=sys.stderr)
+        sys.exit(2)
+    # system fonts: the default theme would ask a font server the machine may not reach
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    demo = build(app)
+    try:
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, theme=theme,
+            footer_links=[], show_error=False, css=CSS)
+    except OSError as e:
+        print(f"error: port {args.port}: {one_line(e, args)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""One request of the command line, from its parsed arguments to images: the model loaded, the method set up, then
+per seed the method's image and the plain one beside it, the maps of the words the method acts on, and the
+settings written beside each image. The command line (minisd/sample.py) writes what this gives to files; the app
+(minisd/app.py) shows it in a page. Both therefore run the same code, so a page's image is the command's image.
+
+    args = build_parser().parse_args(argv); check_args(args)
+    job = prepare(args, load_pipeline(args))
+    out = generate(job, 0)      # out.image, out.settings, out.panels (plain and method, with their maps)
+"""
+import functools
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import DEFAULT_CHECKPOINT, file_hash
+from .images import UsageError
+from .pipeline import size_unit
+from .tokenizer import PromptTruncatedWarning
+
+SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "plms": "PLMS"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def chosen_method(args):
+    """--method, or regulate for --regulate alone; None for a plain run."""
+    return args.method or ("regulate" if args.regulate else None)
+
+
+def attention_steps(steps):
+    """The steps whose maps --save-attention keeps (and the app shows). Observing a layer takes it off the SDPA
+    path, which rounds differently, so the app keeps exactly these too: its images are then the command's."""
+    return sorted({0, steps // 4, steps // 2, steps - 1})
+
+
+def load_pipeline(args):
+    from .pipeline import Pipeline
+    ckpt = Path(args.checkpoint)
+    if not ckpt.exists():
+        hint = (" (the shipped model is missing: train it with python -m tools.testbed.train)"
+                if ckpt == DEFAULT_CHECKPOINT else "")
+        raise UsageError(f"checkpoint not found: {ckpt}{hint}")
+    return Pipeline.from_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype],
+                                    allow_pickle=args.allow_pickle, prediction=args.prediction)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash(path, mtime, size):
+    return file_hash(path)
+
+
+def model_hash(path):
+    """file_hash, read once per file version: the app asks for it at every run, and SD's files are gigabytes."""
+    st = Path(path).stat()
+    return _hash(str(path), st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class Job:
+    """A request checked against the model and set up: what generate() needs for each seed."""
+    args: object
+    pipe: object
+    seeds: list
+    size: tuple
+    steps: int
+    guidance: float
+    method: str = None
+    runs: list = field(default_factory=list)   # one regulation.editors.Run per seed
+    select: object = None                      # the layers whose maps are shown
+    groups: list = field(default_factory=list)  # [(word, [indices into positions])]
+    positions: list = field(default_factory=list)
+    show_steps: list = field(default_factory=list)
+    model_hash: str = ""
+
+
+def prepare(args, pipe, log=print):
+    """Everything that can be refused once the model is known, then the method's hooks, one set per seed."""
+    from .sample import check_cost, check_layer_sizes
+    cfg = pipe.cfg
+    unit = size_unit(cfg)
+    size = (args.height or cfg.image_size, args.width or cfg.image_size)
+    for name, v in zip(("height", "width"), size):
+        if v % unit:
+            raise UsageError(f"--{name} {v} is not a multiple of {unit}, this model's size unit (VAE factor "
+                             f"{cfg.vae.downsample} x 2^{len(cfg.unet.channel_mult) - 1} UNet downsamplings); "
+                             f"try {max(unit, v // unit * unit)} or {(v // unit + 1) * unit}")
+    steps = args.steps or cfg.default_steps
+    guidance = cfg.default_guidance if args.guidance is None else args.guidance
+    if args.edit_steps is not None and args.edit_steps > steps:
+        raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
+    if args.regulate_layers:
+        check_layer_sizes(args.regulate_layers, cfg, *size)
+    method = chosen_method(args)
+    texts = 1
+    if method == "composable":   # one conditional row per concept
+        from regulation.composable import split_concepts
+        texts = len(split_concepts(args.prompt))
+    check_cost(cfg, *size, DTYPES[args.dtype], 1 + texts if guidance > 1 else 1, torch.device(args.device))
+    pipe.compile(args.backend)
+    pipe.decoder = None
+    if args.decoder == "taesd":
+        from .taesd import load_taesd_decoder
+        pipe.decoder = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype]).decode
+
+    # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted by
+    # the caller
+    cut = pipe.tokenizer.kept(args.prompt)[1]
+    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+        tail = cut if what == "prompt" else pipe.tokenizer.kept(text)[1]
+        if tail:
+            warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
+
+    seeds = [args.seed + i for i in range(args.n)]
+    job = Job(args, pipe, seeds, size, steps, guidance, method, model_hash=model_hash(args.checkpoint),
+              show_steps=attention_steps(steps))
+    shown = []
+    if method or args.save_attention:
+        from regulation.editors import choose_targets, set_up
+        from regulation.layers import LayerSelector
+        targets = None
+        if method in (None, "regulate", "attend-excite"):
+            words = args.targets.split() if args.targets else None
+            targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
+        elif method in ("syngen", "composable"):
+            targets = args.targets
+        # built before sampling, so that a bad option is an error before any work; one per image (its seed)
+        job.runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed, layers=args.regulate_layers,
+                           edit_steps=args.edit_steps, layout=args.layout, guidance=guidance, height=size[0],
+                           width=size[1], sampler=args.sampler, spacing=args.spacing, log=log if i == 0 else None)
+                    for i, seed in enumerate(seeds)] if method else []
+        # the maps shown are those the method acts on (the same layers in the plain run beside them)
+        job.select = job.runs[0].select if job.runs else LayerSelector(args.regulate_layers, pipe.cfg)
+        shown = job.runs[0].shown if job.runs else shown
+    job.positions = [p for t in shown or [] for p in t.positions]
+    k = 0
+    for t in shown or []:
+        job.groups.append((t.word, list(range(k, k + len(t.positions)))))
+        k += len(t.positions)
+    return job
+
+
+def settings(job, seed, extra=None):
+    """What is written beside an image (AUTOMATIC1111's keys first, then minisd's)."""
+    args = job.args
+    return {"Steps": job.steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
+            "Timestep spacing": args.spacing, "CFG scale": job.guidance, "Seed": seed,
+            "Size": f"{job.size[1]}x{job.size[0]}", "Model hash": job.model_hash, "Model": Path(args.checkpoint).stem,
+            "Eta": args.eta if args.sampler == "ddim" else None, "Prediction": job.pipe.cfg.prediction,
+            "Dtype": args.dtype, "Decoder": args.decoder, **(extra or {}), "Version": f"minisd {__version__}"}
+
+
+@dataclass
+class Output:
+    """One seed's result. image/settings: the method's (plain's without a method); panels: [(title, image,
+    {step: (words, h, w)})], plain first, for each run whose maps were kept; run: the method's Run (its hooks
+    hold their loss history)."""
+    seed: int
+    image: object
+    settings: dict
+    plain: object = None
+    panels: list = field(default_factory=list)
+    layers_seen: set = field(default_factory=set)
+    run: object = None
+
+
+def generate(job, i, callback=None, with_plain=None):
+    """Image i of the job (seed job.seeds[i]): the method's run, then the plain one when --save-attention asks for
+    it beside (or with_plain: the app always shows it), each with its maps when --save-attention is given.
+    callback(info) is called after every sampling step of either run."""
+    from .maps import AttentionMaps, word_maps
+    from regulation.editors import NAMES
+    args, seed = job.args, job.seeds[i]
+    with_plain = bool(args.save_attention or not job.method) if with_plain is None else with_plain
+    out = Output(seed, None, {})
+
+    def observer():
+        return AttentionMaps(job.positions, job.show_steps, job.select) if args.save_attention else None
+
+    def first_image(maps):
+        return {s: m[0] for s, m in word_maps(maps.result(), job.groups).items()}
+
+    def sample(hooks, options=None):
+        return job.pipe(args.prompt, negative_prompt=args.negative_prompt, steps=job.steps, guidance=job.guidance,
+                        seed=seed, height=job.size[0], width=job.size[1], sampler=args.sampler, spacing=args.spacing,
+                        hooks=hooks, callback=callback, **({"eta": args.eta} if args.sampler == "ddim" else {}),
+                        **(options or {})).images[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)   # said once, by prepare
+        if job.method:
+            run, maps = job.runs[i], observer()
+            with run.context:
+                out.image = sample(run.hooks + ([maps] if maps else []), run.options)
+            out.run, out.settings = run, settings(job, seed, run.settings)
+            if maps:
+                out.panels.append((NAMES[job.method], out.image, first_image(maps)))
+                out.layers_seen |= maps.blocks_seen
+        if with_plain:
+            maps = observer()
+            out.plain = sample([maps] if maps else [])
+            if maps:
+                out.panels.insert(0, ("plain", out.plain, first_image(maps)))
+                out.layers_seen |= maps.blocks_seen
+            if not job.method:
+                out.image, out.settings = out.plain, settings(job, seed)
+    return out
