@@ -11,7 +11,6 @@ import os
 import shlex
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -227,7 +226,8 @@ def build(app):
                 if app.stop.get(session):
                     raise Stopped(f"stopped at step {info['i'] + 1}")
                 done[0] += 1
-                progress((done[0], total), desc="plain" if done[0] > total // 2 or method == "plain" else TITLES[method])
+                plain = method == "plain" or done[0] > total // 2   # the method runs first, then plain
+                progress((done[0], total), desc="plain" if plain else TITLES[method])
             out, job = app.run_argv(argv, callback=step, log=lines.append)
         except Stopped as e:
             return error_outputs(f"{e}; nothing was kept")

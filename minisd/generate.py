@@ -109,8 +109,7 @@ def prepare(args, pipe, log=print):
         from .taesd import load_taesd_decoder
         pipe.decoder = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype]).decode
 
-    # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted by
-    # the caller
+    # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted
     cut = pipe.tokenizer.kept(args.prompt)[1]
     for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
         tail = cut if what == "prompt" else pipe.tokenizer.kept(text)[1]
@@ -125,16 +124,20 @@ def prepare(args, pipe, log=print):
         from regulation.editors import choose_targets, set_up
         from regulation.layers import LayerSelector
         targets = None
-        if method in (None, "regulate", "attend-excite"):
-            words = args.targets.split() if args.targets else None
-            targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
-        elif method in ("syngen", "composable"):
-            targets = args.targets
-        # built before sampling, so that a bad option is an error before any work; one per image (its seed)
-        job.runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed, layers=args.regulate_layers,
-                           edit_steps=args.edit_steps, layout=args.layout, guidance=guidance, height=size[0],
-                           width=size[1], sampler=args.sampler, spacing=args.spacing, log=log if i == 0 else None)
-                    for i, seed in enumerate(seeds)] if method else []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncatedWarning)
+            if method in (None, "regulate", "attend-excite"):
+                words = args.targets.split() if args.targets else None
+                targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
+            elif method in ("syngen", "composable"):
+                targets = args.targets
+            # built before sampling, so that a bad option is an error before any work; one per image (its seed)
+            job.runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed,
+                               layers=args.regulate_layers, edit_steps=args.edit_steps, layout=args.layout,
+                               guidance=guidance, height=size[0], width=size[1], sampler=args.sampler,
+                               spacing=args.spacing, strength=args.strength, layout_background=args.layout_background,
+                               weights=args.concept_weights, log=log if i == 0 else None)
+                        for i, seed in enumerate(seeds)] if method else []
         # the maps shown are those the method acts on (the same layers in the plain run beside them)
         job.select = job.runs[0].select if job.runs else LayerSelector(args.regulate_layers, pipe.cfg)
         shown = job.runs[0].shown if job.runs else shown

@@ -17,20 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError, file_hash
+from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError
+from .generate import DTYPES, chosen_method, generate, load_pipeline, prepare, warn
 from .images import UsageError, check_writable, output_paths, parameters_text, remove_empty, save_image
-from .pipeline import NonFiniteError, size_unit
+from .pipeline import NonFiniteError
 from .samplers import SAMPLERS
-from .tokenizer import PromptTruncatedWarning
-
-SAMPLER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "plms": "PLMS"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
 
 # --- checks that need only the arguments, or the model's config -----------------------------------------------
 
@@ -185,15 +176,6 @@ def check_cost(cfg, height, width, dtype, batch, device):
         warn(f"{width}x{height} needs about {need / gib:.1f} GiB of the {have / gib:.1f} GiB available")
 
 
-def chosen_method(args):
-    """--method, or regulate for --regulate alone; None for a plain run."""
-    return args.method or ("regulate" if args.regulate else None)
-
-
-def first_image(maps):
-    return {s: m[0] for s, m in maps.items()}
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where the help does not already say it, and never "(default: None)"."""
 
@@ -296,15 +278,9 @@ def run(args, log=print):
 
 
 def _run(args, log, made):
-    from .pipeline import Pipeline
-    from .maps import AttentionMaps, grid, word_maps
+    from .maps import grid
 
     check_args(args)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.exists():
-        hint = (" (the shipped model is missing: train it with python -m tools.testbed.train)"
-                if ckpt == DEFAULT_CHECKPOINT else "")
-        raise UsageError(f"checkpoint not found: {ckpt}{hint}")
     seeds = [args.seed + i for i in range(args.n)]
     paths = output_paths(args.out, args.n, seeds, args.overwrite)
     grid_dir = Path(args.save_attention) if args.save_attention else None
@@ -313,115 +289,21 @@ def _run(args, log, made):
             g = grid_dir / f"{path.stem}-attention.png"
             if g.exists() and not args.overwrite:
                 raise UsageError(f"{g} exists; choose another --save-attention folder or pass --overwrite")
+    job = prepare(args, load_pipeline(args), log=log)
 
-    pipe = Pipeline.from_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                                    allow_pickle=args.allow_pickle, prediction=args.prediction)
-    cfg = pipe.cfg
-    unit = size_unit(cfg)
-    size = (args.height or cfg.image_size, args.width or cfg.image_size)
-    for name, v in zip(("height", "width"), size):
-        if v % unit:
-            raise UsageError(f"--{name} {v} is not a multiple of {unit}, this model's size unit (VAE factor "
-                             f"{cfg.vae.downsample} x 2^{len(cfg.unet.channel_mult) - 1} UNet downsamplings); "
-                             f"try {max(unit, v // unit * unit)} or {(v // unit + 1) * unit}")
-    steps = args.steps or cfg.default_steps
-    guidance = cfg.default_guidance if args.guidance is None else args.guidance
-    if args.edit_steps is not None and args.edit_steps > steps:
-        raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
-    if args.regulate_layers:
-        check_layer_sizes(args.regulate_layers, cfg, *size)
-    texts = 1
-    if chosen_method(args) == "composable":   # one conditional row per concept
-        from regulation.composable import split_concepts
-        texts = len(split_concepts(args.prompt))
-    check_cost(cfg, *size, DTYPES[args.dtype], 1 + texts if guidance > 1 else 1, torch.device(args.device))
-    pipe.compile(args.backend)
-    if args.decoder == "taesd":
-        from .taesd import load_taesd_decoder
-        taesd = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype])
-        pipe.decoder = taesd.decode
-
-    # a prompt over 77 tokens: said once, here; the tokenizer's own warning (repeated at every use) is muted
-    cut = pipe.tokenizer.kept(args.prompt)[1]
-    for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
-        tail = cut if what == "prompt" else pipe.tokenizer.kept(text)[1]
-        if tail:
-            warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
-    warnings.simplefilter("ignore", PromptTruncatedWarning)
-
-    method = chosen_method(args)
-    shown, runs, select = [], [], None
-    if method or args.save_attention:
-        from regulation.editors import NAMES, choose_targets, set_up
-        from regulation.layers import LayerSelector
-        targets = None
-        if method in (None, "regulate", "attend-excite"):
-            words = args.targets.split() if args.targets else None
-            targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
-        elif method in ("syngen", "composable"):
-            targets = args.targets
-        # built before sampling, so that a bad option is an error before any work; one per image (its seed)
-        runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed, layers=args.regulate_layers,
-                       edit_steps=args.edit_steps, layout=args.layout, guidance=guidance, height=size[0],
-                       width=size[1], sampler=args.sampler, spacing=args.spacing, strength=args.strength,
-                       layout_background=args.layout_background, weights=args.concept_weights,
-                       log=log if i == 0 else None)
-                for i, seed in enumerate(seeds)] if method else []
-        # the maps shown are those the method acts on (the same layers in the plain run beside them)
-        select = runs[0].select if runs else LayerSelector(args.regulate_layers, cfg)
-        shown = runs[0].shown if runs else shown
-    settings_extra = runs[0].settings if runs else {}
-    model_hash = file_hash(ckpt)
-    positions = [p for t in shown or [] for p in t.positions]
-    groups, k = [], 0
-    for t in shown or []:
-        groups.append((t.word, list(range(k, k + len(t.positions)))))
-        k += len(t.positions)
-    show_steps = sorted({0, steps // 4, steps // 2, steps - 1})
-
-    def observer():
-        return AttentionMaps(positions, show_steps, select) if args.save_attention else None
-
-    passes = 2 if method and args.save_attention else 1   # --save-attention adds a plain run beside
-    bar = tqdm(total=args.n * steps * passes, desc="sampling", disable=not sys.stderr.isatty())
+    passes = 2 if job.method and args.save_attention else 1   # --save-attention adds a plain run beside
+    bar = tqdm(total=args.n * job.steps * passes, desc="sampling", disable=not sys.stderr.isatty())
     try:
-        for i, (seed, path) in enumerate(zip(seeds, paths)):
-            panels, layers_seen = [], set()
-
-            def generate(hooks, options=None):
-                return pipe(args.prompt, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
-                            seed=seed, height=size[0], width=size[1], sampler=args.sampler, spacing=args.spacing,
-                            hooks=hooks, callback=lambda info: bar.update(1),
-                            **({"eta": args.eta} if args.sampler == "ddim" else {}), **(options or {}))
-            if method:
-                maps = observer()
-                with runs[i].context:
-                    result = generate(runs[i].hooks + ([maps] if maps else []), runs[i].options)
-                if maps:
-                    panels.append((NAMES[method], result.images[0], first_image(word_maps(maps.result(), groups))))
-                    layers_seen |= maps.blocks_seen
-            if args.save_attention or not method:
-                maps = observer()
-                plain = generate([maps] if maps else [])
-                if maps:
-                    panels.insert(0, ("plain", plain.images[0], first_image(word_maps(maps.result(), groups))))
-                    layers_seen |= maps.blocks_seen
-                if not method:
-                    result = plain
-            settings = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
-                        "Timestep spacing": args.spacing, "CFG scale": guidance, "Seed": seed,
-                        "Size": f"{size[1]}x{size[0]}", "Model hash": model_hash, "Model": ckpt.stem,
-                        "Eta": args.eta if args.sampler == "ddim" else None, "Prediction": cfg.prediction,
-                        "Dtype": args.dtype, "Decoder": args.decoder, **settings_extra,
-                        "Version": f"minisd {__version__}"}
-            save_image(result.images[0], path, parameters_text(args.prompt, args.negative_prompt, settings), made)
+        for i, path in enumerate(paths):
+            out = generate(job, i, callback=lambda info: bar.update(1))
+            save_image(out.image, path, parameters_text(args.prompt, args.negative_prompt, out.settings), made)
             log(f"wrote {path}")
             if grid_dir:
                 gpath = grid_dir / f"{path.stem}-attention.png"
-                about = {**settings, "Attention steps": " ".join(map(str, show_steps)),
-                         "Attention layers": " ".join(sorted(layers_seen)),
+                about = {**out.settings, "Attention steps": " ".join(map(str, job.show_steps)),
+                         "Attention layers": " ".join(sorted(out.layers_seen)),
                          "Attention maps": "mean over heads and layers; each map scaled to its own min..max"}
-                save_image(grid(panels, [w for w, _ in groups]),
+                save_image(grid(out.panels, [w for w, _ in job.groups]),
                            gpath, parameters_text(args.prompt, args.negative_prompt, about), made)
                 log(f"wrote {gpath}")
     finally:

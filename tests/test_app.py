@@ -240,7 +240,8 @@ def test_targets_are_filled_by_the_command_lines_rule(tokenizer):
     assert default_targets(tokenizer, "regulate", prompt) == "circle square"
     assert default_targets(tokenizer, "syngen", prompt) == "red circle; blue square"
     assert default_targets(tokenizer, "composable", prompt) == "a red circle | a blue square"
-    assert default_targets(tokenizer, "dense", prompt) == "red circle:0.05,0.25,0.45,0.75;blue square:0.55,0.25,0.95,0.75"
+    assert default_targets(tokenizer, "dense", prompt) == \
+        "red circle:0.05,0.25,0.45,0.75;blue square:0.55,0.25,0.95,0.75"   # a box per object, side by side
     assert default_targets(tokenizer, "regulate", "it is raining") == ""
 
 
