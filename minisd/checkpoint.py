@@ -328,6 +328,8 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float3
                    **sd3_text_file(name, file, dtype)}
     state = inference_keys(raw)
     cfg = detect_config(state, metadata, path, prediction)
+    if any((text_files or {}).values()) and not cfg.is_sd3:
+        raise CheckpointError(f"--clip-l, --clip-g and --t5 supply SD 3's text encoders; {path} is {cfg.name}")
     if cfg.is_sd3 and cfg.t5 is not None and not any(k.startswith(SD3_TEXT["t5xxl"]) for k in state):
         print(f"no T5-XXL in {Path(path).name}: zeros stand in for its tokens (give it with {SD3_TEXT_FLAGS['t5xxl']})")
         cfg.t5 = None

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import load_model
+from .checkpoint import CheckpointError, load_model
 from .samplers import SAMPLERS, Schedule
 from .tokenizer import Tokenizer
 
@@ -41,7 +41,10 @@ class NonFiniteError(ValueError):
 
 def size_unit(cfg):
     """Image sides must be multiples of this: the VAE's factor times the UNet's 2 ** (levels - 1) downsamplings,
-    so that every UNet level's map has a whole size (SD: 8 x 8 = 64; the shipped model: 8 x 4 = 32)."""
+    so that every UNet level's map has a whole size (SD: 8 x 8 = 64; the shipped model: 8 x 4 = 32); SD 3: the
+    VAE's factor times the MMDiT's patch size (16)."""
+    if cfg.is_sd3:
+        return cfg.vae.downsample * cfg.mmdit.patch_size
     return cfg.vae.downsample * 2 ** (len(cfg.unet.channel_mult) - 1)
 
 
@@ -82,8 +85,17 @@ class Pipeline:
         self.decoder = decoder  # None: the model's VAE; else a callable scaled latents -> images in [0, 1]
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None):
-        model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction)
+    def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None,
+                        text_files=None, t5_tokenizer=None, t5_length=None):
+        """An SD 3 file gives an SD3Pipeline (minisd/pipeline_sd3.py), whose text encoders may come from their own
+        files (`text_files`: {"clip_l" | "clip_g" | "t5xxl": path}) and whose T5 reads `t5_tokenizer`."""
+        model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction,
+                           text_files=text_files)
+        if model.cfg.is_sd3:
+            from .pipeline_sd3 import SD3Pipeline
+            return SD3Pipeline.from_model(model, path, t5_tokenizer, t5_length)
+        if t5_tokenizer or t5_length:
+            raise CheckpointError(f"--t5-tokenizer and --t5-length are for SD 3 files; {path} is {model.cfg.name}")
         # a diffusers folder brings its own tokenizers
         tok = [Tokenizer.from_folder(d) if (d := Path(path) / name).is_dir() else None
                for name in ("tokenizer", "tokenizer_2")[:1 + (model.cfg.text2 is not None)]]

@@ -42,11 +42,17 @@ class SD3Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, text_files=None, t5_tokenizer=None,
-                        t5_length=None, **_):
-        model = load_model(path, device=device, dtype=dtype, text_files=text_files)
-        folder = Path(path).parent / "tokenizer_3" / "spiece.model"
-        if t5_tokenizer is None and model.text_encoders.has_t5 and folder.is_file():
-            t5_tokenizer = folder
+                        t5_length=None):
+        return cls.from_model(load_model(path, device=device, dtype=dtype, text_files=text_files), path,
+                              t5_tokenizer, t5_length)
+
+    @classmethod
+    def from_model(cls, model, path, t5_tokenizer=None, t5_length=None):
+        """T5's tokenizer: the one given, else a `tokenizer_3/spiece.model` beside the checkpoint (a diffusers
+        folder's layout)."""
+        beside = Path(path).parent / "tokenizer_3" / "spiece.model"
+        if t5_tokenizer is None and model.text_encoders.has_t5 and beside.is_file():
+            t5_tokenizer = beside
         return cls(model, t5_tokenizer, t5_length)
 
     def compile(self, backend="eager"):

@@ -43,7 +43,7 @@ import torch
 from minisd.attention import cross_block
 from regulation.attend_excite import AttendExcite, AttendExciteConfig
 from regulation.attention_regulation import AttentionRegulation, RegulationConfig
-from regulation.targets import TargetError, eot_position, parse_target, resolve_targets, token_table
+from regulation.targets import TargetError, auto_targets, eot_position, parse_target, resolve_targets, token_table
 
 CLIP_TOKENS = 77   # the CLIP states come first among the text keys; T5's follow
 
@@ -125,6 +125,18 @@ def resolve_joint_targets(pipe, prompt, words, log=print):
     return targets
 
 
+def choose_joint_targets(pipe, prompt, words=None, log=print):
+    """As regulation.editors.choose_targets, for SD 3: without words, the nouns of the prompt's noun phrases
+    within the part CLIP reads; the CLIP and T5 tables printed."""
+    if not words:
+        words = auto_targets(pipe.tokenizer.kept(prompt)[0])
+        if not words:
+            raise ValueError(f"found no object words in {prompt!r}; name them with --targets")
+        if log:
+            log(f"targets chosen from the prompt: {' '.join(words)}")
+    return resolve_joint_targets(pipe, prompt, words, log)
+
+
 def special_columns(pipe, prompt):
     """Text keys whose probabilities the released code restores: CLIP's start and end of text, T5's end of text."""
     cols = [0, eot_position(pipe.tokenizers, prompt)]
@@ -192,3 +204,24 @@ def make_joint_editor(method, pipe, prompt, targets, steps, seed=0, layers=None,
                                  eot=eot_position(pipe.tokenizers, prompt))
     raise ValueError(f"{method!r} does not run on SD 3: only regulate and attend-excite read its joint attention "
                      f"(SynGen's and DenseDiffusion's layer rules and Composable Diffusion's guidance are the UNet's)")
+
+
+def set_up_joint(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_steps=None, log=print,
+                 **options):
+    """regulation.editors.set_up for SD 3: the Run of regulate or attend-excite with JointTargets (from
+    choose_joint_targets); any other method, or an option these do not take, refused in one line."""
+    from regulation.editors import NAMES, Run
+    if method not in ("regulate", "attend-excite"):
+        make_joint_editor(method, pipe, prompt, targets, steps)   # raises, saying why
+    extra = [k for k, v in options.items() if v is not None and k in ("layout", "strength", "weights",
+                                                                       "layout_background", "phrase_swap")]
+    if extra:
+        raise ValueError(f"--method {method} on SD 3 does not take "
+                         f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
+    if not targets:
+        raise ValueError(f"{NAMES[method]} needs target words")
+    hook = make_joint_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps)
+    settings = {"Regulation": NAMES[method], "Regulation targets": " ".join(t.word for t in targets),
+                "Regulation layers": " ".join(f"joint_blocks.{b}" for b in sorted(hook.select.blocks)),
+                "Regulation edit steps": hook.edit_steps}
+    return Run(method, [hook], select=hook.select, shown=list(targets), settings=settings)

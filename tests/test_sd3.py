@@ -328,3 +328,39 @@ def test_t5_length_flag_gives_diffusers_256(sd3):
 def test_t5_needs_a_tokenizer(sd3):
     with pytest.raises(CheckpointError, match="--t5-tokenizer"):
         SD3Pipeline(sd3.model)
+
+
+def test_text_encoders_from_their_own_files(sd3, tmp_path):
+    """A file without text encoders (as sd3.5_medium.safetensors) + clip_l / clip_g / t5xxl files in their own
+    official layout (transformers' names, no prefix), through Pipeline.from_checkpoint: the same model."""
+    from safetensors.torch import save_file
+
+    from minisd.pipeline import Pipeline
+    files = {}
+    for name in ("clip_l", "clip_g", "t5xxl"):
+        prefix = f"text_encoders.{name}.transformer."
+        part = {k[len(prefix):]: v.contiguous() for k, v in sd3.state.items() if k.startswith(prefix)}
+        if name == "clip_l":   # the official clip_l file has a projection SD 3 does not use
+            part["text_projection.weight"] = torch.eye(sd3.cfg.text.hidden_size)
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file(part, str(files[name]))
+    bare = tmp_path / "bare.safetensors"
+    save_official(bare, {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.")}, sd3.cfg)
+    pipe = Pipeline.from_checkpoint(bare, text_files=files, t5_tokenizer=sd3.spiece)
+    assert isinstance(pipe, SD3Pipeline)
+    mine, ref = pipe.model.state_dict(), sd3.model.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    with pytest.raises(CheckpointError, match="--clip-l"):
+        load_model(bare)
+
+
+def test_sd3_options_refused_on_other_families(tmp_path):
+    from minisd.checkpoint import build_model, save_checkpoint
+    from minisd.config import tiny
+    from minisd.pipeline import Pipeline
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(build_model(tiny()), path)
+    with pytest.raises(CheckpointError, match="SD 3's text encoders"):
+        load_model(path, text_files={"t5xxl": path})
+    with pytest.raises(CheckpointError, match="for SD 3 files"):
+        Pipeline.from_checkpoint(path, t5_length=256)

@@ -171,3 +171,18 @@ def test_editors_run_in_the_pipeline(pipe, method):
         assert set(editor.loss_table()) == {"model.diffusion_model.joint_blocks.1"}
     else:
         assert editor.history and editor.history[0]["loss_before"]
+
+
+def test_set_up_for_the_command_line(pipe):
+    from regulation.joint_regulation import choose_joint_targets, set_up_joint
+    lines = []
+    targets = choose_joint_targets(pipe, PROMPT, None, log=lines.append)
+    assert [t.word for t in targets] == ["circle", "square"] and "chosen from the prompt" in lines[0]
+    run = set_up_joint("regulate", pipe, PROMPT, 4, targets=targets, seed=3, layers=None, edit_steps=None)
+    assert run.settings["Regulation layers"] == "joint_blocks.1" and run.settings["Regulation edit steps"] == 2
+    for method in ("syngen", "dense", "composable"):
+        with pytest.raises(ValueError, match="does not run on SD 3") as e:
+            set_up_joint(method, pipe, PROMPT, 4, targets=targets)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="--layout"):
+        set_up_joint("regulate", pipe, PROMPT, 4, targets=targets, layout="a:0,0,1,1")

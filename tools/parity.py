@@ -11,6 +11,8 @@ at 512 px, one VAE decode of a 64x64 latent and the text embeddings of a prompt.
     python -m tools.parity                   # both families: a few minutes on CPU, about 10 GB of memory
     python -m tools.parity --family sd2
     python -m tools.parity --only sdxl       # SDXL base (random weights): about 15 GB of memory at its peak
+    python -m tools.parity --only sd3.5-medium   # SD 3.5 Medium's MMDiT and VAE against diffusers (sd3.5-large,
+                                                 # sd3-medium too; Large in a 3-block stack at full width)
 
 tests/test_parity.py runs the same builders on tiny configs.
 """
@@ -431,10 +433,113 @@ def sdxl_parity(tmp, px=512):
     return [("sdxl", what[k], *difference(ref[k], out[k]), ref[k].abs().max().item()) for k in ref], times
 
 
+# ------------------------------------------------------------------------------------------------- SD 3 / 3.5
+
+# diffusers' transformer configs of the official repositories (stabilityai/stable-diffusion-3-medium-diffusers,
+# stable-diffusion-3.5-medium, stable-diffusion-3.5-large: transformer/config.json), written out here so that a
+# wrong minisd config cannot agree with itself; and the published sizes (the model cards)
+SD3_TRANSFORMERS = {
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
+    "sd3.5-medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                         caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                         qk_norm="rms_norm", dual_attention_layers=list(range(13))),
+    "sd3.5-large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                        qk_norm="rms_norm"),
+}
+SD3_PUBLISHED = {"sd3-medium": "2B", "sd3.5-medium": "2.5B", "sd3.5-large": "8.1B"}
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+               layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=32, scaling_factor=1.5305,
+               shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def sd3_counts(name):
+    """(minisd's MMDiT, diffusers' SD3Transformer2DModel) sizes on the meta device: parameters plus the learned
+    position table (a stored buffer in both)."""
+    from diffusers import SD3Transformer2DModel
+    from minisd.config import FAMILIES
+    from minisd.mmdit import MMDiT
+    with torch.device("meta"):
+        mine = MMDiT(FAMILIES[name]().mmdit)
+        theirs = SD3Transformer2DModel(**SD3_TRANSFORMERS[name])
+    return [sum(t.numel() for t in m.state_dict().values()) for m in (mine, theirs)]
+
+
+def sd3_parity(name, tmp, px=512, depth=None):
+    """One MMDiT call of an SD 3 family at full width against diffusers' SD3Transformer2DModel, filled from the same
+    official-named random tensors by diffusers' own converter (the converted model shares every tensor but q/k/v
+    with minisd's, so both fit in memory at once); minisd's config detected from the keys. `depth` cuts the stack
+    to its first depth - 1 blocks and the pre-only last block (SD 3.5 Large: 8B parameters do not fit here twice,
+    so its every kind of block is checked at full width in a shorter stack). And the 16-channel VAE's decode."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+    from minisd.checkpoint import detect_config
+    from minisd.config import FAMILIES
+    from minisd.mmdit import MMDiT
+    from minisd.vae import AutoencoderKL as MiniVAE
+    conf = dict(SD3_TRANSFORMERS[name], **({"num_layers": depth} if depth else {}))
+    if depth:
+        conf["dual_attention_layers"] = [i for i in conf.get("dual_attention_layers", []) if i < depth - 1]
+    family = FAMILIES[name]()
+    m = family.mmdit
+    m.depth, m.x_block_self_attn_layers = conf["num_layers"], tuple(conf.get("dual_attention_layers", ()))
+    g = torch.Generator().manual_seed(0)
+    lat = px // 8
+    x, t = torch.randn(1, 16, lat, lat, generator=g), torch.tensor([750.0])
+    ctx, y = torch.randn(1, 154, 4096, generator=g), torch.randn(1, 2048, generator=g)
+    z = torch.randn(1, 16, 64, 64, generator=g)
+    rows, times = [], {"reference": 0.0, "minisd": 0.0}
+
+    with torch.device("meta"):
+        shapes = {UNET + k: v.shape for k, v in MMDiT(m).state_dict().items()}
+    state = random_official(shapes, seed=1)
+    found = detect_config(state)
+    assert found.mmdit == m, (found.mmdit, m)
+    with torch.device("meta"):
+        theirs = SD3Transformer2DModel(**conf)
+        mine = MMDiT(found.mmdit)
+    theirs.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(dict(state)), strict=True, assign=True)
+    mine.load_state_dict({k[len(UNET):]: v for k, v in state.items()}, strict=True, assign=True)
+    del state
+    with torch.no_grad():
+        start = time.perf_counter()
+        ref = theirs.eval()(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=y).sample
+        times["reference"] += time.perf_counter() - start
+        start = time.perf_counter()
+        out = mine.eval()(x, t, ctx, y)
+        times["minisd"] += time.perf_counter() - start
+    what = f"MMDiT call, {px} px, t=750, 77 + 77 text tokens" + (f", first {depth} blocks" if depth else "")
+    rows.append((name, what, *difference(ref, out), ref.abs().max().item()))
+    del theirs, mine
+    gc.collect()
+
+    with torch.device("meta"):
+        shapes = {VAE + k: v.shape for k, v in MiniVAE(family.vae).state_dict().items()}
+    state = random_official(shapes, seed=2)
+    vae = AutoencoderKL(**SD3_VAE)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(state), dict(vae.config)), strict=True)
+    mini = MiniVAE(family.vae)
+    mini.load_state_dict({k[len(VAE):]: v for k, v in state.items()}, strict=True)
+    with torch.no_grad():
+        rows.append((name, "VAE decode, 64x64 latent", *difference(vae.eval().decode(z).sample, mini.eval().decode(z)),
+                     vae.decode(z).sample.abs().max().item()))
+    return rows, times
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--family", "--only", choices=["sd1", "sd2", "sdxl", "both"], default="both",
-                    help="both = sd1 and sd2; sdxl needs about 15 GB of memory")
+    ap.add_argument("--family", "--only", choices=["sd1", "sd2", "sdxl", "both", *SD3_TRANSFORMERS], default="both",
+                    help="both = sd1 and sd2; sdxl needs about 15 GB of memory; sd3.5-medium about 12 GB; "
+                         "sd3.5-large is checked in a stack of --depth blocks at full width (its 8B parameters do "
+                         "not fit twice in 24 GB)")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="SD 3: compare a stack of this many joint blocks (default: all; sd3.5-large: 3)")
     ap.add_argument("--px", type=int, default=512, help="image side of the UNet call (latent side = px / 8)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -443,7 +548,14 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in (["sd1", "sd2"] if args.family == "both" else [args.family]):
-            r, times = sdxl_parity(tmp, args.px) if name == "sdxl" else family_parity(name, tmp, args.px)
+            if name in SD3_TRANSFORMERS:
+                mine, theirs = sd3_counts(name)
+                print(f"{name}: MMDiT parameters + position table: minisd {mine:,}, diffusers {theirs:,}, "
+                      f"published {SD3_PUBLISHED[name]}", flush=True)
+                depth = args.depth or (3 if name == "sd3.5-large" else None)
+                r, times = sd3_parity(name, tmp, args.px, depth)
+            else:
+                r, times = sdxl_parity(tmp, args.px) if name == "sdxl" else family_parity(name, tmp, args.px)
             rows += r
             print(f"{name}: references {times['reference']:.0f} s, minisd {times['minisd']:.0f} s", flush=True)
     print("\n| family | output | max abs diff | relative | max abs ref |\n|---|---|---|---|---|")
