@@ -47,8 +47,11 @@ def load_pipeline(args):
         hint = (" (the shipped model is missing: train it with python -m tools.testbed.train)"
                 if ckpt == DEFAULT_CHECKPOINT else "")
         raise UsageError(f"checkpoint not found: {ckpt}{hint}")
+    sd3 = {"text_files": {k: getattr(args, a, None) for k, a in (("clip_l", "clip_l"), ("clip_g", "clip_g"),
+                                                                  ("t5xxl", "t5"))},
+           "t5_tokenizer": getattr(args, "t5_tokenizer", None), "t5_length": getattr(args, "t5_length", None)}
     return Pipeline.from_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                                    allow_pickle=args.allow_pickle, prediction=args.prediction)
+                                    allow_pickle=args.allow_pickle, prediction=args.prediction, **sd3)
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,16 +91,21 @@ def prepare(args, pipe, log=print):
     size = (args.height or cfg.image_size, args.width or cfg.image_size)
     for name, v in zip(("height", "width"), size):
         if v % unit:
+            why = f"patch size {cfg.mmdit.patch_size}" if cfg.is_sd3 else \
+                f"2^{len(cfg.unet.channel_mult) - 1} UNet downsamplings"
             raise UsageError(f"--{name} {v} is not a multiple of {unit}, this model's size unit (VAE factor "
-                             f"{cfg.vae.downsample} x 2^{len(cfg.unet.channel_mult) - 1} UNet downsamplings); "
-                             f"try {max(unit, v // unit * unit)} or {(v // unit + 1) * unit}")
+                             f"{cfg.vae.downsample} x {why}); try {max(unit, v // unit * unit)} or "
+                             f"{(v // unit + 1) * unit}")
     steps = args.steps or cfg.default_steps
     guidance = cfg.default_guidance if args.guidance is None else args.guidance
     if args.edit_steps is not None and args.edit_steps > steps:
         raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
-    if args.regulate_layers:
+    if args.regulate_layers and not cfg.is_sd3:   # SD 3's joint blocks are checked by name in its set-up
         check_layer_sizes(args.regulate_layers, cfg, *size)
     method = chosen_method(args)
+    if cfg.is_sd3 and method not in (None, "regulate", "attend-excite"):
+        from regulation.joint_regulation import refuse_on_sd3
+        refuse_on_sd3(method)
     texts = 1
     if method == "composable":   # one conditional row per concept
         from regulation.composable import split_concepts
@@ -105,6 +113,8 @@ def prepare(args, pipe, log=print):
     check_cost(cfg, *size, DTYPES[args.dtype], 1 + texts if guidance > 1 else 1, torch.device(args.device))
     pipe.compile(args.backend)
     pipe.decoder = None
+    if args.decoder == "taesd" and cfg.is_sd3:
+        raise UsageError("--decoder taesd is TAESD for SD 1/2/XL's 4-channel latents; SD 3 decodes with its VAE")
     if args.decoder == "taesd":
         from .taesd import load_taesd_decoder
         pipe.decoder = load_taesd_decoder(args.taesd, device=args.device, dtype=DTYPES[args.dtype]).decode
@@ -123,6 +133,12 @@ def prepare(args, pipe, log=print):
     if method or args.save_attention:
         from regulation.editors import choose_targets, set_up
         from regulation.layers import LayerSelector
+        if cfg.is_sd3:   # joint attention: targets in CLIP and T5, regulate and attend-excite (others refused)
+            from regulation.joint_regulation import JointBlockSelector as LayerSelector
+            from regulation.joint_regulation import choose_joint_targets, set_up_joint as set_up
+
+            def choose_targets(tokenizers, prompt, words, log):
+                return choose_joint_targets(pipe, prompt, words, log)
         targets = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)

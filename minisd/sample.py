@@ -149,12 +149,16 @@ def estimate_memory(cfg, height, width, dtype, batch):
     size = torch.finfo(dtype).bits // 8
     u, v = cfg.unet, cfg.vae
     hw = (height // v.downsample) * (width // v.downsample)
+    conv = max(v.ch * m * height * width // 4 ** max(d - 1, 0) for d, m in enumerate(v.ch_mult))
+    vae = size * (4 * conv + 2 * hw * hw)
+    if cfg.is_sd3:  # SD 3: a joint block's tensors over image and text tokens, and one observed block's scores
+        m = cfg.mmdit
+        tokens = hw // m.patch_size ** 2 + 154
+        return max(vae, batch * size * (16 * tokens * m.hidden_size + m.num_heads * tokens * tokens))
     skips = sum((u.num_res_blocks + 1) * u.model_channels * m * hw // 4 ** d for d, m in enumerate(u.channel_mult))
     widest = u.model_channels * u.channel_mult[0] * hw
     ff = 12 * widest if 1 in u.attention_resolutions else 0
     unet = batch * size * (skips + 4 * widest + ff)
-    conv = max(v.ch * m * height * width // 4 ** max(d - 1, 0) for d, m in enumerate(v.ch_mult))
-    vae = size * (4 * conv + 2 * hw * hw)
     return max(unet, vae)
 
 
@@ -226,6 +230,18 @@ def build_parser():
                     help="TAESD decoder weights (taesd_decoder.safetensors) for --decoder taesd")
     ap.add_argument("--allow-pickle", action="store_true",
                     help="allow a pickle .ckpt checkpoint (loaded with torch.load(weights_only=True))")
+    g = ap.add_argument_group("SD 3 / 3.5 (single files hold the MMDiT and the VAE; the text encoders are files of "
+                              "their own)")
+    g.add_argument("--clip-l", default=None, help="CLIP-L text encoder, clip_l.safetensors")
+    g.add_argument("--clip-g", default=None, help="OpenCLIP bigG text encoder, clip_g.safetensors")
+    g.add_argument("--t5", default=None, help="T5-XXL text encoder, t5xxl_fp16.safetensors (without it: zeros in "
+                                              "its place, as diffusers allows)")
+    g.add_argument("--t5-tokenizer", default=None,
+                   help="T5's SentencePiece model, spiece.model (default: tokenizer_3/spiece.model beside the "
+                        "checkpoint)")
+    g.add_argument("--t5-length", type=int, default=None,
+                   help="pad (and cut) T5's tokens to this length; default: Stability's reference, at least 77 "
+                        "and never cut (diffusers' pipeline: 256)")
     g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024) and the paper's other methods")
     g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words "
                    "(the same as --method regulate)")

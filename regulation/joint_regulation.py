@@ -202,6 +202,10 @@ def make_joint_editor(method, pipe, prompt, targets, steps, seed=0, layers=None,
                                                  else {}))
         return JointAttendExcite([t.clip for t in targets], steps, config, select,
                                  eot=eot_position(pipe.tokenizers, prompt))
+    refuse_on_sd3(method)
+
+
+def refuse_on_sd3(method):
     raise ValueError(f"{method!r} does not run on SD 3: only regulate and attend-excite read its joint attention "
                      f"(SynGen's and DenseDiffusion's layer rules and Composable Diffusion's guidance are the UNet's)")
 
