@@ -364,3 +364,49 @@ def test_sd3_options_refused_on_other_families(tmp_path):
         load_model(path, text_files={"t5xxl": path})
     with pytest.raises(CheckpointError, match="for SD 3 files"):
         Pipeline.from_checkpoint(path, t5_length=256)
+
+
+def stability_sigmas(shift, steps):
+    """Stability's ModelSamplingDiscreteFlow + get_sigmas (sd3_impls.py, sd3_infer.py), transcribed."""
+    def sigma(t):
+        t = t / 1000.0
+        return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+    table = sigma(torch.arange(1, 1001, 1))
+    ts = torch.linspace(table[-1] * 1000, table[0] * 1000, steps)
+    return torch.FloatTensor([sigma(t) for t in ts] + [0.0])
+
+
+@torch.no_grad()
+def test_pipeline_with_stabilitys_sampler(sd3):
+    """SD 3.5's reference default: Stability's CFGDenoiser (denoised = x - v sigma, neg + (pos - neg) scale) and
+    sample_dpmpp_2m, transcribed, around diffusers' transformer and text states; minisd's pipeline with
+    sampler dpmpp_2m (the default for these files) gives the same latents."""
+    theirs, steps, scale = sd3.theirs, 4, 5.0
+    cond, neg, pooled, neg_pooled = theirs.encode_prompt(PROMPTS[:1], PROMPTS[:1], PROMPTS[:1],
+                                                         negative_prompt="", max_sequence_length=77)
+    sigmas = stability_sigmas(sd3.cfg.shift, steps)
+    assert torch.allclose(sigmas, FlowSchedule(sd3.cfg.shift).sigmas(steps), atol=1e-6)
+    side = sd3.cfg.image_size // sd3.cfg.vae.downsample
+    noise = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(9))
+
+    def model(x, s):
+        v = theirs.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([s, s]) * 1000,
+                               encoder_hidden_states=torch.cat([cond, neg]),
+                               pooled_projections=torch.cat([pooled, neg_pooled])).sample
+        pos, negative = (torch.cat([x, x]) - v * s).chunk(2)
+        return negative + (pos - negative) * scale
+
+    x, old = sigmas[0] * noise, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i:i + 1])
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old is None or sigmas[i + 1] == 0:
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
+        old = denoised
+    out = sd3.mine(PROMPTS[0], steps=steps, guidance=scale, sampler="dpmpp_2m", latents=noise.clone(),
+                   return_latents=True, decode=False).latents
+    assert_close(x, out)
