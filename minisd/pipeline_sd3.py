@@ -36,7 +36,7 @@ class SD3Pipeline:
         if self.t5_tokenizer is not None and t5_length is not None:
             self.t5_tokenizer.length = t5_length
         # without T5, its zeros are as long as its tokens would be
-        model.text_encoders.t5_tokens = t5_length or self.cfg.t5.min_length if self.cfg.t5 else t5_length or 77
+        model.text_encoders.t5_tokens = t5_length or (self.cfg.t5.min_length if self.cfg.t5 else 77)
         self.schedule = FlowSchedule(self.cfg.shift if shift is None else shift)
         self.decoder = None
 
@@ -76,11 +76,6 @@ class SD3Pipeline:
     def encode(self, prompts):
         """Prompts -> (context (b, 77 + T5 tokens, 4096), pooled (b, 2048))."""
         return self.model.encode_text(self.ids(prompts))
-
-    def text_positions(self, clip_positions, t5_positions):
-        """Key indices in the joint attention of token positions in CLIP's ids and in T5's ids: the 77 CLIP
-        states come first, T5's after them."""
-        return list(clip_positions) + [77 + p for p in t5_positions]
 
     def initial_latents(self, generators, height, width):
         f = self.cfg.vae.downsample
