@@ -56,6 +56,7 @@ TARGET_MODES = ("nouns", "attr+nouns")
 COLUMNS = ["prompt_id", "seed", "method", "prompt", "objects", "targets", "found", "all_found", "recall", "swap",
            "types", "mad", "ssim", "scores", "seconds", "settings"]
 # what a judge's failures(image, objects) reports (tools.testbed.judge.failure_types), in the table's order
+MAIN_TYPES = ("presence", "strict", "exact")   # each with its interval against plain
 TYPES = {"omission": "omission", "wrong_shape": "wrong shape", "colour_swap": "colour swap",
          "wrong_colour": "wrong colour", "extra": "extra objects"}
 PROMPT_SETS = {"ae": Path(__file__).parent / "data" / "ae_prompts.jsonl"}   # --prompts NAME
@@ -65,7 +66,8 @@ PAPER_AE = {"plain": ("46.7%", "0.324", "-"), "attend-excite": ("60.8%", "0.331"
             "regulate": ("66.2%", "0.337", "+48.8%")}
 TYPE_DEFINITIONS = """\
 - presence: share of images that show every named shape, in any colour (as many of each as named): the paper's
-  detection. strict: every named object in its named colour (the judge's verdict).
+  detection. strict: every named object in its named colour (the judge's verdict). exact: strict and no extra
+  object, every named object in its colour and nothing else.
 - vs plain, 95% CI: the method's share minus plain's, in points, with a paired bootstrap interval (per-prompt
   differences averaged over seeds; prompts resampled with replacement, 10,000 times). fixed / broke: images where
   plain failed and the method passed / plain passed and the method failed.
@@ -98,6 +100,7 @@ class Variant:
     name: str      # as in the table: "plain", "regulate[nouns]"
     method: str    # "plain" or a method of regulation.editors
     targets: str   # one of TARGET_MODES ("" for plain)
+    options: dict = field(default_factory=dict)   # more set_up arguments: strength, edit_steps, phrase_swap ...
 
 
 @dataclass
@@ -370,11 +373,12 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
             elif v.method == "composable":
                 targets = concepts(item)
             try:
+                options = dict(layers=s.layers if v.method != "composable" else None,
+                               edit_steps=s.edit_steps if v.method not in ("composable", "dense") else None)
                 run = set_up(v.method, pipe, prompt, s.steps, targets=targets or None, seed=seed,
-                             layers=s.layers if v.method != "composable" else None,
-                             edit_steps=s.edit_steps if v.method != "composable" else None,
                              layout=renderer_layout(item, seed, s.size) if v.method == "dense" else None,
-                             height=s.size, width=s.size, guidance=s.guidance, log=quiet)
+                             height=s.size, width=s.size, guidance=s.guidance, log=quiet,
+                             **{**options, **v.options})
             except NoPairsError:
                 # a prompt with no modifier: the authors' SynGen has a zero loss there and leaves the image as it is
                 run = Run(v.method)
@@ -446,6 +450,17 @@ def _compare(rows, names, value):
     return out
 
 
+def failure(row, kind):
+    """A row's 0/1 failure type (None where the judge gave none). "exact": every named object in its colour and
+    nothing else (strict, and no extra object), the column the paper's detection rate cannot see."""
+    if not row.get("types"):
+        return None
+    t = json.loads(row["types"])
+    if kind == "exact":
+        return int(t["strict"] and not t["extra"]) if "strict" in t and "extra" in t else None
+    return t.get(kind)
+
+
 def summarise(rows, names):
     """{variant: metrics} from CSV rows (strings); a fraction is None where nothing could be judged.
     metrics["scores"]: {score name: mean over the images that have it}; metrics["types"]: {failure type: (share,
@@ -454,8 +469,9 @@ def summarise(rows, names):
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     detection = _compare(rows, names, lambda r: num(r, "all_found"))
     kinds = list(dict.fromkeys(k for r in rows if r.get("types") for k in json.loads(r["types"])))
-    types = {k: _compare(rows, names, lambda r, k=k: json.loads(r["types"]).get(k) if r.get("types") else None)
-             for k in kinds}
+    if {"strict", "extra"} <= set(kinds):
+        kinds.insert(kinds.index("strict") + 1, "exact")
+    types = {k: _compare(rows, names, lambda r, k=k: failure(r, k)) for k in kinds}
     out = {}
     for name in names:
         rs = [r for r in rows if r["method"] == name]
@@ -481,13 +497,12 @@ def format_types_table(summary):
     ci = lambda c: "" if c is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*c)
     base = summary["plain"]["seconds"]
     kinds = [k for k in TYPES if any(k in m["types"] for m in summary.values())]
-    lines = ["| method | images | presence | vs plain, 95% CI | fixed / broke | strict | vs plain, 95% CI | "
-             "fixed / broke | " + "".join(f"{TYPES[k]} | " for k in kinds) +
-             "object recall | MAD | SSIM | s / image | overhead |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|" + "--:|" * len(kinds) + "--:|--:|--:|--:|--:|"]
+    lines = ["| method | images | " + "".join(f"{k} | vs plain, 95% CI | fixed / broke | " for k in MAIN_TYPES) +
+             "".join(f"{TYPES[k]} | " for k in kinds) + "object recall | MAD | SSIM | s / image | overhead |",
+             "|---|--:|" + "--:|--:|--:|" * len(MAIN_TYPES) + "--:|" * len(kinds) + "--:|--:|--:|--:|--:|"]
     for name, m in summary.items():
         cells = []
-        for k in ("presence", "strict"):
+        for k in MAIN_TYPES:
             share, c, fixed, broke = m["types"].get(k, (None, None, 0, 0))
             cells += [pct(share), ci(c), "" if name == "plain" else f"+{fixed} / -{broke}"]
         cells += [pct(m["types"][k][0]) if k in m["types"] else "n/a" for k in kinds]
@@ -635,21 +650,30 @@ def kill_switch(rank):
     return int(k) if spec and int(r) == rank else None
 
 
-def run(args, log=print):
+def run(args, log=print, items=None, variants=None):
+    """Evaluate args' prompts and methods (or the `items` and `variants` given: tools.eval.paper_table's stages)."""
     rank, world, args.device, group = distributed(args.device)
     try:
-        return _run(args, rank, world, group, log if rank == 0 else (lambda *a: None))
+        return _run(args, rank, world, group, log if rank == 0 else (lambda *a: None), items, variants)
     finally:
         if group is not None:
             import torch.distributed as dist
             dist.destroy_process_group()
 
 
-def _run(args, rank, world, group, log):
+def repo_path(path):
+    """A path as the tables name it: relative to the repository where it lies inside it."""
+    path = Path(path).resolve()
+    root = Path(__file__).resolve().parents[2]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _run(args, rank, world, group, log, items=None, variants=None):
     if args.threads:
         torch.set_num_threads(args.threads)
-    items = load_prompts(args.prompts, args.n_prompts, args.prompt_seed)[:args.limit]
-    variants = parse_variants(args.methods, args.targets)
+    if items is None:
+        items = load_prompts(args.prompts, args.n_prompts, args.prompt_seed)[:args.limit]
+    variants = variants or parse_variants(args.methods, args.targets)
     judges = load_judges(args.judge, args)
     for item in items:
         if item["objects"] is None:
@@ -734,8 +758,8 @@ def _run(args, rank, world, group, log):
     summary = summarise(rows, names)
     table = format_table(summary)
     header = [f"# Semantic fidelity: {len(items)} prompts x {args.seeds} seeds", "",
-              "    python -m tools.eval " + shlex.join(args.argv), "",
-              f"Checkpoint `{ckpt}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, {s.size} px, "
+              "    " + (getattr(args, "command", None) or "python -m tools.eval " + shlex.join(args.argv)), "",
+              f"Checkpoint `{repo_path(ckpt)}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, {s.size} px, "
               f"judge `{judges.settings}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {world} rank(s), {torch.get_num_threads()} torch "
               f"threads each on {args.device if world == 1 else torch.device(args.device).type}.",

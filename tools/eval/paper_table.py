@@ -1,0 +1,285 @@
+"""The Attention Regulation paper's comparison table, in miniature and fair: every method as its authors run it,
+each given the same tuning budget on a validation set disjoint from the test set, then the test set run once.
+
+    python -m tools.eval.paper_table validate --out eval/paper-table     # the grid on the validation set
+    python -m tools.eval.paper_table test --out eval/paper-table         # defaults and tuned, 100 prompts x 4 seeds
+    torchrun --standalone --nproc-per-node 2 -m tools.eval.paper_table validate --threads 1 ...   # 2 ranks
+
+The protocol (docs/evaluation.md states it, with the decision rules, before any run):
+  - Validation: the 20 held-out pairs that the 100 test prompts do not name, two prompts each (their own
+    templates and order), image seeds 100 and 101: 80 images per setting. No test prompt, pair or seed.
+  - Each method's one knob (regulation.editors.KNOBS: the one its authors' README or demo tells users to turn) at
+    the same four multiples of its authors' default, 1/4, 1/2, 1 and 2 (Attention Regulation's edit steps rounded
+    half up: 6, 13, 25, 50 of 50).
+  - Choice: the highest presence on validation; ties: the higher strict; then the authors' default if tied, else
+    the smaller value (nearer the plain model). Frozen in choices.json before the test stage reads it.
+  - Test: the 100 test prompts x seeds 0..3 once, every method at its authors' default and at its choice (the
+    same run when they agree), plus DenseDiffusion without its phrase-embedding swap (an ablation), each image
+    also scored by the shapes world's tiny CLIP (tools/testbed/clipscore.py).
+Both stages resume where they stopped (tools.eval's part files) and refuse results of other settings.
+"""
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from regulation.editors import KNOBS, NAMES
+from tools.eval import evaluate
+from tools.testbed import shapes
+
+MULTIPLES = (0.25, 0.5, 1.0, 2.0)
+METHODS = ("regulate", "attend-excite", "syngen", "dense", "composable")
+VALIDATION_SEED = 100   # image seeds 100, 101: none of the test's 0..3
+TEST_PROMPTS, TEST_SEEDS = 100, 4
+JUDGE = "tools.testbed.judge:ShapesJudge"
+SCORER = "tools.testbed.clipscore:ClipScore"
+# The paper's table (its project page's comparison figure): SD on the Attend-and-Excite prompts, detection rate,
+# CLIP score, LPIPS to the original image (lower: closer), time overhead (the same column for both datasets).
+# DenseDiffusion has no A&E-set row there: its COCO row is given. (detection, CLIP, LPIPS, overhead, dataset)
+PAPER = {"plain": ("46.7%", "0.324", "-", "-", "A&E"),
+         "regulate": ("66.2%", "0.337", "0.666", "+48.8%", "A&E"),
+         "attend-excite": ("60.8%", "0.331", "0.508", "+414.6%", "A&E"),
+         "syngen": ("61.4%", "0.326", "0.423", "+378.0%", "A&E"),
+         "dense": ("64.0%", "0.332", "0.729", "+79.3%", "COCO"),
+         "composable": ("19.4%", "0.307", "0.598", "+119.5%", "A&E")}
+
+
+def validation_prompts(per_pair=2, seed=1):
+    """The held-out pairs that the test's 100 prompts do not name, `per_pair` prompts each (a template and an
+    order drawn from their own generator): dict(prompt=..., objects=[(colour, shape), ...])."""
+    test = shapes.benchmark_prompts(TEST_PROMPTS, 0)
+    named = {frozenset(map(tuple, d["objects"])) for d in test}
+    rng = np.random.default_rng(seed)
+    out = []
+    for pair in shapes.held_out_pairs():
+        if frozenset(pair) in named:
+            continue
+        for _ in range(per_pair):
+            keys = [pair[j] for j in rng.permutation(2)]
+            out.append(dict(prompt=shapes.caption_for(keys, rng, shuffle=False), objects=[tuple(k) for k in keys]))
+    return out
+
+
+def test_prompts():
+    return [dict(prompt=d["prompt"], objects=[tuple(o) for o in d["objects"]])
+            for d in shapes.benchmark_prompts(TEST_PROMPTS, 0)]
+
+
+def default_value(method, guidance):
+    knob = KNOBS[method]
+    return guidance if knob.default is None else knob.default
+
+
+def grid_values(method, guidance):
+    """The four values of a method's knob: MULTIPLES of its authors' default (edit steps: whole steps, half up)."""
+    d = default_value(method, guidance)
+    if KNOBS[method].option == "edit_steps":
+        return [int(math.floor(d * m + 0.5)) for m in MULTIPLES]
+    return [d * m for m in MULTIPLES]
+
+
+def variant(method, value=None, guidance=5.0, **more):
+    """The tools.eval Variant of `method` with its knob at `value` (None: the authors' default, no option
+    passed), named as the tables show it."""
+    base = {"regulate": "regulate[nouns]", "attend-excite": "attend-excite[nouns]", "syngen": "syngen",
+            "dense": "dense[layout given]", "composable": "composable"}[method]
+    targets = "nouns" if method in evaluate.TARGETED else ""
+    options = dict(more)
+    name = base
+    if value is not None and value != default_value(method, guidance):
+        options[KNOBS[method].option] = value
+        name += f" {KNOBS[method].name}={value:g}"
+    if more.get("phrase_swap") is False:
+        name += " no phrase swap"
+    return evaluate.Variant(name, method, targets, options)
+
+
+def stage_args(args, out, prompts, seed, seeds, scorer):
+    """The tools.eval arguments of one stage (its prompts and variants are given to evaluate.run directly)."""
+    a = evaluate.build_parser().parse_args([])
+    a.checkpoint, a.out, a.threads, a.device, a.examples = args.checkpoint, str(out), args.threads, "cpu", 8
+    a.seed, a.seeds, a.judge = seed, seeds, JUDGE + ("," + SCORER if scorer else "")
+    a.argv, a.command = [], "python -m tools.eval.paper_table " + shlex.join(args.argv)
+    a.n_prompts, a.steps = len(prompts), args.steps
+    return a
+
+
+def guidance_of(args):
+    """The model's default guidance (the run's, and Composable Diffusion's default concept weight)."""
+    from minisd.checkpoint import load_state
+    return load_state(args.checkpoint)[0].default_guidance
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation: the grid and the choice
+
+def choose(summary, grid, guidance):
+    """{method: chosen value} by the stated rule: presence, then strict, then the default, then the smaller."""
+    out = {}
+    for method, values in grid.items():
+        def key(value):
+            t = summary[variant(method, value, guidance).name]["types"]
+            return (t["presence"][0], t["strict"][0], value == default_value(method, guidance), -value)
+        out[method] = max(values, key=key)
+    return out
+
+
+def validation_table(summary, grid, choices, guidance):
+    pct = lambda x: f"{100 * x:.1f}%"
+    p = summary["plain"]["types"]
+    lines = ["| method | knob | value | presence | strict | exact | chosen |", "|---|---|--:|--:|--:|--:|---|",
+             f"| plain | | | {pct(p['presence'][0])} | {pct(p['strict'][0])} | {pct(p['exact'][0])} | |"]
+    for method, values in grid.items():
+        for v in values:
+            t = summary[variant(method, v, guidance).name]["types"]
+            mark = ("**chosen**" if v == choices[method] else "") + (" (authors' default)"
+                                                                      if v == default_value(method, guidance) else "")
+            lines.append(f"| {NAMES[method]} | {KNOBS[method].name} | {v:g} | {pct(t['presence'][0])} | "
+                         f"{pct(t['strict'][0])} | {pct(t['exact'][0])} | {mark.strip()} |")
+    return "\n".join(lines)
+
+
+def validate(args):
+    out = Path(args.out)
+    guidance = guidance_of(args)
+    grid = {m: grid_values(m, guidance) for m in args.methods}
+    variants = [evaluate.Variant("plain", "plain", "")] + [variant(m, v, guidance) for m, vs in grid.items()
+                                                           for v in vs]
+    items = validation_prompts()[:args.limit]
+    summary = evaluate.run(stage_args(args, out / "validation", items, VALIDATION_SEED, 2, scorer=False),
+                           items=items, variants=variants)
+    if summary is None:   # a rank other than 0
+        return None
+    choices = choose(summary, grid, guidance)
+    (out / "choices.json").write_text(json.dumps(
+        {"rule": "highest validation presence; ties: higher strict, then the authors' default, then the smaller",
+         "guidance": guidance, "grid": grid, "choices": choices}, indent=1) + "\n")
+    text = ["# Validation: each method's knob at four values", "",
+            "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
+            f"{len(items)} prompts (the {len(items) // 2} held-out pairs the test prompts do not name, two prompts "
+            f"each) x image seeds {VALIDATION_SEED} and {VALIDATION_SEED + 1}; every other setting as the test's. "
+            "Rule (docs/evaluation.md, written before the run): the highest presence; ties: the higher strict, "
+            "then the authors' default, then the smaller value. Full table: validation/table.md.", "",
+            validation_table(summary, grid, choices, guidance), ""]
+    (out / "validation.md").write_text("\n".join(text))
+    print("\n".join(text))
+    return choices
+
+
+# ----------------------------------------------------------------------------------------------------------
+# test: the table in the paper's shape
+
+def test_variants(choices, guidance, methods):
+    """Plain; each method at its authors' default and at its choice (one variant when they agree); DenseDiffusion
+    without the phrase swap (ablation)."""
+    out = [evaluate.Variant("plain", "plain", "")]
+    for m in methods:
+        out.append(variant(m, None, guidance))
+        tuned = variant(m, choices[m], guidance)
+        if tuned.name != out[-1].name:
+            out.append(tuned)
+        if m == "dense":
+            out.append(variant(m, None, guidance, phrase_swap=False))
+    return out
+
+
+def paper_shape(summary, choices, guidance, methods):
+    """One row per method and setting: presence (the paper's detection rate), strict, exact (each with its
+    interval against plain), the tiny CLIP's score, SSIM and MAD against plain, overhead; the paper's values
+    beside."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    ci = lambda c: "" if c is None else " ({:+.1f} [{:+.1f}, {:+.1f}])".format(*c)
+    base = summary["plain"]["seconds"]
+    lines = ["| method | setting | presence | strict | exact | CLIP | SSIM | MAD | overhead | paper: detection | "
+             "paper: CLIP | paper: LPIPS | paper: overhead |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+
+    def row(label, setting, name, method):
+        m = summary[name]
+        t = m["types"]
+        clip = m["scores"].get("clip")
+        det, pclip, lpips, over, data = PAPER[method]
+        paper = f"{det} ({data}) | {pclip} | {lpips} | {over}" if setting in ("", "authors' defaults") \
+            else " | | |"
+        overhead = "-" if method == "plain" else f"{m['seconds'] / base - 1:+.0%}"
+        lines.append(f"| {label} | {setting} | {pct(t['presence'][0])}{ci(t['presence'][1])} | "
+                     f"{pct(t['strict'][0])}{ci(t['strict'][1])} | {pct(t['exact'][0])}{ci(t['exact'][1])} | "
+                     f"{'n/a' if clip is None else f'{clip:.3f}'} | {m['ssim']:.3f} | {m['mad']:.4f} | {overhead} | "
+                     f"{paper} |")
+    row("plain SD", "", "plain", "plain")
+    for method in methods:
+        d = default_value(method, guidance)
+        row(NAMES[method], "authors' defaults", variant(method, None, guidance).name, method)
+        same = choices[method] == d
+        row("", f"tuned: {KNOBS[method].name} {choices[method]:g}" + (" (= default)" if same else ""),
+            variant(method, choices[method], guidance).name, method)
+        if method == "dense":
+            row("", "ablation: no phrase swap", variant(method, None, guidance, phrase_swap=False).name, method)
+    return "\n".join(lines)
+
+
+def test(args):
+    out = Path(args.out)
+    path = out / "choices.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: run the validation stage first (python -m tools.eval.paper_table "
+                         f"validate --out {args.out})")
+    saved = json.loads(path.read_text())
+    guidance = guidance_of(args)
+    choices = saved["choices"]
+    missing = [m for m in args.methods if m not in choices]
+    if missing:
+        raise SystemExit(f"error: {path} has no choice for {', '.join(missing)}")
+    items = test_prompts()[:args.limit]
+    summary = evaluate.run(stage_args(args, out / "test", items, 0, TEST_SEEDS, scorer=True), items=items,
+                           variants=test_variants(choices, guidance, args.methods))
+    if summary is None:
+        return None
+    table = ["# The paper's table, in miniature", "",
+             "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
+             f"{len(items)} test prompts (one held-out pair each) x seeds 0..{TEST_SEEDS - 1}, run once, on the "
+             "shipped shapes model (50 steps, guidance 5, 128 px). Each method at its authors' defaults and at the "
+             "value chosen on the validation set (validation.md, choices.json); the full table with every failure "
+             "type is test/table.md, the rows test/results.csv.", "",
+             "- presence: every named shape drawn (any colour): the paper's detection rate. strict: every named "
+             "object in its colour. exact: strict and no extra object. In brackets: the difference from plain in "
+             "points with its 95% paired-bootstrap interval over prompts.",
+             "- CLIP: the shapes world's tiny CLIP (tools/testbed/clipscore.py), cosine of the image and the prompt.",
+             "- SSIM, MAD: against the plain image of the same prompt and seed (the paper's LPIPS needs a network "
+             "this machine cannot download). Overhead: seconds per image against plain, measured in this run.",
+             "- paper: the Attention Regulation paper's figures on SD (the Attend-and-Excite prompts; DenseDiffusion "
+             "has only a COCO row there), for reference: another model, another judge, another scale.", "",
+             paper_shape(summary, choices, guidance, args.methods), ""]
+    (out / "table.md").write_text("\n".join(table))
+    print("\n".join(table))
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m tools.eval.paper_table", description=__doc__.split("\n\n")[0])
+    ap.add_argument("stage", choices=["validate", "test"])
+    ap.add_argument("--out", default="eval/paper-table")
+    ap.add_argument("--checkpoint", default=str(evaluate.DEFAULT_CHECKPOINT))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods of the table")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the stage (a quick look)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; a quick look)")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"error: unknown method {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    try:
+        return validate(args) if args.stage == "validate" else test(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
