@@ -57,6 +57,7 @@ class RegulationConfig:
     edit_steps: int | None = None   # None: the paper's 25 of 50, scaled (see default_edit_steps)
     layers: tuple | None = None     # layer specs for regulation.layers.LayerSelector; None = the model's default
     seed: int | None = None         # seeds the generator of the random initial W when none is given
+    compile: bool = False           # run the iterations as one compiled graph (torch.compile; CUDA graphs on a GPU)
 
     def __post_init__(self):
         if self.sigma_rule not in ("released", "max1"):
@@ -194,11 +195,25 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     lerp_share = torch.tensor([frac, 1 - frac], **f)
     step = config.lr * n
     shrink = 1 - step * 2 * config.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
-    gt = g.t()
-
     w = w0.transpose(1, 2).reshape(n * k, c)   # (N*k, C): rows of W, one per (n, t)
+    args = (base, w, g, goals, score, slopes, lerp_share, at, n, k, top, at_lo, at_hi, frac, step, shrink,
+            config.iterations, groups)
+    if config.compile:
+        # a CUDA graph's outputs live in its own memory, which its next replay overwrites: keep copies
+        best_w, first, best = (t.clone() for t in _compiled_descent(logits.device)(*args))
+    else:
+        best_w, first, best = _descend(*args)
+    return best_w.view(n, k, c).transpose(1, 2), first, best
+
+
+def _descend(base, w, g, goals, score, slopes, lerp_share, at, n, k, top, at_lo, at_hi, frac, step, shrink,
+             iterations, groups):
+    """The iterations of optimise_weights on prepared tensors: (best W (groups, ...), first loss, best loss).
+    Plain tensor code with Python numbers as constants, so that torch.compile can take it as one graph."""
+    hw = base.shape[-1]
+    gt = g.t()
     ws, losses = [], []
-    for it in range(config.iterations):
+    for it in range(iterations):
         z = torch.addmm(base, w, g).view(n, k, hw)
         a = F.pad(z, (0, 0, 1, 0)).softmax(1)[:, 1:]   # row 0 stands for the L - k other tokens
         top_vals, top_idx = a.topk(top, -1)
@@ -206,7 +221,7 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
         x = torch.cat([q.flatten(), a.mean(-1).flatten(), w.flatten()]) - goals   # [q - goal, m - tau/k, W]
         ws.append(w)
         losses.append((x * x) @ score)
-        if it == config.iterations - 1:
+        if it == iterations - 1:
             break
         gq, gm = (x[:2 * n * k] * slopes).view(2, n, k, 1)
         ga = torch.scatter_add(gm.expand(n, k, hw), -1, top_idx.index_select(-1, at), gq * lerp_share)  # dL/dA
@@ -217,9 +232,18 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     # first of equal minima, as the released `if loss < best` does; a NaN loss is never the best.
     losses = torch.stack(losses)                                           # (iterations, groups)
     best = torch.nan_to_num(losses, nan=float("inf")).argmin(0)            # (groups,)
-    each = torch.arange(groups, device=dev)
+    each = torch.arange(groups, device=w.device)
     best_w = torch.stack(ws).view(len(ws), groups, -1)[best, each]
-    return best_w.view(n, k, c).transpose(1, 2), losses[0], losses[best, each]
+    return best_w, losses[0], losses[best, each]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_descent(device):
+    """_descend as one compiled graph (RegulationConfig.compile). On a GPU the eager loop is launch-bound (about
+    15 small kernels per iteration, 20 iterations per layer and step); "reduce-overhead" replays the whole descent as
+    one CUDA graph. Each new shape (map size, targets, batch) compiles once."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+    return torch.compile(_descend, fullgraph=True, dynamic=False, mode=mode)
 
 
 def _loss_matrix(n, k, c, groups, config, f):

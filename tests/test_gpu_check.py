@@ -26,6 +26,8 @@ def test_gpu_check_on_cpu(tmp_path, capsys):
     assert set(speed) >= {"unet call, minisd", "unet call, diffusers", "2-step generation, minisd",
                           "2-step generation, diffusers", "2-step generation, minisd regulated"}
     assert all(v > 0 for v in speed.values())
+    methods = {f"2-step generation, minisd {m}" for m in ("regulate", "attend-excite", "syngen", "dense", "composable")}
+    assert set(speed) >= methods | {"2-step generation, minisd plain (methods' prompt)"}   # the paper's overheads
     printed = capsys.readouterr().out
     assert "| unet f32 (minisd vs diffusers, device) |" in printed and "| unet call, minisd | " in printed
 

@@ -13,11 +13,14 @@ Parity, on --device against the CPU in float32 (the same weights and inputs, bui
   vae f32 vs diffusers    the decoder, minisd vs diffusers on the device
 Speed, in --dtype (float16 by default on CUDA), medians of --runs after a warm-up:
   one UNet call (batch 2, --size px) minisd vs diffusers; a whole --steps generation (DPM-Solver++, guidance 7.5)
-  minisd vs diffusers; a regulated generation (the default 5 layers, first half of the steps) vs a plain one.
+  minisd vs diffusers; a regulated generation (the default 5 layers, first half of the steps) vs a plain one;
+  every method of the paper's table at its defaults, and Attention Regulation with its optimiser compiled
+  (RegulationConfig(compile=True)), each against a plain generation of the same prompt: the paper's overhead column.
 On CUDA the default is SD 1.5 at 512 px and 50 steps, a few minutes in all on a recent GPU (most of it building
 random weights on the CPU); on --device cpu the tiny config at 32 px and 4 steps.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -175,9 +178,47 @@ def speed(pipe, theirs, device, dtype, px, steps, runs, backend, log):
         res[f"{steps}-step generation, minisd {backend}"] = _median_time(mine, device, runs)
         res[f"{steps}-step generation, minisd {backend} regulated"] = _median_time(lambda: mine(True), device,
                                                                                    runs)
+    res.update(methods(pipe, device, latents, run, runs))
     for k, v in res.items():
         log(f"  {k}: {v:.3f} s")
     return res
+
+
+METHOD_PROMPT = "a black cat and a white dog"   # modifiers for SynGen, two phrases for the layout and the concepts
+LAYOUT = "black cat:0.05,0.1,0.5,0.9;white dog:0.5,0.1,0.95,0.9"
+
+
+def methods(pipe, device, latents, run, runs):
+    """Every method of the paper's table at its defaults, and Attention Regulation's optimiser compiled into one
+    graph (RegulationConfig(compile=True): on CUDA one CUDA graph per layer and step), each a whole generation
+    of METHOD_PROMPT from the same latents: {row: seconds}, plain first, so that each overhead is measured against
+    a plain run of the same prompt in the same process."""
+    from regulation.attention_regulation import RegulationConfig
+    from regulation.editors import METHODS, choose_targets, make_editor, set_up
+    steps = run["steps"]
+    targets = choose_targets(pipe.tokenizer, METHOD_PROMPT, ["cat", "dog"], log=_quiet)
+
+    def generate(method=None, compiled=False):
+        hooks, options, context = [], {}, None
+        if compiled:
+            hooks = [make_editor("regulate", pipe, METHOD_PROMPT, targets, steps, seed=0,
+                                 config=RegulationConfig(compile=True))]
+        elif method:
+            r = set_up(method, pipe, METHOD_PROMPT, steps, seed=0, log=_quiet, guidance=run["guidance"],
+                       height=run["height"], width=run["width"],
+                       targets=targets if method in ("regulate", "attend-excite") else None,
+                       layout=LAYOUT if method == "dense" else None)
+            hooks, options, context = r.hooks, r.options, r.context
+        with context or contextlib.nullcontext():   # no inference_mode: A&E and SynGen take gradients
+            pipe(METHOD_PROMPT, latents=latents.clone(), hooks=hooks, decode=True, **run, **options)
+
+    out = {f"{steps}-step generation, minisd plain (methods' prompt)": _median_time(generate, device, runs)}
+    for m in METHODS:
+        out[f"{steps}-step generation, minisd {m}"] = _median_time(lambda: generate(m), device, runs)
+    if device.type == "cuda":   # on the CPU the compile costs a minute and saves nothing: the suite skips it
+        out[f"{steps}-step generation, minisd regulate compiled"] = _median_time(lambda: generate(compiled=True),
+                                                                                 device, runs)
+    return out
 
 
 def main(argv=None):
@@ -222,12 +263,15 @@ def main(argv=None):
     print(f"\n| speed on {name} ({family}, {px} px, {dname}) | seconds | ratio |\n|---|---|---|")
     gen = f"{steps}-step generation, minisd"
     for k, v in spd.items():
+        plain_m = f"{steps}-step generation, minisd plain (methods' prompt)"
         base = spd["unet call, diffusers"] if k.startswith("unet call") else (
-            spd[f"{steps}-step generation, diffusers"] if "diffusers" in k or k == gen else spd.get(gen))
+            spd[f"{steps}-step generation, diffusers"] if "diffusers" in k or k == gen else
+            spd[plain_m] if k in spd and list(spd).index(k) > list(spd).index(plain_m) else spd.get(gen))
         ratio = "" if k.startswith("compile") else f"{v / base:.2f}"
         print(f"| {k} | {v:.3f} | {ratio} |")
     print(f"\n(ratios: UNet calls and plain generations to diffusers; regulated and compiled generations to minisd "
-          f"plain; total {out['seconds']:.0f} s; JSON in {args.json})")
+          f"plain; each method to minisd plain on the methods' prompt; total {out['seconds']:.0f} s; JSON in "
+          f"{args.json})")
     return 0
 
 

@@ -719,13 +719,16 @@ def _run(args, rank, world, group, log, items=None, variants=None):
     examples, kill_after = [], kill_switch(rank)
     if mine:
         generate(pipe, items[0]["prompt"], 0, Settings(1, s.guidance, s.size))  # warm-up, kept out of the timings
-        bar = tqdm(total=len(todo) * len(variants), desc="images", unit="img", disable=rank != 0)
+        bar = tqdm(total=len(todo) * len(variants), desc="images (at most)", unit="img", disable=rank != 0)
         path = out / "parts" / f"part-{news['attempt']:04d}-rank{rank:05d}.csv"
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
             for n, (i, item, seed) in enumerate(mine, 1):
-                unit = evaluate_one(pipe, item, seed, variants, judges.presence, s,
+                # a unit already partly done draws plain again (the others' drift is measured against it) and
+                # only the variants it lacks
+                need = [v for v in variants if v.name == "plain" or (item["prompt"], str(seed), v.name) not in have]
+                unit = evaluate_one(pipe, item, seed, need, judges.presence, s,
                                     want_maps=len(examples) < args.examples, on_image=lambda: bar.update(world),
                                     scorers=judges.scorers)
                 writer.writerows(dict(r, prompt_id=i, settings=settings) for r in unit.rows

@@ -179,7 +179,7 @@ def test_variants(choices, guidance, methods):
     out = [evaluate.Variant("plain", "plain", "")]
     for m in methods:
         out.append(variant(m, None, guidance))
-        tuned = variant(m, choices[m], guidance)
+        tuned = variant(m, choices[m], guidance) if choices else out[-1]
         if tuned.name != out[-1].name:
             out.append(tuned)
         if m == "dense":
@@ -214,9 +214,10 @@ def paper_shape(summary, choices, guidance, methods):
     for method in methods:
         d = default_value(method, guidance)
         row(NAMES[method], "authors' defaults", variant(method, None, guidance).name, method)
-        same = choices[method] == d
-        row("", f"tuned: {KNOBS[method].name} {choices[method]:g}" + (" (= default)" if same else ""),
-            variant(method, choices[method], guidance).name, method)
+        if choices:
+            same = choices[method] == d
+            row("", f"tuned: {KNOBS[method].name} {choices[method]:g}" + (" (= default)" if same else ""),
+                variant(method, choices[method], guidance).name, method)
         if method == "dense":
             row("", "ablation: no phrase swap", variant(method, None, guidance, phrase_swap=False).name, method)
     return "\n".join(lines)
@@ -225,15 +226,17 @@ def paper_shape(summary, choices, guidance, methods):
 def test(args):
     out = Path(args.out)
     path = out / "choices.json"
-    if not path.is_file():
+    if args.defaults_only:   # the rows that need no choice, first (the same rows the full stage then resumes)
+        choices = None
+    elif not path.is_file():
         raise SystemExit(f"error: {path} not found: run the validation stage first (python -m tools.eval.paper_table "
                          f"validate --out {args.out})")
-    saved = json.loads(path.read_text())
     guidance = guidance_of(args)
-    choices = saved["choices"]
-    missing = [m for m in args.methods if m not in choices]
-    if missing:
-        raise SystemExit(f"error: {path} has no choice for {', '.join(missing)}")
+    if not args.defaults_only:
+        choices = json.loads(path.read_text())["choices"]
+        missing = [m for m in args.methods if m not in choices]
+        if missing:
+            raise SystemExit(f"error: {path} has no choice for {', '.join(missing)}")
     items = test_prompts()[:args.limit]
     summary = evaluate.run(stage_args(args, out / "test", items, 0, TEST_SEEDS, scorer=True), items=items,
                            variants=test_variants(choices, guidance, args.methods))
@@ -267,6 +270,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=str(evaluate.DEFAULT_CHECKPOINT))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods of the table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    ap.add_argument("--defaults-only", action="store_true", help="test stage: only plain, the authors' defaults and "
+                    "the ablation (no choices needed); the full test stage then adds the tuned rows")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the stage (a quick look)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; a quick look)")
     args = ap.parse_args(argv)
