@@ -8,8 +8,9 @@ Three rules cover what differs:
      the `position_ids` buffer.
   2. SD 2.x and SDXL store OpenCLIP's text tower (`cond_stage_model.model.*`, `conditioner.embedders.1.model.*`,
      fused `in_proj`): `openclip_to_hf` maps it onto CLIPTextModel's names.
-  3. diffusers folders (`unet/`, `vae/`, `text_encoder/`): `diffusers_to_official` renames block by block, rules
-     derived from the folder's config; the VAE's mid-block attention is Linear there, 1x1 conv here.
+  3. diffusers folders (`unet/`, `vae/`, `text_encoder/`; SD 3's `transformer/` and three text encoders):
+     `diffusers_to_official` renames block by block, rules derived from the folder's config; the VAE's mid-block
+     attention is Linear there, 1x1 conv here; SD 3's q, k, v are fused here.
   4. SD 3 (`model.diffusion_model.joint_blocks.*`): the text encoders keep transformers' names under
      `text_encoders.{clip_l, clip_g, t5xxl}.transformer.`; CLIP-L's projection (the identity, unused) is dropped;
      T5's tied embedding may be stored as `shared.weight`, `encoder.embed_tokens.weight` or both. Text encoders
@@ -248,7 +249,13 @@ def detect_sd3(state, path=None):
                     context_dim=state[pre + "context_embedder.weight"].shape[1],
                     qk_norm=pre + "joint_blocks.0.x_block.attn.ln_k.weight" in state,
                     x_block_self_attn_layers=tuple(attn2))
-    cfg = sd35_large() if depth == 38 else sd35_medium() if attn2 else sd3_medium()
+    return sd3_config(m)
+
+
+def sd3_config(m):
+    """The family's config (its defaults, which Stability's reference keys by file name) around an MMDiT shape:
+    38 blocks are SD 3.5 Large, image-only attention SD 3.5 Medium, else SD 3 Medium."""
+    cfg = sd35_large() if m.depth == 38 else sd35_medium() if m.x_block_self_attn_layers else sd3_medium()
     cfg.mmdit = m
     return cfg
 
@@ -314,8 +321,12 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float3
     T5 the model is built without it (zeros in its place)."""
     path = Path(path)
     if path.is_dir():
-        if not (path / "unet").is_dir():
-            raise CheckpointError(f"{path} is a folder but not a diffusers Stable Diffusion folder (no unet/)")
+        if not (path / "unet").is_dir() and not (path / "transformer").is_dir():
+            raise CheckpointError(f"{path} is a folder but not a diffusers Stable Diffusion folder (no unet/, "
+                                  f"nor SD 3's transformer/)")
+        if any((text_files or {}).values()):
+            raise CheckpointError(f"--clip-l, --clip-g and --t5 supply a single file's text encoders; the folder "
+                                  f"{path} has its own (text_encoder/, text_encoder_2/, text_encoder_3/)")
         from .diffusers_folder import config_from_diffusers, diffusers_to_official
         cfg = config_from_diffusers(path)
         if prediction:

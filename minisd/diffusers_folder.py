@@ -1,15 +1,18 @@
-"""Reading a diffusers-format folder (`unet/ vae/ text_encoder/ [text_encoder_2/] tokenizer/ scheduler/`): its
-configs become a ModelConfig, and its weights are renamed block by block into the official single-file names, by
-rules (minisd/blocks.py), so the model loads them as it loads an official file."""
+"""Reading a diffusers-format folder (`unet/ vae/ text_encoder/ [text_encoder_2/] tokenizer/ scheduler/`; SD 3's
+`transformer/ vae/ text_encoder/ text_encoder_2/ [text_encoder_3/ tokenizer_3/]`): its configs become a
+ModelConfig, and its weights are renamed block by block into the official single-file names, by rules
+(minisd/blocks.py for the UNet, _mmdit_renames for SD 3's transformer), so the model loads them as it loads an
+official file."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .blocks import unet_renames
-from .checkpoint import CheckpointError, mismatch_message, read_safetensors
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .model import StableDiffusion
+from .checkpoint import SD3_TEXT, CheckpointError, inference_keys, mismatch_message, new_model, read_safetensors, \
+    sd3_config
+from .config import MMDiTConfig, ModelConfig, T5Config, TextConfig, UNetConfig, VAEConfig
 from .tokenizer import folder_pad_token
 
 
@@ -30,6 +33,28 @@ def _vae_renames(vae):
              ("attentions.0.q.", "attentions.0.to_q."), ("attentions.0.k.", "attentions.0.to_k."),
              ("attentions.0.v.", "attentions.0.to_v."), ("attentions.0.proj_out.", "attentions.0.to_out.0.")]
     return r, inner
+
+
+def _mmdit_renames():
+    """Official MMDiT names -> diffusers' SD3Transformer2DModel (diffusers' own single-file converter, read
+    backwards). `{}` stands for q, k and v: one fused `qkv` here is three projections there."""
+    prefixes = [("x_embedder.", "pos_embed."), ("pos_embed", "pos_embed.pos_embed"),
+                ("t_embedder.", "time_text_embed.timestep_embedder."),
+                ("y_embedder.", "time_text_embed.text_embedder."), ("final_layer.linear.", "proj_out."),
+                ("final_layer.adaLN_modulation.1.", "norm_out.linear."), ("joint_blocks.", "transformer_blocks.")]
+    inner = [("embedder.mlp.0.", "embedder.linear_1."), ("embedder.mlp.2.", "embedder.linear_2."),
+             # the image stream
+             ("x_block.attn.qkv.", "attn.to_{}."), ("x_block.attn.ln_", "attn.norm_"),
+             ("x_block.attn.proj.", "attn.to_out.0."), ("x_block.attn2.qkv.", "attn2.to_{}."),
+             ("x_block.attn2.ln_", "attn2.norm_"), ("x_block.attn2.proj.", "attn2.to_out.0."),
+             ("x_block.adaLN_modulation.1.", "norm1.linear."), ("x_block.mlp.fc1.", "ff.net.0.proj."),
+             ("x_block.mlp.fc2.", "ff.net.2."),
+             # the text stream
+             ("context_block.attn.qkv.", "attn.add_{}_proj."), ("context_block.attn.ln_", "attn.norm_added_"),
+             ("context_block.attn.proj.", "attn.to_add_out."),
+             ("context_block.adaLN_modulation.1.", "norm1_context.linear."),
+             ("context_block.mlp.fc1.", "ff_context.net.0.proj."), ("context_block.mlp.fc2.", "ff_context.net.2.")]
+    return prefixes, inner
 
 
 def _rename(key, prefixes, inner):
@@ -68,8 +93,67 @@ def _text_config_from_diffusers(t, folder, tokenizer, sdxl):
                       penultimate=sdxl, final_norm=not sdxl, pad_with_eot=pad == "<|endoftext|>")
 
 
+def _vae_config(v):
+    vboc = v["block_out_channels"]
+    return VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
+                     z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3),
+                     out_ch=v.get("out_channels", 3), groups=v.get("norm_num_groups", 32),
+                     scale_factor=v.get("scaling_factor", 0.18215), shift_factor=v.get("shift_factor") or 0.0,
+                     use_quant_conv=v.get("use_quant_conv", True))
+
+
+# what an SD 3 folder must hold, to name a part that is missing
+SD3_PARTS = {"transformer": "the MMDiT", "vae": "the VAE", "text_encoder": "CLIP-L",
+             "text_encoder_2": "OpenCLIP bigG"}
+
+
+def sd3_config_from_diffusers(folder):
+    """An SD 3 / 3.5 folder: the MMDiT's shape from transformer/config.json, the family's defaults (shift,
+    sampler, steps) as for the equivalent single file (diffusers' scheduler config says shift 3 for every file;
+    Stability's reference, which minisd follows, uses 1 for SD 3 Medium). Without text_encoder_3/, no T5."""
+    for name, what in SD3_PARTS.items():
+        if not (folder / name / "config.json").is_file():
+            raise CheckpointError(f"{folder}: an SD 3 diffusers folder without {name}/config.json ({what})")
+    t, v = _json(folder / "transformer" / "config.json"), _json(folder / "vae" / "config.json")
+    if t.get("qk_norm") not in (None, "rms_norm"):
+        raise CheckpointError(f"{folder}: transformer qk_norm {t['qk_norm']!r}; SD 3 has none or rms_norm")
+    m = MMDiTConfig(depth=t["num_layers"], hidden_size=t["num_attention_heads"] * t["attention_head_dim"],
+                    num_heads=t["num_attention_heads"], patch_size=t["patch_size"], in_channels=t["in_channels"],
+                    pos_embed_max_size=t["pos_embed_max_size"], adm_in_channels=t["pooled_projection_dim"],
+                    context_dim=t["joint_attention_dim"], qk_norm=t.get("qk_norm") == "rms_norm",
+                    x_block_self_attn_layers=tuple(t.get("dual_attention_layers") or ()))
+    cfg = sd3_config(m)
+    cfg.vae = _vae_config(v)
+    cfg.image_size = t.get("sample_size", 128) * cfg.vae.downsample
+    for attr, name in (("text", "text_encoder"), ("text2", "text_encoder_2")):
+        # the sizes from the folder; how SD 3 reads each CLIP (layer, padding, names) from the family. CLIP-L's
+        # projection stays unused (projection_dim 0): SD 3 pools CLIP-L unprojected, as Stability's reference
+        c = _json(folder / name / "config.json")
+        setattr(cfg, attr, replace(
+            getattr(cfg, attr), vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"], max_position_embeddings=c.get("max_position_embeddings", 77),
+            hidden_act=c.get("hidden_act", "quick_gelu"), layer_norm_eps=c.get("layer_norm_eps", 1e-5),
+            projection_dim=c.get("projection_dim", c["hidden_size"]) if attr == "text2" else 0))
+    t5 = folder / "text_encoder_3" / "config.json"
+    if not t5.is_file():
+        print(f"no text_encoder_3/ in {folder}: zeros stand in for T5-XXL's tokens")
+        cfg.t5 = None
+        return cfg
+    c = _json(t5)
+    if c.get("feed_forward_proj", "gated-gelu") != "gated-gelu":
+        raise CheckpointError(f"{t5}: feed_forward_proj {c['feed_forward_proj']!r}; SD 3's T5 v1.1 is gated-gelu")
+    cfg.t5 = T5Config(vocab_size=c["vocab_size"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
+                      num_layers=c["num_layers"], num_heads=c["num_heads"],
+                      relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+                      relative_attention_max_distance=c.get("relative_attention_max_distance", 128))
+    return cfg
+
+
 def config_from_diffusers(folder):
     folder = Path(folder)
+    if (folder / "transformer").is_dir():
+        return sd3_config_from_diffusers(folder)
     u, v, t = (_json(folder / n / "config.json") for n in ("unet", "vae", "text_encoder"))
     sdxl = u.get("addition_embed_type") == "text_time"
     if sdxl and not (folder / "text_encoder_2").is_dir():
@@ -97,14 +181,10 @@ def config_from_diffusers(folder):
         if len(dims) != 1:
             raise CheckpointError(f"unsupported attention_head_dim {heads} for block_out_channels {boc}")
         unet.num_head_channels = dims.pop()
-    vboc = v["block_out_channels"]
-    vae = VAEConfig(ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc), num_res_blocks=v["layers_per_block"],
-                    z_channels=v["latent_channels"], in_channels=v.get("in_channels", 3),
-                    out_ch=v.get("out_channels", 3),
-                    groups=v.get("norm_num_groups", 32), scale_factor=v.get("scaling_factor", 0.18215))
+    vae = _vae_config(v)
     text = _text_config_from_diffusers(t, folder, "tokenizer", sdxl)
     cfg = ModelConfig(name=f"diffusers:{folder.name}", unet=unet, vae=vae, text=text,
-                      image_size=u.get("sample_size", 64) * 2 ** (len(vboc) - 1), regulate_blocks=None)
+                      image_size=u.get("sample_size", 64) * vae.downsample, regulate_blocks=None)
     if sdxl:
         t2 = _json(folder / "text_encoder_2" / "config.json")
         cfg.text2 = _text_config_from_diffusers(t2, folder, "tokenizer_2", sdxl)
@@ -124,42 +204,74 @@ def config_from_diffusers(folder):
     return cfg
 
 
+def _sd3_sources(cfg):
+    sources = {"model.diffusion_model.": ("transformer", *_mmdit_renames()),
+               "first_stage_model.": ("vae", *_vae_renames(cfg.vae)),
+               SD3_TEXT["clip_l"]: ("text_encoder", [], []), SD3_TEXT["clip_g"]: ("text_encoder_2", [], [])}
+    if cfg.t5 is not None:
+        sources[SD3_TEXT["t5xxl"]] = ("text_encoder_3", [], [])
+    return sources
+
+
+def _sd3_text(tensors, prefix, sub):
+    """The single file's own rules (checkpoint.inference_keys) on a text encoder's tensors: T5's tied embedding
+    under both its names, CLIP-L's projection dropped (SD 3 pools CLIP-L unprojected, as Stability's reference)."""
+    proj = tensors.get("text_projection.weight") if sub == "text_encoder" else None
+    if proj is not None and not torch.equal(proj.float(), torch.eye(*proj.shape)):
+        print(f"{sub}/ has a text_projection that is not the identity; unused: SD 3 pools CLIP-L unprojected, as "
+              f"Stability's reference (diffusers' pipeline projects it)")
+    return {k[len(prefix):]: v for k, v in inference_keys({prefix + k: v for k, v in tensors.items()}).items()}
+
+
 def diffusers_to_official(folder, cfg, dtype=None, vae_float32=False):
     """Rule 3: read a diffusers folder and rename its keys to the official ones, for the model built from cfg.
     Floating tensors are cast to `dtype` as they are read (the VAE's to float32 with `vae_float32`)."""
     folder = Path(folder)
     with torch.device("meta"):
-        want = StableDiffusion(cfg).state_dict()
-    sources = {"model.diffusion_model.": ("unet", *unet_renames(cfg.unet)),
-               "first_stage_model.": ("vae", *_vae_renames(cfg.vae))}
-    if cfg.text2 is None:
-        sources["cond_stage_model.transformer."] = ("text_encoder", [], [])
+        want = new_model(cfg).state_dict()
+    if cfg.is_sd3:
+        sources = _sd3_sources(cfg)
     else:
-        sources["conditioner.embedders.0.transformer."] = ("text_encoder", [], [])
-        # CLIPTextModelWithProjection: its tower, and text_projection as a Linear (weight = OpenCLIP's matrix^T)
-        sources["conditioner.embedders.1."] = ("text_encoder_2", [("transformer.", "")], [])
+        sources = {"model.diffusion_model.": ("unet", *unet_renames(cfg.unet)),
+                   "first_stage_model.": ("vae", *_vae_renames(cfg.vae))}
+        if cfg.text2 is None:
+            sources["cond_stage_model.transformer."] = ("text_encoder", [], [])
+        else:
+            sources["conditioner.embedders.0.transformer."] = ("text_encoder", [], [])
+            # CLIPTextModelWithProjection: its tower, and text_projection as a Linear (weight = OpenCLIP's matrix^T)
+            sources["conditioner.embedders.1."] = ("text_encoder_2", [("transformer.", "")], [])
     state, missing, unexpected = {}, [], []
     for prefix, (sub, prefixes, inner) in sources.items():
         tensors, _ = read_safetensors(_folder_file(folder, sub), dtype,
                                       ("",) if vae_float32 and sub == "vae" else ())
-        if sub.startswith("text_encoder") and not any(k.startswith("text_model.") for k in tensors):
+        if sub in ("text_encoder", "text_encoder_2") and not any(k.startswith("text_model.") for k in tensors):
             # transformers 5 saves without that level
             tensors = {k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in tensors.items()}
+        if cfg.is_sd3 and sub.startswith("text_encoder"):
+            tensors = _sd3_text(tensors, prefix, sub)
         used = set()
         for key in (k for k in want if k.startswith(prefix)):
             src = _rename(key[len(prefix):], prefixes, inner)
-            if src == "text_projection":
+            matrix = src == "text_projection"  # SDXL's OpenCLIP matrix (x @ P)
+            if matrix:
                 src = "text_projection.weight"
-            if src not in tensors:
-                missing.append(f"{sub}/{src} (for {key})")
+            srcs = [src.format(c) for c in "qkv"] if "{}" in src else [src]
+            gone = [s for s in srcs if s not in tensors]
+            if gone:
+                missing += [f"{sub}/{s} (for {key})" for s in gone]
                 continue
-            t = tensors[src]
-            if src == "text_projection.weight":
+            t = torch.cat([tensors[s] for s in srcs]) if len(srcs) > 1 else tensors[src]
+            if matrix:
                 t = t.T.contiguous()
             if t.ndim == 2 and want[key].ndim == 4:  # the VAE mid-block attention: Linear there, 1x1 conv here
                 assert want[key].shape[2:] == (1, 1), key
                 t = t[:, :, None, None]
-            state[key], _ = t, used.add(src)
+            if cfg.is_sd3 and ".adaLN_modulation." in key and want[key].shape[0] == 2 * cfg.mmdit.hidden_size:
+                # a two-part modulation (final layer, the last block's text stream) is (shift, scale) here and
+                # (scale, shift) in diffusers' AdaLayerNormContinuous
+                t = torch.cat(t.chunk(2)[::-1])
+            state[key] = t
+            used.update(srcs)
         unexpected += [f"{sub}/{k}" for k in tensors if k not in used and not k.endswith("position_ids")]
     if missing or unexpected:
         raise CheckpointError(mismatch_message(folder, missing, unexpected, []))

@@ -48,11 +48,17 @@ class SD3Pipeline:
 
     @classmethod
     def from_model(cls, model, path, t5_tokenizer=None, t5_length=None):
-        """T5's tokenizer: the one given, else a `tokenizer_3/spiece.model` beside the checkpoint (a diffusers
-        folder's layout)."""
-        beside = Path(path).parent / "tokenizer_3" / "spiece.model"
-        if t5_tokenizer is None and model.text_encoders.has_t5 and beside.is_file():
-            t5_tokenizer = beside
+        """T5's tokenizer: the one given, else a diffusers folder's `tokenizer_3/spiece.model` (the folder's own,
+        or one beside the checkpoint file)."""
+        folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        beside = folder / "tokenizer_3" / "spiece.model"
+        if t5_tokenizer is None and model.text_encoders.has_t5:
+            if beside.is_file():
+                t5_tokenizer = beside
+            elif Path(path).is_dir():
+                # transformers 5 saves T5's tokenizer as tokenizer.json only; the SentencePiece model is what we read
+                raise CheckpointError(f"{beside} is missing (T5's SentencePiece model, in the official folders): "
+                                      f"put it there or pass --t5-tokenizer")
         return cls(model, t5_tokenizer, t5_length)
 
     def compile(self, backend="eager"):

@@ -86,3 +86,65 @@ def test_help_names_the_repositories_and_warns_they_move(capsys):
         assert repo in text and filename in text
     assert "may move" in text
     assert fetch_weights.__doc__.count("\n") > 3
+
+
+def hub_into(calls):
+    """hf_hub_download, offline: writes the file at its path in the repository under local_dir, as the Hub does."""
+    def download(repo_id, filename, local_dir):
+        calls.append((repo_id, filename))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"weights")
+        return str(path)
+    return download
+
+
+@pytest.mark.parametrize("model", ["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+def test_sd3_fetches_its_text_encoders_and_t5_tokenizer(monkeypatch, capsys, tmp_path, model):
+    """The single file, the three text encoders from its repository, spiece.model from the diffusers-format one;
+    the last line printed is a command minisd.sample parses, naming each file by its flag."""
+    import shlex
+
+    from minisd.sample import build_parser
+    calls = []
+    monkeypatch.setattr(hub, "hf_hub_download", hub_into(calls))
+    repo, single, _ = MODELS[model]
+    path = main([model, "--dest", str(tmp_path)])
+    assert path == tmp_path / single
+    tokenizer_repo = "stabilityai/stable-diffusion-3-medium-diffusers" if model == "sd3-medium" else repo
+    assert calls == [(repo, single), (repo, "text_encoders/clip_l.safetensors"),
+                     (repo, "text_encoders/clip_g.safetensors"), (repo, "text_encoders/t5xxl_fp16.safetensors"),
+                     (tokenizer_repo, "tokenizer_3/spiece.model")]
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert command[:3] == ["python", "-m", "minisd.sample"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.checkpoint, args.clip_l, args.clip_g, args.t5, args.t5_tokenizer) == tuple(
+        str(tmp_path / f) for f in (single, "text_encoders/clip_l.safetensors", "text_encoders/clip_g.safetensors",
+                                    "text_encoders/t5xxl_fp16.safetensors", "tokenizer_3/spiece.model"))
+    main([model, "--dest", str(tmp_path)])
+    assert len(calls) == 5  # every file there: none again
+
+
+def test_sd3_repo_flag_moves_the_text_encoders_too(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(hub, "hf_hub_download", hub_into(calls))
+    main(["sd3.5-large", "--dest", str(tmp_path), "--repo", "someone/sd35", "--file", "large.safetensors"])
+    assert calls[:4] == [("someone/sd35", "large.safetensors")] + [
+        ("someone/sd35", f"text_encoders/{f}.safetensors") for f in ("clip_l", "clip_g", "t5xxl_fp16")]
+
+
+def test_sd3_failure_on_a_later_file_is_one_line(monkeypatch, capsys, tmp_path):
+    """The single file arrives, T5 does not (the Hub unreachable midway): one line naming T5's file."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    calls, ok = [], hub_into([])
+
+    def download(repo_id, filename, local_dir):
+        calls.append(filename)
+        if "t5xxl" in filename:
+            raise LocalEntryNotFoundError("cannot reach the Hub\nsecond line")
+        return ok(repo_id=repo_id, filename=filename, local_dir=local_dir)
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    err = one_line_failure(capsys, ["sd3.5-medium", "--dest", str(tmp_path)])
+    assert "text_encoders/t5xxl_fp16.safetensors" in err and "not reachable" in err
+    assert (tmp_path / "sd3.5_medium.safetensors").is_file()

@@ -3,11 +3,18 @@
     python -m tools.fetch_weights sd15            # Stable Diffusion 1.5, about 4.3 GB
     python -m tools.fetch_weights sd21 --dest /data/weights
     python -m tools.fetch_weights sdxl            # SDXL base 1.0, about 6.9 GB
+    python -m tools.fetch_weights sd3.5-medium    # SD 3.5 Medium and its text encoders, about 16 GB
+
+SD 3 / 3.5 come as several files: the single file (MMDiT and VAE) and, from the same repository,
+text_encoders/clip_l.safetensors, clip_g.safetensors and t5xxl_fp16.safetensors, plus T5's tokenizer
+(tokenizer_3/spiece.model, from the diffusers-format repository), each kept at its path in the repository under
+--dest. The three models share their text encoders and tokenizer: one already there is not downloaded again. The
+last line printed is the command that samples with them.
 
 The files come from the Hugging Face Hub through huggingface_hub (pip install huggingface_hub). These
 repositories have moved before (SD 1.5 left runwayml/) and may move again: if a download says the repository is
 not found, look the file up on the Hub and pass it with --repo and --file. Some repositories ask you to accept a
-licence first; then log in with `hf auth login`. minisd loads the file as is:
+licence first (all of SD 3's do); then log in with `hf auth login`. minisd loads the file as is:
 python -m minisd.sample --checkpoint weights/<file>.
 """
 import argparse
@@ -22,7 +29,21 @@ MODELS = {
              "Stable Diffusion 2.1 base, EMA weights, 512 px"),
     "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors",
              "Stable Diffusion XL base 1.0, 1024 px"),
+    "sd3-medium": ("stabilityai/stable-diffusion-3-medium", "sd3_medium.safetensors",
+                   "Stable Diffusion 3 Medium (MMDiT and VAE), 1024 px"),
+    "sd3.5-medium": ("stabilityai/stable-diffusion-3.5-medium", "sd3.5_medium.safetensors",
+                     "Stable Diffusion 3.5 Medium (MMDiT and VAE), 1024 px"),
+    "sd3.5-large": ("stabilityai/stable-diffusion-3.5-large", "sd3.5_large.safetensors",
+                    "Stable Diffusion 3.5 Large (MMDiT and VAE), 1024 px"),
 }
+# SD 3's other files: the text encoders from the model's own repository (--repo moves them with the single file),
+# and T5's tokenizer, which no single-file repository has, from the diffusers-format one
+SD3_TEXT_ENCODERS = {"--clip-l": "text_encoders/clip_l.safetensors", "--clip-g": "text_encoders/clip_g.safetensors",
+                     "--t5": "text_encoders/t5xxl_fp16.safetensors"}
+SD3_TOKENIZER = "tokenizer_3/spiece.model"
+SD3_TOKENIZER_REPO = {"sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+                      "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+                      "sd3.5-large": "stabilityai/stable-diffusion-3.5-large"}
 
 
 class FetchError(Exception):
@@ -67,23 +88,41 @@ def fetch(repo, filename, dest):
         raise FetchError(explain(e, repo, filename)) from None
 
 
+def fetch_sd3(model, repo, filename, dest):
+    """The single file, its three text encoders and T5's tokenizer -> the command line that samples with them."""
+    path = fetch(repo, filename, dest)
+    flags = [f"{flag} {fetch(repo, f, dest)}" for flag, f in SD3_TEXT_ENCODERS.items()]
+    # a tokenizer_3/ beside the checkpoint is where minisd looks for it; the flag says so all the same
+    flags.append(f"--t5-tokenizer {fetch(SD3_TOKENIZER_REPO[model], SD3_TOKENIZER, dest)}")
+    return path, f"python -m minisd.sample --checkpoint {path} {' '.join(flags)} --prompt \"...\""
+
+
 def main(argv=None):
-    models = "\n".join(f"  {k}  {d}\n        {r}, file {f}" for k, (r, f, d) in MODELS.items())
+    sd3 = (f"  SD 3 models also: {', '.join(SD3_TEXT_ENCODERS.values())} from the same repository and "
+           f"{SD3_TOKENIZER} from {', '.join(sorted(set(SD3_TOKENIZER_REPO.values())))}")
+    models = "\n".join(f"  {k}  {d}\n        {r}, file {f}" for k, (r, f, d) in MODELS.items()) + "\n" + sd3
     ap = argparse.ArgumentParser(prog="python -m tools.fetch_weights", description=__doc__,
                                  epilog=f"models (these repositories may move):\n{models}",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=list(MODELS), help="which model (see below)")
     ap.add_argument("--dest", default=str(ROOT / "weights"), help="folder to write into (default: weights/)")
-    ap.add_argument("--repo", default=None, help="another Hub repository (if the official one has moved)")
-    ap.add_argument("--file", default=None, help="another file name in the repository")
+    ap.add_argument("--repo", default=None, help="another Hub repository (if the official one has moved; for SD 3 "
+                                                 "its text encoders come from it too)")
+    ap.add_argument("--file", default=None, help="another file name in the repository (the single file)")
     args = ap.parse_args(argv)
     repo, filename, _ = MODELS[args.model]
+    repo, filename = args.repo or repo, args.file or filename
     try:
-        path = fetch(args.repo or repo, args.file or filename, args.dest)
+        if args.model in SD3_TOKENIZER_REPO:
+            path, command = fetch_sd3(args.model, repo, filename, args.dest)
+        else:
+            path, command = fetch(repo, filename, args.dest), None
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(path)
+    if command:
+        print(command)
     return path
 
 
