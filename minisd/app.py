@@ -7,6 +7,7 @@ it (shown under the images), parses them with the command line's own parser and 
 minisd/generate.py, as the command line does. Only the model stays loaded between runs.
 """
 import argparse
+import html
 import os
 import shlex
 import sys
@@ -21,7 +22,7 @@ from PIL import Image
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from .generate import DTYPES, generate, load_pipeline, prepare
 from .images import UsageError, parameters_text, save_image
-from .maps import heat, overlay
+from .maps import grid
 from .pipeline import NonFiniteError
 from .sample import build_parser, check_args, one_line
 
@@ -29,17 +30,18 @@ from .sample import build_parser, check_args, one_line
 # then seed) where plain omits an object and Attention Regulation, with the prompt's nouns, draws every named object
 # in its colour (docs/app.md says the rule and how it was checked).
 PRESET_PROMPT, PRESET_SEED = "a picture of a green star and a yellow cross", 1
-RATE = ("On the shipped model this prompt and seed is where plain drops the star and Attention Regulation brings it "
-        "back: the first such case in the benchmark's order. One picture is not the rate: over the benchmark's 400 "
-        "images (100 held-out prompts x 4 seeds) presence goes **49.2% -> 58.2%** (+9.0 points, 95% CI "
-        "[+4.0, +14.2]); [eval/shapes-methods/table.md](https://example.invalid)")
+RATE = (f"The preset, \"{PRESET_PROMPT}\" at seed {PRESET_SEED}, is where the shipped model's plain image drops "
+        "the star and Attention Regulation brings it back: the first such case in the benchmark's order. One picture "
+        "is not the rate: over the benchmark's 400 images (100 held-out prompts x 4 seeds) presence goes "
+        "**49.2% -> 58.2%** (+9.0 points, 95% CI [+4.0, +14.2]; eval/shapes-methods/table.md in the repository).")
 METHODS = [("plain", "plain"), ("Attention Regulation", "regulate"), ("Attend-and-Excite", "attend-excite"),
            ("SynGen", "syngen"), ("DenseDiffusion", "dense"), ("Composable Diffusion", "composable")]
 TITLES = {v: k for k, v in METHODS}
 MAPS_DIR = "outputs/maps"   # what the shown command writes its grid to; the page itself writes no grid
-CELL = 192                  # pixels of one map in the page
+CELL = 160                  # pixels of one map in the page
 # the shipped model's images are 128 px: shown larger, with their pixels kept sharp
-CSS = "#plain-image img, #method-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+CSS = ("#plain-image img, #method-image img {width: 256px !important; height: 256px !important; "
+       "object-fit: contain; image-rendering: pixelated} .minisd-error {color: #b91c1c; font-weight: 600}")
 
 
 class Stopped(Exception):
@@ -161,40 +163,40 @@ class App:
         return generate(job, 0, callback=callback, with_plain=with_plain), job
 
 
-def loss_frame(out):
-    """The method's loss for a plot: regulation's first and best loss per layer and step; Attend-and-Excite's and
-    SynGen's loss per step. None for a method without one."""
+def loss_frames(out):
+    """The method's loss, as frames for two plots: Attention Regulation's optimiser's first and best loss per step,
+    a line per layer; Attend-and-Excite's and SynGen's loss per step (and its parts) in the first, None in the
+    second. (None, None) for a method without a loss."""
     import pandas as pd
     from .blocks import block_of
     if out.run is None or not out.run.hooks:
-        return None
-    hook, rows = out.run.hooks[0], []
+        return None, None
+    hook, columns = out.run.hooks[0], ["step", "loss", "series"]
     one = lambda v: v[0] if isinstance(v, (list, tuple)) else v   # one image: its own loss
     if hasattr(hook, "loss_table"):
-        for name, steps in hook.loss_table().items():
-            for s, (first, best) in steps.items():
-                rows += [(s, one(first), f"first, {block_of(name)}"), (s, one(best), f"best, {block_of(name)}")]
-    elif out.run.method == "attend-excite":
+        table = hook.loss_table().items()
+        first = [(s, one(a), block_of(name)) for name, steps in table for s, (a, _) in steps.items()]
+        best = [(s, one(b), block_of(name)) for name, steps in table for s, (_, b) in steps.items()]
+        return pd.DataFrame(first, columns=columns), pd.DataFrame(best, columns=columns)
+    if out.run.method == "attend-excite":
         rows = [(s, one(r["loss_before"]), "loss") for s, r in hook.history.items()]
         rows += [(s, one(r["loss_refined"]), "after refinement") for s, r in hook.history.items() if r["loss_refined"]]
     elif out.run.method == "syngen":
         rows = [(s, one(r[k]), k) for s, r in hook.history.items() for k in ("loss", "positive", "negative")]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]) if rows else None
+    else:
+        return None, None
+    return (pd.DataFrame(rows, columns=columns) if rows else None), None
 
 
-def map_cells(shown, step, alone):
-    """Gallery items for one step: per run (plain, then the method), each word's map over the image or alone, at
-    the kept step nearest to `step`."""
+def map_view(shown, step, alone):
+    """The maps at the kept step nearest to `step`: the command line's grid (minisd/maps.py) for that one step,
+    plain then the method, each word's map over the run's image or alone."""
     import torch
-    items = []
+    panels = []
     for title, image, maps in shown["panels"]:
         s = min(maps, key=lambda k: abs(k - step))
-        base = Image.fromarray(image).resize((CELL, CELL), Image.NEAREST)
-        for word, m in zip(shown["words"], maps[s]):
-            m = torch.from_numpy(m)
-            cell = Image.fromarray((heat(m, (CELL, CELL)) * 255).astype(np.uint8)) if alone else overlay(base, m)
-            items.append((cell, f"{title}: {word}, step {s} (max {float(m.max()):.3f})"))
-    return items
+        panels.append((title, Image.fromarray(image), {s: torch.from_numpy(maps[s])}))
+    return grid(panels, shown["words"], cell=CELL, over=not alone), s
 
 
 def build(app):
@@ -210,7 +212,7 @@ def build(app):
         return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=label),
                 gr.update(visible=method == "composable"))
 
-    def run(prompt, seed, steps, guidance, method, targets, weights, checkpoint, progress=gr.Progress(),
+    def run(prompt, seed, steps, guidance, method, targets, weights, checkpoint, view, progress=gr.Progress(),
             request: gr.Request = None):
         session = request.session_hash if request else None
         app.stop[session] = False
@@ -230,14 +232,18 @@ def build(app):
                 progress((done[0], total), desc="plain" if plain else TITLES[method])
             out, job = app.run_argv(argv, callback=step, log=lines.append)
         except Stopped as e:
-            return error_outputs(f"{e}; nothing was kept")
+            return error_outputs(f"{e}; nothing was kept", error=False)
         except (UsageError, CheckpointError, NonFiniteError, ValueError, OSError, MemoryError) as e:
             return error_outputs(f"error: {one_line(e, argparse.Namespace(checkpoint=checkpoint))}")
         except Exception as e:   # a bug: its traceback goes to the server's console, the page gets one line
             traceback.print_exc()
             return error_outputs(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         seconds = time.perf_counter() - started
-        return result_outputs(out, job, argv, plain_argv, lines, seconds)
+        return result_outputs(out, job, argv, plain_argv, lines, seconds, view == "alone")
+
+    def said(line, error=True):
+        # HTML, not Markdown: a message's underscores and asterisks (file names, layer names) stay as they are
+        return f'<span class="{"minisd-error" if error else ""}">{html.escape(line)}</span>'
 
     def write(image, settings, job, name):
         folder = app.files / f"{time.time_ns()}"
@@ -245,7 +251,7 @@ def build(app):
         save_image(image, path, parameters_text(job.args.prompt, job.args.negative_prompt, settings), [])
         return str(path)
 
-    def result_outputs(out, job, argv, plain_argv, lines, seconds):
+    def result_outputs(out, job, argv, plain_argv, lines, seconds, alone):
         from .generate import settings
         method = job.method or "plain"
         plain_png = write(out.plain, settings(job, out.seed), job, f"minisd-plain-{out.seed}.png")
@@ -254,25 +260,36 @@ def build(app):
                  "panels": [(t, np.asarray(im), {s: m.numpy() for s, m in maps.items()}) for t, im, maps in out.panels]}
         last = job.show_steps[-1]
         cmds = [f"# {TITLES[method]}\n{command(argv)}"] + ([f"# plain\n{command(plain_argv)}"] if plain_argv else [])
-        frame = loss_frame(out)
+        first, best = loss_frames(out)
+        regulation = job.method == "regulate"
         status = (f"plain{' and ' + TITLES[method] if job.method else ''} in {seconds:.1f} s "
                   f"(seed {out.seed}, {job.steps} steps)")
-        return (np.asarray(out.plain), np.asarray(out.image) if job.method else None, "\n".join(cmds),
+        return (np.asarray(out.plain),
+                gr.update(value=np.asarray(out.image) if job.method else None, label=TITLES[method]), "\n".join(cmds),
                 gr.update(value=plain_png, visible=True), gr.update(value=method_png, visible=bool(method_png)),
                 shown if out.panels else None,
                 gr.update(maximum=job.steps - 1, value=last, visible=bool(out.panels)),
-                gr.update(value=map_cells(shown, last, False) if out.panels else [], visible=bool(out.panels)),
-                gr.update(value=frame, visible=frame is not None), "\n".join(lines), status)
+                *maps_update(shown if out.panels else None, last, alone),
+                gr.update(value=first, visible=first is not None,
+                          label="the optimiser's first loss, per layer" if regulation else f"{TITLES[method]}'s loss"),
+                gr.update(value=best, visible=best is not None), "\n".join(lines), said(status, error=False))
 
-    def error_outputs(line):
-        return (None, None, "", gr.update(visible=False), gr.update(visible=False), None, gr.update(),
-                gr.update(value=[]), gr.update(visible=False), "", line)
+    def error_outputs(line, error=True):
+        hidden = gr.update(value=None, visible=False)
+        return (None, None, "", hidden, hidden, None, gr.update(), hidden, "", hidden, hidden, "", said(line, error))
 
     def stop(request: gr.Request = None):
         app.stop[request.session_hash if request else None] = True
 
+    def maps_update(shown, step, alone):
+        if not shown:
+            return gr.update(value=None, visible=False), ""
+        image, s = map_view(shown, step, alone)
+        return (gr.update(value=image, visible=True),
+                f"**cross-attention maps at step {s}**, in the layers the method acts on (mean over heads and layers)")
+
     def redraw(shown, step, view):
-        return map_cells(shown, step, view == "alone") if shown else []
+        return maps_update(shown, step, view == "alone")
 
     first, _ = targets_field(PRESET_PROMPT, "regulate")
     defaults = app.defaults(app.checkpoint)
@@ -294,7 +311,7 @@ def build(app):
                 with gr.Row():
                     go = gr.Button("Run", variant="primary", elem_id="run")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
-                status = gr.Markdown("", elem_id="status")
+                status = gr.HTML("", elem_id="status")
                 tokens = gr.Code(label="targets and their tokens", elem_id="tokens", lines=4)
                 with gr.Accordion("model", open=False):
                     checkpoint = gr.Textbox(app.checkpoint, label="checkpoint (.safetensors or a "
@@ -316,21 +333,28 @@ def build(app):
                                      visible=False, elem_id="step")
                     view = gr.Radio(["over the image", "alone"], value="over the image", label="maps",
                                     elem_id="view")
-                maps = gr.Gallery(label="cross-attention maps: plain, then the method", columns=4, format="png",
-                                  allow_preview=False, visible=False, elem_id="maps")
-                loss = gr.LinePlot(x="step", y="loss", color="series", label="the method's loss",
-                                   visible=False, elem_id="loss")
+                maps_step = gr.Markdown("", elem_id="maps-step")
+                maps = gr.Image(format="png", interactive=False, visible=False, show_label=False, elem_id="maps")
+                with gr.Row():
+                    loss = gr.LinePlot(x="step", y="loss", color="series", label="the method's loss",
+                                       visible=False, elem_id="loss")
+                    best_loss = gr.LinePlot(x="step", y="loss", color="series", visible=False, elem_id="best-loss",
+                                            label="the optimiser's best loss (the one it keeps), per layer")
         shown = gr.State(None)
 
-        for trigger in (prompt.change, method.change):
-            trigger(targets_field, [prompt, method], [targets, weights], concurrency_limit=None,
-                    trigger_mode="always_last")
-        running = go.click(run, [prompt, seed, steps, guidance, method, targets, weights, checkpoint],
-                           [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, loss,
-                            tokens, status], concurrency_limit=1, concurrency_id="run")
-        halt.click(stop, None, None, cancels=[running], concurrency_limit=None)
+        # one listener, one at a time: the field ends as the last change asks (prompt and method changed together
+        # would otherwise race), and never waits for a run
+        gr.on([prompt.change, method.change], targets_field, [prompt, method], [targets, weights],
+              concurrency_limit=1, concurrency_id="fill", trigger_mode="always_last")
+        # one run at a time, whichever tab asks: a tab waits for at most the run in progress
+        go.click(run, [prompt, seed, steps, guidance, method, targets, weights, checkpoint, view],
+                 [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, maps_step, loss, best_loss,
+                  tokens, status], concurrency_limit=1, concurrency_id="run")
+        # not Gradio's cancel: the run stops itself at its next step and says so in the page
+        halt.click(stop, None, None, concurrency_limit=None)
         for trigger in (step.change, view.change):
-            trigger(redraw, [shown, step, view], maps, concurrency_limit=None, trigger_mode="always_last")
+            trigger(redraw, [shown, step, view], [maps, maps_step], concurrency_limit=None,
+                    trigger_mode="always_last")
     return demo
 
 

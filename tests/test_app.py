@@ -121,6 +121,27 @@ def download(page, button, path):
     return Image.open(path)
 
 
+def wait_for_run(page):
+    page.wait_for_selector("#plain-image img")
+    page.wait_for_selector("#method-image img")
+    page.wait_for_selector("#maps img")
+
+
+def test_the_preset_shows_what_regulation_is_for(page, tmp_path):
+    """The page as a newcomer opens it, Run: plain drops the star, Attention Regulation brings it back (the
+    shapes judge says so of the downloaded PNGs), at the model's 50 steps."""
+    from tools.testbed.judge import ShapesJudge
+    page.click("#run")
+    wait_for_run(page)
+    assert "(seed 1, 50 steps)" in page.locator("#status").inner_text()
+    screenshot(page, "preset.png", tmp_path)
+    judge, objects = ShapesJudge(), [["green", "star"], ["yellow", "cross"]]
+    plain = np.asarray(download(page, "#download-plain", tmp_path / "plain.png").convert("RGB"))
+    regulated = np.asarray(download(page, "#download-method", tmp_path / "regulated.png").convert("RGB"))
+    assert judge(plain, objects) == [False, True]
+    assert judge(regulated, objects) == [True, True]
+
+
 def test_regulation_in_the_browser_equals_the_command_line(page, tmp_path):
     page.fill("#prompt textarea", "a red circle and a blue square")
     page.wait_for_function("document.querySelector('#targets textarea').value === 'circle square'")
@@ -129,23 +150,23 @@ def test_regulation_in_the_browser_equals_the_command_line(page, tmp_path):
     page.click("#method label:has-text('plain')")
     page.click("#method label:has-text('Attention Regulation')")
     page.click("#run")
-    page.wait_for_selector("#plain-image img")
-    page.wait_for_selector("#method-image img")
-    page.wait_for_function("document.querySelectorAll('#maps img').length === 4")   # 2 words x plain, regulated
+    wait_for_run(page)
     status = page.locator("#status").inner_text()
     assert "plain and Attention Regulation in" in status and f"{STEPS} steps" in status
     assert "circle</w>" in page.locator("#tokens .cm-content").inner_text()
     assert page.locator("#loss").is_visible()
-    last = f"step {STEPS - 1}"
-    assert last in page.locator("#maps").inner_text()
+    assert f"maps at step {STEPS - 1}," in page.locator("#maps-step").inner_text()
+    grid = page.locator("#maps img").get_attribute("src")
     screenshot(page, "regulated.png", tmp_path)
 
     # the step slider: to step 0, and the maps follow
     page.fill("#step input[type=number]", "0")
     page.press("#step input[type=number]", "Enter")
-    page.wait_for_function("document.querySelector('#maps').innerText.includes('step 0 ')")
+    page.wait_for_function("document.querySelector('#maps-step').innerText.includes('maps at step 0,')")
+    page.wait_for_function(f"document.querySelector('#maps img').src !== {grid!r}")   # a new picture
+    grid = page.locator("#maps img").get_attribute("src")
     page.click("#view label:has-text('alone')")
-    page.wait_for_timeout(500)
+    page.wait_for_function(f"document.querySelector('#maps img').src !== {grid!r}")
     screenshot(page, "maps-alone.png", tmp_path)
 
     method_png = download(page, "#download-method", tmp_path / "page-method.png")
@@ -181,6 +202,7 @@ def test_errors_are_the_command_lines_one_line(page, tmp_path):
 
     # a layout that is not four numbers
     page.fill("#prompt textarea", "a red circle and a blue square")
+    page.wait_for_function("document.querySelector('#targets textarea').value === 'circle square'")
     page.click("#method label:has-text('DenseDiffusion')")
     page.wait_for_function("document.querySelector('#targets textarea').value.startsWith('red circle:')")
     page.fill("#targets textarea", "red circle:0.1,0.1,0.5")
@@ -200,6 +222,30 @@ def test_errors_are_the_command_lines_one_line(page, tmp_path):
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('error:')")
     r = cli(["--prompt", "a red circle and a blue square", "--checkpoint", str(bad)], tmp_path / "z.png", tmp_path)
     assert r.returncode == 2 and page.locator("#status").inner_text().strip() == r.stderr.strip()
+
+
+def test_stop_and_a_second_tab_that_is_not_blocked(browser, server, tmp_path):
+    first, second = (browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2))
+    for page in (first, second):
+        page.set_default_timeout(120_000)
+        page.goto(server)
+        page.wait_for_selector("#run")
+    first.fill("#steps input", "500")   # long: minutes
+    first.click("#run")
+    first.wait_for_selector("#status [role=progressbar]")
+    # while it runs, the other tab's page answers (its targets follow its prompt)
+    second.fill("#prompt textarea", "a green heart and a red cross")
+    second.wait_for_function("document.querySelector('#targets textarea').value === 'heart cross'")
+    assert first.locator("#status [role=progressbar]").count() == 1   # still running
+    first.click("#stop")
+    first.wait_for_function("document.querySelector('#status').innerText.startsWith('stopped at step')")
+    assert first.locator("#plain-image img").count() == 0
+    # the queue is free again: the second tab runs
+    second.fill("#steps input", str(STEPS))
+    second.click("#run")
+    second.wait_for_function("document.querySelector('#status').innerText.startsWith('plain and')")
+    for page in (first, second):
+        page.close()
 
 
 # --- without a browser ---------------------------------------------------------------------------------------

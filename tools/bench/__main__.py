@@ -6,11 +6,12 @@
     optimizer  the Attention Regulation optimiser against its straightforward reference
     load       peak memory of loading a checkpoint in a dtype
     edges      where a tiny change of the logits moves the regulation optimiser to another result
+    app        the page (python -m minisd.app) against the command line, on the plain + regulated pair
 """
 import importlib
 import sys
 
-COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges")
+COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges", "app")
 
 
 def main(argv=None):
