@@ -45,7 +45,7 @@ CSS = ("#plain-image img, #method-image img {width: 256px !important; height: 25
 
 
 class Stopped(Exception):
-    pass
+    """The page's Stop: the run ends at its next step."""
 
 
 # --- from the page's fields to a command line ------------------------------------------------------------------
@@ -77,8 +77,8 @@ def page_argv(fields, tokenizer, defaults):
     prompt, seed, steps, guidance, method, targets, weights = (fields[k] for k in (
         "prompt", "seed", "steps", "guidance", "method", "targets", "weights"))
     targets = " ".join(str(targets or "").split())
-    base = [f"--prompt={prompt}" if prompt.startswith("-") else "--prompt", *([] if prompt.startswith("-") else
-                                                                            [prompt])]
+    # "--prompt=-x": a prompt that starts with "-" would otherwise be taken for a flag
+    base = [f"--prompt={prompt}"] if prompt.startswith("-") else ["--prompt", prompt]
     for flag, value in (("--checkpoint", defaults["checkpoint"]), ("--device", defaults["device"]),
                         ("--dtype", defaults["dtype"])):
         if value != defaults["parser"][flag]:
@@ -103,6 +103,17 @@ def page_argv(fields, tokenizer, defaults):
     else:
         argv += given
     return argv + ["--save-attention", MAPS_DIR], base + ["--save-attention", MAPS_DIR]
+
+
+def plain_command(plain_argv, job):
+    """The plain image's command line, once the method's layers are known: the page keeps the plain run's maps in
+    the method's layers, and which layers are observed decides which leave the SDPA path (their rounding), so the
+    command observes the same ones."""
+    from regulation.layers import LayerSelector
+    if plain_argv and "--save-attention" in plain_argv and job.select is not None \
+            and list(job.select.specs) != list(LayerSelector(None, job.pipe.cfg).specs):
+        return plain_argv + ["--regulate-layers", " ".join(job.select.specs)]
+    return plain_argv
 
 
 def command(argv):
@@ -239,7 +250,7 @@ def build(app):
             traceback.print_exc()
             return error_outputs(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         seconds = time.perf_counter() - started
-        return result_outputs(out, job, argv, plain_argv, lines, seconds, view == "alone")
+        return result_outputs(out, job, argv, plain_command(plain_argv, job), lines, seconds, view == "alone")
 
     def said(line, error=True):
         # HTML, not Markdown: a message's underscores and asterisks (file names, layer names) stay as they are
@@ -348,8 +359,8 @@ def build(app):
               concurrency_limit=1, concurrency_id="fill", trigger_mode="always_last")
         # one run at a time, whichever tab asks: a tab waits for at most the run in progress
         go.click(run, [prompt, seed, steps, guidance, method, targets, weights, checkpoint, view],
-                 [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, maps_step, loss, best_loss,
-                  tokens, status], concurrency_limit=1, concurrency_id="run")
+                 [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, maps_step, loss,
+                  best_loss, tokens, status], concurrency_limit=1, concurrency_id="run")
         # not Gradio's cancel: the run stops itself at its next step and says so in the page
         halt.click(stop, None, None, concurrency_limit=None)
         for trigger in (step.change, view.change):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minisd.app import MAPS_DIR, PRESET_PROMPT, PRESET_SEED, default_targets, page_argv
+from minisd.app import MAPS_DIR, PRESET_PROMPT, PRESET_SEED, App, default_targets, page_argv, plain_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -250,6 +250,12 @@ def test_stop_and_a_second_tab_that_is_not_blocked(browser, server, tmp_path):
 
 # --- without a browser ---------------------------------------------------------------------------------------
 
+def test_a_checkpoint_that_does_not_load_stops_the_app_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minisd.app", "--port", str(free_port()), "--checkpoint",
+                        str(tmp_path / "missing.safetensors")], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr == f"error: checkpoint not found: {tmp_path / 'missing.safetensors'}\n"
+
 DEFAULTS = {"checkpoint": "weights/minisd-shapes.safetensors", "device": "cpu", "dtype": "float32", "steps": 50,
             "guidance": 5.0, "parser": {"--checkpoint": "weights/minisd-shapes.safetensors", "--device": "cpu",
                                         "--dtype": "float32"}}
@@ -304,3 +310,29 @@ def test_the_preset_is_the_benchmarks_first_dropped_object_that_regulation_bring
             first = (plain["prompt"], s)
             break
     assert first == (PRESET_PROMPT, PRESET_SEED)
+
+
+@pytest.mark.parametrize("method", ["plain", "regulate", "attend-excite", "syngen", "dense", "composable"])
+def test_every_method_gives_the_command_lines_images(method, tmp_path):
+    """The page's code path (its argv, the command line's parser and checks, minisd/generate.py) against
+    minisd.sample.main on the commands it shows: the same pixels and the same parameters, plain and method."""
+    from minisd.images import parameters_text
+    from minisd.sample import main
+    app = App()
+    prompt = "a red circle and a blue square"
+    f = fields(method=method, steps=3, targets=default_targets(app.pipe.tokenizer, method, prompt),
+               weights="7.5 | 3" if method == "composable" else "")
+    argv, plain_argv = page_argv(f, app.pipe.tokenizer, app.defaults(app.checkpoint))
+    out, job = app.run_argv(argv)
+    shown = [(argv, out.image, out.settings)]
+    if plain_argv:
+        shown.append((plain_command(plain_argv, job), out.plain, None))
+    for i, (command, image, settings) in enumerate(shown):
+        path = tmp_path / f"{i}.png"
+        main([a if a != MAPS_DIR else str(tmp_path / f"maps{i}") for a in command] + ["--out", str(path)])
+        made = Image.open(path)
+        assert np.array_equal(np.asarray(made), np.asarray(image)), command
+        if settings:
+            assert made.info["parameters"] == parameters_text(prompt, "", settings)
+    if method == "composable":
+        assert "Regulation concept weights: 7.5 | 3" in parameters_text(prompt, "", out.settings)
