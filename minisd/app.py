@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError
-from .generate import DTYPES, generate, load_pipeline, prepare
+from .generate import DTYPES, generate, load_pipeline, prepare, settings
 from .images import UsageError, parameters_text, save_image
 from .maps import grid
 from .pipeline import NonFiniteError
@@ -263,7 +263,6 @@ def build(app):
         return str(path)
 
     def result_outputs(out, job, argv, plain_argv, lines, seconds, alone):
-        from .generate import settings
         method = job.method or "plain"
         plain_png = write(out.plain, settings(job, out.seed), job, f"minisd-plain-{out.seed}.png")
         method_png = write(out.image, out.settings, job, f"minisd-{method}-{out.seed}.png") if job.method else None
@@ -280,7 +279,9 @@ def build(app):
                 gr.update(value=plain_png, visible=True), gr.update(value=method_png, visible=bool(method_png)),
                 shown if out.panels else None,
                 gr.update(maximum=job.steps - 1, value=last, visible=bool(out.panels)),
-                *maps_update(shown if out.panels else None, last, alone),
+                *maps_update(shown if out.panels else None, last, alone,
+                             "no maps: Composable Diffusion changes the guidance, not the attention"
+                             if job.method == "composable" else "no maps: the prompt has no target words"),
                 gr.update(value=first, visible=first is not None,
                           label="the optimiser's first loss, per layer" if regulation else f"{TITLES[method]}'s loss"),
                 gr.update(value=best, visible=best is not None), "\n".join(lines), said(status, error=False))
@@ -292,9 +293,9 @@ def build(app):
     def stop(request: gr.Request = None):
         app.stop[request.session_hash if request else None] = True
 
-    def maps_update(shown, step, alone):
+    def maps_update(shown, step, alone, none=""):
         if not shown:
-            return gr.update(value=None, visible=False), ""
+            return gr.update(value=None, visible=False), none
         image, s = map_view(shown, step, alone)
         return (gr.update(value=image, visible=True),
                 f"**cross-attention maps at step {s}**, in the layers the method acts on (mean over heads and layers)")

@@ -70,11 +70,12 @@ def overlay(base, m):
     return Image.fromarray((over * 255).astype(np.uint8))
 
 
-def grid(runs, words, cell=128):
+def grid(runs, words, cell=128, over=True):
     """A PNG-ready grid for one image. `runs` = [(title, final image, {step: (words, h, w)})] (e.g. plain and
     regulated side by side). Each run is a block of columns: its final image
-    (top row only), then one column per word; rows are steps. Each map is overlaid on its run's final image,
-    scaled to its own min..max (the colour scale at the bottom) and labelled with its largest attention."""
+    (top row only), then one column per word; rows are steps. Each map is overlaid on its run's final image (or
+    alone, over=False), scaled to its own min..max (the colour scale at the bottom) and labelled with its largest
+    attention."""
     steps = sorted(set().union(*[set(m) for _, _, m in runs]))
     cols = sum(1 + len(words) for _ in runs)
     pad, head, label, scale = 4, 16, 26, 34
@@ -98,7 +99,11 @@ def grid(runs, words, cell=128):
                 if step in maps and maps[step] is not None:
                     m = maps[step][c]
                     draw.text((x, y + 1), f"{word}, step {step}\nmax {float(m.max()):.4f}", fill="black")
-                    canvas.paste(overlay(base, m), (x, y + label))
+                    if over:
+                        shown = overlay(base, m)
+                    else:
+                        shown = Image.fromarray((heat(m, base.size) * 255).astype(np.uint8))
+                    canvas.paste(shown, (x, y + label))
                 else:
                     draw.text((x, y + 1), f"{word}, step {step}", fill="black")
         x0 += (1 + len(words)) * (cell + pad)
