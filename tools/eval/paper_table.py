@@ -253,7 +253,9 @@ def test(args):
              "points with its 95% paired-bootstrap interval over prompts.",
              "- CLIP: the shapes world's tiny CLIP (tools/testbed/clipscore.py), cosine of the image and the prompt.",
              "- SSIM, MAD: against the plain image of the same prompt and seed (the paper's LPIPS needs a network "
-             "this machine cannot download). Overhead: seconds per image against plain, measured in this run.",
+             "this machine cannot download). Overhead: seconds per image against plain's, both measured by this "
+             "command on one machine, 2 ranks of 1 thread (the defaults' rows and plain's first, with "
+             "--defaults-only; the tuned rows later, each unit drawing plain again beside them).",
              "- paper: the Attention Regulation paper's figures on SD (the Attend-and-Excite prompts; DenseDiffusion "
              "has only a COCO row there), for reference: another model, another judge, another scale.", "",
              paper_shape(summary, choices, guidance, args.methods), ""]
