@@ -113,7 +113,8 @@ def vae_round_trip(model, images, batch=64):
 
 def train(args):
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     clip, tok, model = build(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     shapes.SUPERSAMPLE = 2
@@ -182,7 +183,8 @@ def check(args):
     images that fail, as a contrast: their scores should sit lower."""
     from minisd.pipeline import Pipeline
     from tools.testbed.judge import failure_types
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scorer = ClipScore(args.weights, args.checkpoint)
     pipe = Pipeline.from_checkpoint(args.checkpoint)
     items = shapes.benchmark_prompts(args.n, args.prompt_seed)
