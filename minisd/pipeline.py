@@ -73,6 +73,41 @@ def to_pil(images):
     return [Image.fromarray(a) for a in arr]
 
 
+def sample(model, hooks, sampler, model_fn, cond_model, latents, schedule, steps, generators, progress, callback,
+           about, sampler_options):
+    """The sampling loop's side doors, the same for the UNet and the MMDiT: `hooks` installed in `model` for the
+    run; hooks that also move the latents (Attend-and-Excite, SynGen) get, at the start of each step, a conditional
+    pass `cond_model(x, t)` they can differentiate through (every row of it conditional); after each step the
+    latents are checked (one reduction), so a run that overflowed stops there instead of computing on and writing
+    a black image. `about`: the settings the error names."""
+    movers = [h for h in hooks if hasattr(h, "edit_latents")]
+
+    def edit(x, t, i):
+        for h in hooks:
+            h.begin_step(i, slice(None))
+        for h in movers:
+            x = h.edit_latents(x, t, i, cond_model)
+        return x
+
+    bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
+
+    def on_step(info):
+        if not torch.isfinite(info["x"]).all():
+            raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {steps} ({about}): "
+                                 f"use float32 or bfloat16, or a smaller guidance scale")
+        bar.update(1)
+        if callback:
+            callback(info)
+
+    model.set_hooks(hooks)
+    try:
+        return sampler(model_fn, latents, schedule, steps, generator=generators, callback=on_step,
+                       edit=edit if movers else None, **sampler_options)
+    finally:
+        model.set_hooks([])
+        bar.close()
+
+
 class Pipeline:
     def __init__(self, model, tokenizer=None, decoder=None):
         self.model = model
@@ -203,41 +238,12 @@ class Pipeline:
                 out = uncond + sum(w * (c - uncond) for w, c in zip(weights, conds))
             return out
 
-        # Hooks that also move the latents (Attend-and-Excite) get, at the start of each step, a conditional UNet
-        # pass they can differentiate through; every row of that pass is conditional.
-        movers = [h for h in hooks if hasattr(h, "edit_latents")]
-
         def cond_unet(x, t):
             return unet(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond, y_cond).float()
 
-        def edit(x, t, i):
-            for h in hooks:
-                h.begin_step(i, slice(None))
-            for h in movers:
-                x = h.edit_latents(x, t, i, cond_unet)
-            return x
-
-        bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
-
-        def on_step(info):
-            # checked every step (one reduction), so a run that overflowed stops there instead of computing on
-            # and writing a black image
-            if not torch.isfinite(info["x"]).all():
-                raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {steps} "
-                                     f"(dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}): "
-                                     f"use float32 or bfloat16, or a smaller guidance scale")
-            bar.update(1)
-            if callback:
-                callback(info)
-
-        schedule = Schedule.for_model(self.cfg, spacing)
-        self.model.set_hooks(hooks)
-        try:
-            final = SAMPLERS[sampler](model_fn, latents, schedule, steps, generator=generators, callback=on_step,
-                                      edit=edit if movers else None, **sampler_options)
-        finally:
-            self.model.set_hooks([])
-            bar.close()
+        final = sample(self.model, hooks, SAMPLERS[sampler], model_fn, cond_unet, latents,
+                       Schedule.for_model(self.cfg, spacing), steps, generators, progress, callback,
+                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}", sampler_options)
         result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
         if decode:
             pixels = self.decode(final)

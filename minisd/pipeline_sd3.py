@@ -8,10 +8,9 @@ Excite) get a conditional MMDiT pass they can differentiate through at the start
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_model
-from .pipeline import NonFiniteError, Result, to_pil
+from .pipeline import Result, sample, to_pil
 from .samplers import FLOW_SAMPLERS, FlowSchedule
 from .t5 import T5Tokenizer
 from .tokenizer import Tokenizer
@@ -137,36 +136,12 @@ class SD3Pipeline:
                 out = uncond + guidance * (c - uncond)
             return out
 
-        movers = [h for h in hooks if hasattr(h, "edit_latents")]
-
         def cond_model(x, t):
             return mmdit(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond, pooled).float()
 
-        def edit(x, t, i):
-            for h in hooks:
-                h.begin_step(i, slice(None))
-            for h in movers:
-                x = h.edit_latents(x, t, i, cond_model)
-            return x
-
-        bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
-
-        def on_step(info):
-            if not torch.isfinite(info["x"]).all():
-                raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {steps} "
-                                     f"(dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}): "
-                                     f"use float32 or bfloat16, or a smaller guidance scale")
-            bar.update(1)
-            if callback:
-                callback(info)
-
-        self.model.set_hooks(hooks)
-        try:
-            final = FLOW_SAMPLERS[sampler](model_fn, latents, self.schedule, steps, generator=generators,
-                                           callback=on_step, edit=edit if movers else None, **sampler_options)
-        finally:
-            self.model.set_hooks([])
-            bar.close()
+        final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, self.schedule, steps,
+                       generators, progress, callback,
+                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}", sampler_options)
         result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
         if decode:
             result.images = to_pil(self.decode(final))
