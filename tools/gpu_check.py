@@ -2,7 +2,12 @@
 
     python -m tools.gpu_check --json gpu_check.json                     # CUDA: SD 1.5 architecture, random weights
     python -m tools.gpu_check --json gpu_check.json --backend inductor  # also the compiled path (minisd/fast.py)
+    python -m tools.gpu_check --json gpu_check.json --only overhead     # just the paper's overhead column, no diffusers
     python -m tools.gpu_check --device cpu --json /tmp/check.json       # the tiny model, seconds (the suite runs it)
+
+Made for a GPU lent for a few minutes: the JSON is rewritten after every row, so a run stopped at its time limit
+keeps what it measured; a row that raises (out of memory, a compiler that fails on this torch) is recorded under
+"errors" and the rest still run; without diffusers installed, its rows are skipped and the reason recorded.
 
 Parity, on --device against the CPU in float32 (the same weights and inputs, built on the CPU and moved):
   unet f32          minisd's UNet on the device vs on the CPU (max |diff| and relative to max |output|)
@@ -21,6 +26,7 @@ random weights on the CPU); on --device cpu the tiny config at 32 px and 4 steps
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -39,8 +45,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device, runs):
-    fn()   # warm-up
+def _median_time(fn, device, runs, warm_up=True):
+    if warm_up:
+        fn()
     times = []
     for _ in range(runs):
         _sync(device)
@@ -61,16 +68,57 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def build(family, seed=0):
-    """minisd's model (random weights) and diffusers' pipeline with the same tensors, both float32 on the CPU."""
+def build(family, seed=0, with_diffusers=True):
+    """minisd's model (random weights) and diffusers' pipeline with the same tensors (None without it), both
+    float32 on the CPU."""
     from minisd.checkpoint import build_model
     from minisd.config import FAMILIES
     from minisd.pipeline import Pipeline
-    from tools.bench.generate import diffusers_from_minisd
     model = build_model(FAMILIES[family](), seed=seed).eval().requires_grad_(False)
+    if not with_diffusers:
+        return Pipeline(model), None
+    from tools.bench.generate import diffusers_from_minisd
     tmp = tempfile.mkdtemp(prefix="gpu_check_")
     theirs = diffusers_from_minisd(model, Path(tmp) / "vocab")
     return Pipeline(model), theirs
+
+
+class Results:
+    """What the check has measured so far, written to `path` after every row: a run cut short keeps its rows."""
+
+    def __init__(self, path, log, **head):
+        self.path, self.log = Path(path), log
+        self.data = dict(head, parity={}, speed={}, base={}, errors={}, skipped={})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self):
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+    def run(self, section, name, fn, base=None):
+        """fn() -> the row's value; an exception is recorded as the row's error and the check goes on. base: the
+        speed row this one is a ratio to."""
+        if base:
+            self.data["base"][name] = base
+        try:
+            value = fn()
+        except Exception as e:   # noqa: BLE001 - one failing row must not cost the rows after it
+            self.data["errors"][name] = f"{type(e).__name__}: {e}"
+            self.log(f"  {name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            self.data[section][name] = value
+            if section == "speed":
+                self.log(f"  {name}: {value:.3f} s")
+            else:
+                self.log(f"  {name}: max |diff| {value['max_abs']:.2e} (rel {value['rel']:.2e})")
+        self.save()
+
+    def skip(self, what, why):
+        self.data["skipped"][what] = why
+        self.log(f"  skipped {what}: {why}")
+        self.save()
 
 
 def regulation_editor(pipe, steps):
@@ -79,7 +127,7 @@ def regulation_editor(pipe, steps):
     return make_editor("regulate", pipe, PROMPT, targets, steps, seed=0)
 
 
-def parity(pipe, theirs, device, px, log):
+def parity(pipe, theirs, device, px, res):
     """Float32 on the CPU is the reference; the same call on `device` in each dtype against it."""
     from minisd.maps import AttentionMaps
     cfg, model = pipe.cfg, pipe.model
@@ -111,36 +159,35 @@ def parity(pipe, theirs, device, px, log):
 
     z = torch.randn(1, cfg.unet.in_channels, side, side, generator=g)
     ref = dict(unet=unet_call(), regulated=unet_call([editor()]), maps=observed())
-    rows = {}
     model.to(device)
-    theirs.to(device)
-    dev_x, dev_t, dev_ctx = x.to(device), t.to(device), context.to(device)
+    row = lambda name, fn: res.run("parity", name, fn)
     with torch.no_grad():
-        out = unet_call()
-        rows["unet f32 (device vs CPU)"] = _diff(out, ref["unet"])
-        d = theirs.unet(dev_x, dev_t, encoder_hidden_states=dev_ctx, return_dict=False)[0]
-        rows["unet f32 (minisd vs diffusers, device)"] = _diff(out, d)
-        rows["regulated f32 (device vs CPU)"] = _diff(unet_call([editor()]), ref["regulated"])
-        rows["maps f32 (device vs CPU)"] = _diff(observed(), ref["maps"])
-        mine_img = model.decode_latents(z.to(device))
-        their_img = ((theirs.vae.decode(z.to(device) / cfg.vae.scale_factor).sample + 1) / 2).clamp(0, 1)
-        rows["vae f32 (minisd vs diffusers, device)"] = _diff(mine_img, their_img)
+        row("unet f32 (device vs CPU)", lambda: _diff(unet_call(), ref["unet"]))
+        if theirs is not None:
+            theirs.to(device)
+            dev_x, dev_t, dev_ctx = x.to(device), t.to(device), context.to(device)
+            row("unet f32 (minisd vs diffusers, device)", lambda: _diff(
+                unet_call(), theirs.unet(dev_x, dev_t, encoder_hidden_states=dev_ctx, return_dict=False)[0]))
+        row("regulated f32 (device vs CPU)", lambda: _diff(unet_call([editor()]), ref["regulated"]))
+        row("maps f32 (device vs CPU)", lambda: _diff(observed(), ref["maps"]))
+        if theirs is not None:
+            dz = z.to(device)
+            row("vae f32 (minisd vs diffusers, device)", lambda: _diff(
+                model.decode_latents(dz),
+                ((theirs.vae.decode(dz / cfg.vae.scale_factor).sample + 1) / 2).clamp(0, 1)))
         for name in ("float16", "bfloat16"):
             if device.type == "cpu" and name == "float16":
                 continue   # float16 convolutions are a GPU matter
             model.to(dtype=DTYPES[name])
-            rows[f"unet {name} drift (device vs CPU f32)"] = _diff(unet_call(), ref["unet"])
-            rows[f"regulated {name} drift (device vs CPU f32)"] = _diff(unet_call([editor()]), ref["regulated"])
+            row(f"unet {name} drift (device vs CPU f32)", lambda: _diff(unet_call(), ref["unet"]))
+            row(f"regulated {name} drift (device vs CPU f32)", lambda: _diff(unet_call([editor()]),
+                                                                            ref["regulated"]))
             model.to(dtype=torch.float32)
-    for k, v in rows.items():
-        log(f"  {k}: max |diff| {v['max_abs']:.2e} (rel {v['rel']:.2e})")
-    return rows
 
 
-def speed(pipe, theirs, device, dtype, px, steps, runs, backend, log):
+def speed(pipe, theirs, device, dtype, px, steps, runs, backend, res, only, compiled):
     cfg, model = pipe.cfg, pipe.model
     model.to(device=device, dtype=dtype)
-    theirs.to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(0)
     side = px // cfg.vae.downsample
     x = torch.randn(2, cfg.unet.in_channels, side, side, generator=g).to(device, dtype)
@@ -148,59 +195,71 @@ def speed(pipe, theirs, device, dtype, px, steps, runs, backend, log):
     with torch.no_grad():
         ctx = pipe.encode_prompts(["", PROMPT]).to(device, dtype)
     latents = torch.randn(1, cfg.unet.in_channels, side, side, generator=g)
-    res = {}
-    with torch.inference_mode():
-        res["unet call, minisd"] = _median_time(lambda: model.unet(x, t, ctx), device, runs)
-        res["unet call, diffusers"] = _median_time(
-            lambda: theirs.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0], device, runs)
     run = dict(steps=steps, guidance=7.5, height=px, width=px, sampler="dpmpp_2m")
+    if only == "all":
+        general(pipe, theirs, device, dtype, x, t, ctx, latents, run, runs, backend, res)
+    methods(pipe, device, latents, run, runs, res, compiled)
+
+
+def general(pipe, theirs, device, dtype, x, t, ctx, latents, run, runs, backend, res):
+    """A UNet call and a plain generation against diffusers; a regulated generation and minisd's compiled path
+    against minisd plain."""
+    model, steps, px = pipe.model, run["steps"], run["height"]
+    gen, dgen = f"{steps}-step generation, minisd", f"{steps}-step generation, diffusers"
+    dcall = "unet call, diffusers" if theirs is not None else None
+    dgen_base = dgen if theirs is not None else None
+    row = lambda name, fn, base=None: res.run("speed", name, lambda: _median_time(fn, device, runs), base)
 
     def mine(regulated=False):
         hooks = [regulation_editor(pipe, steps)] if regulated else []
         with torch.inference_mode():
             pipe(PROMPT, latents=latents.clone(), hooks=hooks, decode=True, **run)
 
-    def diffusers_run():
-        with torch.inference_mode():
-            theirs(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=px, width=px,
-                   latents=latents.clone().to(device, dtype))
-
-    res[f"{steps}-step generation, minisd"] = _median_time(mine, device, runs)
-    res[f"{steps}-step generation, diffusers"] = _median_time(diffusers_run, device, runs)
-    res[f"{steps}-step generation, minisd regulated"] = _median_time(lambda: mine(True), device, runs)
+    with torch.inference_mode():
+        row("unet call, minisd", lambda: model.unet(x, t, ctx), dcall)
+        if theirs is not None:
+            theirs.to(device=device, dtype=dtype)
+            row(dcall, lambda: theirs.unet(x, t, encoder_hidden_states=ctx, return_dict=False)[0], dcall)
+    row(gen, mine, dgen_base)
+    if theirs is not None:
+        def diffusers_run():
+            with torch.inference_mode():
+                theirs(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=px, width=px,
+                       latents=latents.clone().to(device, dtype))
+        row(dgen, diffusers_run, dgen)
+    row(f"{gen} regulated", lambda: mine(True), gen)
     if backend != "eager":
-        start = time.perf_counter()
-        pipe.compile(backend)
+        def compile_once():
+            start = time.perf_counter()
+            pipe.compile(backend)
+            with torch.inference_mode():
+                model.unet(x, t, ctx)
+            _sync(device)
+            return time.perf_counter() - start
+        res.run("speed", f"compile ({backend}), one-time", compile_once)
         with torch.inference_mode():
-            model.unet(x, t, ctx)
-        res[f"compile ({backend}), one-time"] = time.perf_counter() - start
-        res[f"unet call, minisd {backend}"] = _median_time(lambda: model.unet(x, t, ctx), device, runs)
-        res[f"{steps}-step generation, minisd {backend}"] = _median_time(mine, device, runs)
-        res[f"{steps}-step generation, minisd {backend} regulated"] = _median_time(lambda: mine(True), device,
-                                                                                   runs)
-    res.update(methods(pipe, device, latents, run, runs))
-    for k, v in res.items():
-        log(f"  {k}: {v:.3f} s")
-    return res
+            row(f"unet call, minisd {backend}", lambda: model.unet(x, t, ctx), dcall)
+        row(f"{gen} {backend}", mine, gen)
+        row(f"{gen} {backend} regulated", lambda: mine(True), gen)
 
 
 METHOD_PROMPT = "a black cat and a white dog"   # modifiers for SynGen, two phrases for the layout and the concepts
 LAYOUT = "black cat:0.05,0.1,0.5,0.9;white dog:0.5,0.1,0.95,0.9"
 
 
-def methods(pipe, device, latents, run, runs):
+def methods(pipe, device, latents, run, runs, res, compiled):
     """Every method of the paper's table at its defaults, and Attention Regulation's optimiser compiled into one
     graph (RegulationConfig(compile=True): on CUDA one CUDA graph per layer and step), each a whole generation
-    of METHOD_PROMPT from the same latents: {row: seconds}, plain first, so that each overhead is measured against
-    a plain run of the same prompt in the same process."""
+    of METHOD_PROMPT from the same latents, plain first, so that each overhead is measured against a plain run
+    of the same prompt in the same process."""
     from regulation.attention_regulation import RegulationConfig
     from regulation.editors import METHODS, choose_targets, make_editor, set_up
     steps = run["steps"]
     targets = choose_targets(pipe.tokenizer, METHOD_PROMPT, ["cat", "dog"], log=_quiet)
 
-    def generate(method=None, compiled=False):
+    def generate(method=None, optimiser_compiled=False):
         hooks, options, context = [], {}, None
-        if compiled:
+        if optimiser_compiled:
             hooks = [make_editor("regulate", pipe, METHOD_PROMPT, targets, steps, seed=0,
                                  config=RegulationConfig(compile=True))]
         elif method:
@@ -212,19 +271,73 @@ def methods(pipe, device, latents, run, runs):
         with context or contextlib.nullcontext():   # no inference_mode: A&E and SynGen take gradients
             pipe(METHOD_PROMPT, latents=latents.clone(), hooks=hooks, decode=True, **run, **options)
 
-    out = {f"{steps}-step generation, minisd plain (methods' prompt)": _median_time(generate, device, runs)}
+    plain = method_row(steps, None)
+    res.run("speed", plain, lambda: _median_time(generate, device, runs), plain)
     for m in METHODS:
-        out[f"{steps}-step generation, minisd {m}"] = _median_time(lambda: generate(m), device, runs)
-    if device.type == "cuda":   # on the CPU the compile costs a minute and saves nothing: the suite skips it
-        out[f"{steps}-step generation, minisd regulate compiled"] = _median_time(lambda: generate(compiled=True),
-                                                                                 device, runs)
-    return out
+        res.run("speed", method_row(steps, m), lambda: _median_time(lambda: generate(m), device, runs), plain)
+    if compiled:
+        name = method_row(steps, "compiled")
+        first = f"{name}, first run (compiles)"
+        fn = lambda: generate(optimiser_compiled=True)
+        res.run("speed", first, lambda: _median_time(fn, device, 1, warm_up=False))
+        if first in res.data["speed"]:
+            res.run("speed", name, lambda: _median_time(fn, device, runs, warm_up=False), plain)
+        # More graphs than shapes mean recompiles (past dynamo's limit a call falls back to the eager loop);
+        # inductor counts the CUDA graphs it skipped, and why.
+        from torch._dynamo.utils import counters
+        res.data["compiler counters"] = {k: dict(counters[k]) for k in ("stats", "inductor") if k in counters}
+        res.save()
+
+
+def method_row(steps, method):
+    """The speed row of a method of the paper's table (None: plain on the methods' prompt; "compiled": Attention
+    Regulation with its optimiser compiled)."""
+    return (f"{steps}-step generation, minisd plain (methods' prompt)" if method is None else
+            f"{steps}-step generation, minisd regulate compiled" if method == "compiled" else
+            f"{steps}-step generation, minisd {method}")
+
+
+def report(data, steps, json_path):
+    """The three tables: parity, speed (each row against its base), and the paper's overhead column."""
+    from regulation.editors import METHODS, NAMES
+    from tools.eval.paper_table import PAPER
+    name, family, px, dname = data["device"], data["family"], data["px"], data["dtype"]
+    par, spd, base = data["parity"], data["speed"], data["base"]
+    if par:
+        print(f"\n| parity on {name} ({family}, {min(px, 256)} px) | max abs diff | relative | finite |\n"
+              "|---|---|---|---|")
+        for k, v in par.items():
+            print(f"| {k} | {v['max_abs']:.2e} | {v['rel']:.2e} | {v['finite']} |")
+    print(f"\n| speed on {name} ({family}, {px} px, {dname}) | seconds | ratio |\n|---|---|---|")
+    for k, v in spd.items():
+        b = base.get(k)
+        print(f"| {k} | {v:.3f} | {f'{v / spd[b]:.2f}' if b in spd else ''} |")
+    plain = spd.get(method_row(steps, None))
+    if plain:
+        print(f"\n| {steps} steps, {px} px, {dname}, on {name} | seconds | overhead | the paper's overhead |\n"
+              "|---|---|---|---|")
+        print(f"| plain | {plain:.3f} | - | - |")
+        for m in (*METHODS, "compiled"):
+            v = spd.get(method_row(steps, m))
+            if m == "compiled" and not v and not any(k.startswith(method_row(steps, m)) for k in data["errors"]):
+                continue   # not asked for
+            label = "Attention Regulation, optimiser compiled" if m == "compiled" else NAMES.get(m, m)
+            paper = PAPER["regulate" if m == "compiled" else m][3]
+            shown = f"{v:.3f} | {100 * (v / plain - 1):+.1f}%" if v else "not measured | -"
+            print(f"| {label} | {shown} | {paper} |")
+    for k, v in data["errors"].items():
+        print(f"error in {k}: {v}")
+    for k, v in data["skipped"].items():
+        print(f"skipped {k}: {v}")
+    print(f"\n(ratios: each row to the row it is measured against: UNet calls and plain generations to diffusers, "
+          f"regulated and compiled generations to minisd plain, each method to minisd plain on the methods' "
+          f"prompt; total {data['seconds']:.0f} s; JSON in {json_path})")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu")
-    ap.add_argument("--json", required=True, help="where to write the results")
+    ap.add_argument("--json", required=True, help="where to write the results (rewritten after every row)")
     ap.add_argument("--family", default=None, help="model config (default: sd1 on CUDA, tiny on the CPU)")
     ap.add_argument("--size", type=int, default=None, help="pixels (default: 512 on CUDA, the model's own on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="generation steps (default: 50 on CUDA, 4 on CPU)")
@@ -232,6 +345,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="speed dtype (default: float16 on CUDA)")
     ap.add_argument("--backend", default="eager", choices=["eager", "inductor", "openvino"],
                     help="also time minisd's compiled path")
+    ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                    help="time Attention Regulation with its optimiser compiled (default: on CUDA only; on the CPU "
+                         "the compile costs a minute and saves nothing)")
+    ap.add_argument("--only", default="all", choices=["all", "overhead"],
+                    help="overhead: only the methods' generations (the paper's overhead column): no parity, no "
+                         "diffusers")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -244,34 +363,24 @@ def main(argv=None):
     dtype = DTYPES[args.dtype or ("float16" if gpu else "float32")]
     log = lambda *a: print(*a, flush=True)
     name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    has_diffusers = importlib.util.find_spec("diffusers") is not None
     start = time.perf_counter()
-    pipe, theirs = build(family)
+    pipe, theirs = build(family, with_diffusers=has_diffusers and args.only == "all")
     px = args.size or (512 if gpu else pipe.cfg.image_size)
     log(f"gpu_check on {name}: {family}, {px} px, torch {torch.__version__}; "
         f"built in {time.perf_counter() - start:.0f} s")
-    par = parity(pipe, theirs, device, min(px, 256), log)
-    spd = speed(pipe, theirs, device, dtype, px, steps, args.runs, args.backend, log)
     dname = str(dtype).removeprefix("torch.")
-    out = dict(device=name, family=family, px=px, steps=steps, dtype=dname, torch=torch.__version__,
-               parity=par, speed=spd, seconds=time.perf_counter() - start)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-
-    print(f"\n| parity on {name} ({family}, {min(px, 256)} px) | max abs diff | relative | finite |\n|---|---|---|---|")
-    for k, v in par.items():
-        print(f"| {k} | {v['max_abs']:.2e} | {v['rel']:.2e} | {v['finite']} |")
-    print(f"\n| speed on {name} ({family}, {px} px, {dname}) | seconds | ratio |\n|---|---|---|")
-    gen = f"{steps}-step generation, minisd"
-    for k, v in spd.items():
-        plain_m = f"{steps}-step generation, minisd plain (methods' prompt)"
-        base = spd["unet call, diffusers"] if k.startswith("unet call") else (
-            spd[f"{steps}-step generation, diffusers"] if "diffusers" in k or k == gen else
-            spd[plain_m] if k in spd and list(spd).index(k) > list(spd).index(plain_m) else spd.get(gen))
-        ratio = "" if k.startswith("compile") else f"{v / base:.2f}"
-        print(f"| {k} | {v:.3f} | {ratio} |")
-    print(f"\n(ratios: UNet calls and plain generations to diffusers; regulated and compiled generations to minisd "
-          f"plain; each method to minisd plain on the methods' prompt; total {out['seconds']:.0f} s; JSON in "
-          f"{args.json})")
+    res = Results(args.json, log, device=name, family=family, px=px, steps=steps, dtype=dname,
+                  torch=torch.__version__, seconds=None)
+    if args.only == "all" and not has_diffusers:
+        res.skip("minisd vs diffusers rows", "diffusers is not installed here (carry its wheel: docs/speed.md)")
+    if args.only == "all":
+        parity(pipe, theirs, device, min(px, 256), res)
+    compiled = gpu if args.compiled is None else args.compiled
+    speed(pipe, theirs, device, dtype, px, steps, args.runs, args.backend, res, args.only, compiled)
+    res.data["seconds"] = time.perf_counter() - start
+    res.save()
+    report(res.data, steps, args.json)
     return 0
 
 

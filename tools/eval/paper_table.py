@@ -261,7 +261,7 @@ def test(args):
              "- paper: the Attention Regulation paper's figures on SD (the Attend-and-Excite prompts; DenseDiffusion "
              "has only a COCO row there), for reference: another model, another judge, another scale.", "",
              paper_shape(summary, choices, guidance, args.methods), "",
-             "\* seconds of the tuned rows were measured by the resumed command (`test` after `--defaults-only`), "
+             "\\* seconds of the tuned rows were measured by the resumed command (`test` after `--defaults-only`), "
              "plain's by the first, under another load of the same machine: compare the tuned rows' overhead "
              "with each other, not with plain's.", ""]
     (out / "table.md").write_text("\n".join(table))
