@@ -35,7 +35,8 @@ def commands():
         for line in lines:
             m = re.search(r"(?:python3? -m|torchrun\b.*? -m) ([\w.]+)(.*)", line)
             if m and m.group(1) not in ("pip", "venv", "pytest") and "..." not in line and "[" not in line:
-                found.append((page.relative_to(ROOT), line, m.group(1), shlex.split(m.group(2))))
+                args = re.split(r"\s+(?:\d*>|\||&&|;)", m.group(2))[0]   # the shell's redirections and pipes end it
+                found.append((page.relative_to(ROOT), line, m.group(1), shlex.split(args)))
     return found
 
 
