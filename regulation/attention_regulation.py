@@ -122,6 +122,27 @@ def gaussian_maps(h, w, sigma, device=torch.device("cpu"), dtype=torch.float32):
 # The optimiser
 
 
+def on_device(values, device, dtype=None):
+    """A small constant tensor (index columns, lerp weights) on `device`, made once per value and device: building
+    it anew on a GPU is a host-to-device copy, which makes the host wait for the GPU's whole queue. Read-only."""
+    return _on_device(tuple(values), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(values, device, dtype):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def upload(t, device):
+    """A tensor drawn on the host onto `device`. On CUDA through pinned memory without blocking: a plain copy from
+    pageable memory makes the host wait until the GPU has run everything queued before it, so the host could no
+    longer launch ahead of the GPU (the caching host allocator keeps the pinned block until the copy is done)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def initial_weights(generator, n, c, k, device, dtype=torch.float32):
     """W uniform in [0, 1), shape (N, C, k). One generator: one torch.rand draw of that shape, as the released
     code. A list of generators, one per image: image i's (heads, C, k) block comes from generator i, so that image
@@ -132,9 +153,9 @@ def initial_weights(generator, n, c, k, device, dtype=torch.float32):
             raise ValueError(f"{len(generator)} generators for N={n} rows: N must be images x heads")
         heads = n // len(generator)
         draws = [torch.rand((heads, c, k), generator=g, device=g.device) for g in generator]
-        return torch.cat([d.to(device, dtype) for d in draws])
+        return torch.cat([upload(d, device) for d in draws]).to(dtype)
     gen_device = generator.device if generator is not None else device
-    return torch.rand((n, c, k), generator=generator, device=gen_device).to(device, dtype)
+    return upload(torch.rand((n, c, k), generator=generator, device=gen_device), device).to(dtype)
 
 
 def check_targets(targets, num_tokens=None):
@@ -176,7 +197,7 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     n, hw, _ = logits.shape
     c, k = g.shape[0], len(targets)
     dev, f = logits.device, dict(device=logits.device, dtype=logits.dtype)
-    idx = torch.tensor(targets, device=dev)
+    idx = on_device(targets, dev)
     # The log-sum-exp of the non-target columns, read off a log_softmax (one fused pass, about twice as fast as
     # torch.logsumexp here) at column 0, which is never a target: x_0 - log_softmax(x)_0 = logsumexp(x).
     others = logits.index_fill(-1, idx, float("-inf"))
@@ -185,14 +206,14 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     # The quantile reads ascending ranks lo and hi; in a descending topk(hw - lo) they sit at hw-1-lo and hw-1-hi.
     lo, hi, frac = _quantile_positions(hw, config.quantile, logits.dtype)
     top, at_lo, at_hi = hw - lo, hw - 1 - lo, hw - 1 - hi
-    at = torch.tensor([at_hi, at_lo], device=dev)
+    at = on_device([at_hi, at_lo], dev)
     goals = torch.cat([torch.full((n * k,), config.quantile_goal, **f), torch.full((n * k,), config.tau(k) / k, **f),
                        torch.zeros(n * k * c, **f)])
     score = _loss_matrix(n, k, c, groups, config, f)
     # dL/dq and dL/dm per unit of (q - goal) and (m - tau/k); the quantile's share goes to ranks [hi, lo]
     slopes = torch.cat([torch.full((n * k,), 2 * config.quantile_weight / (n * k), **f),
                         torch.full((n * k,), 2 * config.mean_weight / (n * k * hw), **f)])
-    lerp_share = torch.tensor([frac, 1 - frac], **f)
+    lerp_share = on_device([frac, 1 - frac], dev, logits.dtype)
     step = config.lr * n
     shrink = 1 - step * 2 * config.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
     w = w0.transpose(1, 2).reshape(n * k, c)   # (N*k, C): rows of W, one per (n, t)
@@ -297,7 +318,7 @@ def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
     blended = (config.blend * prev_w + (1 - config.blend) * best_w).transpose(1, 2)      # (N, k, C)
     applied = (blended.reshape(-1, g.shape[0]) @ g).view(n, len(targets), hwn)     # (N, k, HW)
     out = s.clone()
-    out.index_add_(-1, torch.tensor(targets, device=s.device), applied.transpose(1, 2), alpha=config.decay ** step)
+    out.index_add_(-1, on_device(targets, s.device), applied.transpose(1, 2), alpha=config.decay ** step)
     return out.to(logits.dtype), RegulationState(best_w, first_loss, best_loss)
 
 
@@ -307,7 +328,7 @@ def restore_special(probs, logits, eot, renormalise=False):
     columns are rescaled so that each row sums to 1 again. Works on any (..., L) shape."""
     if not 0 < eot < logits.shape[-1]:
         raise ValueError(f"end-of-text position must be in 1..{logits.shape[-1] - 1}, got {eot}")
-    cols = torch.tensor([0, eot], device=probs.device)
+    cols = on_device([0, eot], probs.device)
     s = logits.float()
     orig = (s.index_select(-1, cols) - s.logsumexp(-1, keepdim=True)).exp().to(probs.dtype)
     if renormalise:

@@ -42,7 +42,7 @@ import torch
 
 from minisd.attention import cross_block
 from regulation.attend_excite import AttendExcite, AttendExciteConfig
-from regulation.attention_regulation import AttentionRegulation, RegulationConfig
+from regulation.attention_regulation import AttentionRegulation, RegulationConfig, on_device
 from regulation.targets import TargetError, auto_targets, eot_position, parse_target, resolve_targets, token_table
 
 CLIP_TOKENS = 77   # the CLIP states come first among the text keys; T5's follow
@@ -170,7 +170,7 @@ class JointRegulation(AttentionRegulation):
         out = probs.clone()
         rows = out[self.cond][:, :, layer.image_queries]          # a view: written in place below
         unedited = logits[self.cond][:, :, layer.image_queries]   # every key: the joint softmax's own columns
-        cols = torch.tensor(self.specials, device=probs.device)
+        cols = on_device(self.specials, probs.device)
         orig = (unedited.index_select(-1, cols) - unedited.logsumexp(-1, keepdim=True)).exp().to(rows.dtype)
         if self.config.keep_rows_normalised:
             rest = rows.sum(-1, keepdim=True) - rows.index_select(-1, cols).sum(-1, keepdim=True)
