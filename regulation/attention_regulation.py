@@ -196,7 +196,7 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     """
     n, hw, _ = logits.shape
     c, k = g.shape[0], len(targets)
-    dev, f = logits.device, dict(device=logits.device, dtype=logits.dtype)
+    dev = logits.device
     idx = on_device(targets, dev)
     # The log-sum-exp of the non-target columns, read off a log_softmax (one fused pass, about twice as fast as
     # torch.logsumexp here) at column 0, which is never a target: x_0 - log_softmax(x)_0 = logsumexp(x).
@@ -207,13 +207,9 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     lo, hi, frac = _quantile_positions(hw, config.quantile, logits.dtype)
     top, at_lo, at_hi = hw - lo, hw - 1 - lo, hw - 1 - hi
     at = on_device([at_hi, at_lo], dev)
-    goals = torch.cat([torch.full((n * k,), config.quantile_goal, **f), torch.full((n * k,), config.tau(k) / k, **f),
-                       torch.zeros(n * k * c, **f)])
-    score = _loss_matrix(n, k, c, groups, config, f)
-    # dL/dq and dL/dm per unit of (q - goal) and (m - tau/k); the quantile's share goes to ranks [hi, lo]
-    slopes = torch.cat([torch.full((n * k,), 2 * config.quantile_weight / (n * k), **f),
-                        torch.full((n * k,), 2 * config.mean_weight / (n * k * hw), **f)])
-    lerp_share = on_device([frac, 1 - frac], dev, logits.dtype)
+    lerp_share = on_device([frac, 1 - frac], dev, logits.dtype)   # the quantile's share of ranks [hi, lo]
+    goals, score, slopes = _constants(n, k, c, hw, groups, (config.quantile_goal, config.tau(k), config.quantile_weight,
+                                                            config.mean_weight, config.reg_weight), dev, logits.dtype)
     step = config.lr * n
     shrink = 1 - step * 2 * config.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
     w = w0.transpose(1, 2).reshape(n * k, c)   # (N*k, C): rows of W, one per (n, t)
@@ -267,19 +263,29 @@ def _compiled_descent(device):
     return torch.compile(_descend, fullgraph=True, dynamic=False, mode=mode)
 
 
-def _loss_matrix(n, k, c, groups, config, f):
-    """The loss as a weighted sum of squares: (x * x) @ M with x = [q - goal (N k), m - tau/k (N k), W (N k C)]
-    and M (len(x), groups) holding each term's weight / count within its group, so that each group's loss is
-    the spec's loss over its own rows (the whole batch when groups == 1)."""
+@functools.lru_cache(maxsize=256)
+def _constants(n, k, c, hw, groups, numbers, device, dtype):
+    """The optimiser's constant tensors for one problem shape, made once per shape and device (each is a few kernels
+    on a GPU, in every regulated layer and step otherwise); read-only. numbers: (quantile goal, tau, quantile
+    weight, mean weight, L2 weight). Returns (goals, score, slopes):
+      goals  = [goal (N k), tau/k (N k), 0 (N k C)], subtracted from [q, m, W];
+      score  = the loss as a weighted sum of squares: (x * x) @ score with x = [q - goal, m - tau/k, W], score
+               (len(x), groups) holding each term's weight / count within its group, so that each group's loss is
+               the spec's loss over its own rows (the whole batch when groups == 1);
+      slopes = dL/dq and dL/dm per unit of (q - goal) and (m - tau/k)."""
+    quantile_goal, tau, wq, wm, wr = numbers
+    f = dict(device=device, dtype=dtype)
+    goals = torch.cat([torch.full((n * k,), quantile_goal, **f), torch.full((n * k,), tau / k, **f),
+                       torch.zeros(n * k * c, **f)])
     rows = n // groups * k                                  # (n, t) rows per group
-    group = torch.arange(n * k, device=f["device"]) // rows
+    group = torch.arange(n * k, device=device) // rows
     which = torch.cat([group, group, group.repeat_interleave(c)])
-    value = torch.cat([torch.full((n * k,), config.quantile_weight / rows, **f),
-                       torch.full((n * k,), config.mean_weight / rows, **f),
-                       torch.full((n * k * c,), config.reg_weight / (rows * c), **f)])
-    m = torch.zeros(len(which), groups, **f)
-    m[torch.arange(len(which), device=f["device"]), which] = value
-    return m
+    value = torch.cat([torch.full((n * k,), wq / rows, **f), torch.full((n * k,), wm / rows, **f),
+                       torch.full((n * k * c,), wr / (rows * c), **f)])
+    score = torch.zeros(len(which), groups, **f)
+    score[torch.arange(len(which), device=device), which] = value
+    slopes = torch.cat([torch.full((n * k,), 2 * wq / (n * k), **f), torch.full((n * k,), 2 * wm / (n * k * hw), **f)])
+    return goals, score, slopes
 
 
 def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
