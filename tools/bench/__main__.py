@@ -7,11 +7,12 @@
     load       peak memory of loading a checkpoint in a dtype
     edges      where a tiny change of the logits moves the regulation optimiser to another result
     app        the page (python -m minisd.app) against the command line, on the plain + regulated pair
+    launches   ops (kernel launches on a GPU) of a UNet call, plain and regulated, eager and compiled: no GPU needed
 """
 import importlib
 import sys
 
-COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges", "app")
+COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges", "app", "launches")
 
 
 def main(argv=None):
