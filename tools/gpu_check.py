@@ -22,7 +22,7 @@ Speed, in --dtype (float16 by default on CUDA), medians of --runs after a warm-u
   every method of the paper's table at its defaults, and Attention Regulation with its optimiser compiled
   (RegulationConfig(compile=True)), each against a plain generation of the same prompt: the paper's overhead column.
 On CUDA the default is SD 1.5 at 512 px and 50 steps, a few minutes in all on a recent GPU (most of it building
-random weights on the CPU); on --device cpu the tiny config at 32 px and 4 steps.
+random weights on the CPU); on --device cpu the tiny config at its own size and 4 steps.
 """
 import argparse
 import contextlib
