@@ -347,7 +347,7 @@ def main(argv=None):
                     help="also time minisd's compiled path")
     ap.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
                     help="time Attention Regulation with its optimiser compiled (default: on CUDA only; on the CPU "
-                         "the compile costs a minute and saves nothing)")
+                         "the compile costs seconds to a minute and saves nothing measurable)")
     ap.add_argument("--only", default="all", choices=["all", "overhead"],
                     help="overhead: only the methods' generations (the paper's overhead column): no parity, no "
                          "diffusers")
