@@ -108,7 +108,24 @@ def sample(model, hooks, sampler, model_fn, cond_model, latents, schedule, steps
         bar.close()
 
 
-class Pipeline:
+class ModelHolder:
+    """Where a pipeline's model lives: its device and dtype are its parameters' (SD and SD 3 pipelines alike)."""
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def timesteps(self, t, x):
+        """The step's time, one per row of x, filled on the device: a tensor built from a list is a copy from the
+        host, which on a GPU makes the host wait for the GPU's queue at every model call."""
+        return torch.full((x.shape[0],), t, device=self.device)
+
+
+class Pipeline(ModelHolder):
     def __init__(self, model, tokenizer=None, decoder=None):
         self.model = model
         self.cfg = model.cfg
@@ -142,14 +159,6 @@ class Pipeline:
         from .fast import compile_unet
         compile_unet(self.model.unet, backend)
         return self
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def encode_prompts(self, prompts):
@@ -231,7 +240,7 @@ class Pipeline:
                 h.begin_step(i, rows)
             x_in = torch.cat([x] * (1 + len(weights))) if cfg_on else x
             with torch.set_grad_enabled(grad):
-                out = unet(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context,
+                out = unet(x_in.to(self.dtype), self.timesteps(t, x_in), context,
                            y).float()
             if cfg_on:
                 uncond, *conds = out.chunk(1 + len(weights))
@@ -239,7 +248,7 @@ class Pipeline:
             return out
 
         def cond_unet(x, t):
-            return unet(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond, y_cond).float()
+            return unet(x.to(self.dtype), self.timesteps(t, x), cond, y_cond).float()
 
         final = sample(self.model, hooks, SAMPLERS[sampler], model_fn, cond_unet, latents,
                        Schedule.for_model(self.cfg, spacing), steps, generators, progress, callback,

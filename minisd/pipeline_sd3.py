@@ -10,28 +10,23 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .pipeline import Result, sample, to_pil
+from .pipeline import ModelHolder, Result, sample, size_unit, to_pil
 from .samplers import FLOW_SAMPLERS, FlowSchedule
 from .t5 import T5Tokenizer
 from .tokenizer import Tokenizer
 
 
-def size_unit(cfg):
-    """Image sides must be multiples of this: the VAE's factor times the patch size (SD 3: 16 px)."""
-    return cfg.vae.downsample * cfg.mmdit.patch_size
-
-
-class SD3Pipeline:
+class SD3Pipeline(ModelHolder):
     def __init__(self, model, t5_tokenizer=None, t5_length=None, shift=None):
         self.model, self.cfg = model, model.cfg
         # CLIP-L pads with end-of-text, CLIP-G with "!" (id 0), as Stability's reference and diffusers' tokenizers
-        self.tokenizers = [Tokenizer(pad_with_eot=True), Tokenizer(pad_with_eot=False)]
+        self.tokenizers = [Tokenizer(pad_with_eot=c.pad_with_eot) for c in (self.cfg.text, self.cfg.text2)]
         self.tokenizer = self.tokenizers[0]
         if model.text_encoders.has_t5 and t5_tokenizer is None:
             raise CheckpointError("this model has T5-XXL but no T5 tokenizer was given: pass --t5-tokenizer "
                                   "(spiece.model, as in a diffusers folder's tokenizer_3/)")
         self.t5_tokenizer = t5_tokenizer if isinstance(t5_tokenizer, (T5Tokenizer, type(None))) else \
-            T5Tokenizer(t5_tokenizer, length=t5_length)
+            T5Tokenizer(t5_tokenizer)
         if self.t5_tokenizer is not None and t5_length is not None:
             self.t5_tokenizer.length = t5_length
         # without T5, its zeros are as long as its tokens would be
@@ -64,14 +59,6 @@ class SD3Pipeline:
         if backend != "eager":
             raise ValueError("SD 3 runs eager only: the compiled fast path (minisd/fast.py) is the UNet's")
         return self
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.model.parameters()).dtype
 
     def ids(self, prompts):
         t5 = self.t5_tokenizer(prompts).to(self.device) if self.model.text_encoders.has_t5 else None
@@ -129,7 +116,7 @@ class SD3Pipeline:
                 h.begin_step(i, rows)
             x_in = torch.cat([x, x]) if cfg_on else x
             with torch.set_grad_enabled(grad):
-                out = mmdit(x_in.to(self.dtype), torch.tensor([t] * x_in.shape[0], device=self.device), context,
+                out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), context,
                             y).float()
             if cfg_on:
                 uncond, c = out.chunk(2)
@@ -137,7 +124,7 @@ class SD3Pipeline:
             return out
 
         def cond_model(x, t):
-            return mmdit(x.to(self.dtype), torch.tensor([t] * x.shape[0], device=self.device), cond, pooled).float()
+            return mmdit(x.to(self.dtype), self.timesteps(t, x), cond, pooled).float()
 
         final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, self.schedule, steps,
                        generators, progress, callback,

@@ -55,19 +55,14 @@ class TextEncoder(nn.Module):
             hidden = self.text_model.final_layer_norm(out.hidden_states[-2])
         else:
             hidden = out.hidden_states[-2]
-        pooled = None
+        # the final-LayerNorm'd end-of-text state, at ids.argmax(): end-of-text has the largest id, so that is its
+        # first occurrence (OpenCLIP's and SD 3's rule)
+        eot = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
         if self.config.key_layout == "sd3":
-            # SD 3 pools both CLIPs: the final-LayerNorm'd end-of-text state, projected where there is a projection
-            # (bigG). CLIP-L's is used unprojected, as Stability's reference does (its official projection is the
-            # identity, which diffusers fills in).
-            pooled = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
-            if self.config.projection_dim:
-                pooled = self.transformer.text_projection(pooled)
-        elif self.config.projection_dim:
-            # OpenCLIP pools at ids.argmax(): end-of-text has the largest id, so that is its first occurrence
-            eot = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), ids.argmax(-1)]
-            pooled = eot @ self.text_projection
-        return hidden, pooled
+            # SD 3 pools both CLIPs, projected where there is a projection (bigG). CLIP-L's is used unprojected, as
+            # Stability's reference does (its official projection is the identity, which diffusers fills in).
+            return hidden, self.transformer.text_projection(eot) if self.config.projection_dim else eot
+        return hidden, eot @ self.text_projection if self.config.projection_dim else None
 
     def forward(self, ids):
         """Token ids (b, 77) -> text embeddings (b, 77, hidden) that the UNet's cross-attention reads."""

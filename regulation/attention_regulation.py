@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minisd.attention import AttentionHook
+from minisd.attention import AttentionHook, cross_block
 from regulation.layers import LayerSelector
 
 
@@ -171,6 +171,7 @@ def check_targets(targets, num_tokens=None):
     return t
 
 
+@functools.lru_cache(maxsize=256)
 def _quantile_positions(n, q, dtype=torch.float32):
     """Where torch.quantile(..., interpolation='linear') reads a sorted row of n values: between ranks lo and hi
     with weight frac. Computed in the values' dtype like torch does (0.9 * 1023 is 920.69995 in float32)."""
@@ -334,13 +335,19 @@ def restore_special(probs, logits, eot, renormalise=False):
     columns are rescaled so that each row sums to 1 again. Works on any (..., L) shape."""
     if not 0 < eot < logits.shape[-1]:
         raise ValueError(f"end-of-text position must be in 1..{logits.shape[-1] - 1}, got {eot}")
-    cols = on_device([0, eot], probs.device)
-    s = logits.float()
+    return restore_columns_(probs.clone(), logits.float(), on_device([0, eot], probs.device), renormalise)
+
+
+def restore_columns_(probs, logits, cols, renormalise=False):
+    """restore_special in place on `probs` (a view into a hook's probabilities) for any key columns `cols` (an
+    index tensor): the UNet's start and end of text, or SD 3's special text keys in a joint row. Returns probs.
+    The logits are read in float32 at least (float64 stays float64, as in regulate_logits)."""
+    s = logits if logits.dtype == torch.float64 else logits.float()
     orig = (s.index_select(-1, cols) - s.logsumexp(-1, keepdim=True)).exp().to(probs.dtype)
     if renormalise:
         rest = probs.sum(-1, keepdim=True) - probs.index_select(-1, cols).sum(-1, keepdim=True)
-        probs = probs * ((1 - orig.sum(-1, keepdim=True)) / rest)
-    return probs.index_copy(-1, cols, orig)
+        probs.mul_((1 - orig.sum(-1, keepdim=True)) / rest)
+    return probs.index_copy_(-1, cols, orig)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -377,6 +384,7 @@ class AttentionRegulation(AttentionHook):
         if eot in self.targets or eot < 1:
             raise ValueError(f"end-of-text position {eot} must be > 0 and not a target ({self.targets})")
         self.eot = int(eot)
+        self.specials = [0, self.eot]   # the key columns edit_probs restores: start and end of text
         self.edit_steps = config.edit_steps if config.edit_steps is not None else default_edit_steps(num_steps)
         if select is None:
             if model_config is None:
@@ -415,10 +423,13 @@ class AttentionRegulation(AttentionHook):
         return layer.is_cross and self.step < self.edit_steps and self.select(layer)
 
     def edit_logits(self, layer, logits):
-        _, heads, hw, num_tokens = logits.shape
+        """Regulates the cross-attention block of the logits (cross_block: all of a UNet layer's, the image-to-text
+        block of a joint one), whose softmax, and so the loss, runs over the text keys alone."""
+        block = cross_block(layer, logits)
+        _, heads, hw, num_tokens = block.shape
         if layer.hw is None:
             raise ValueError(f"{layer.name} was called without the size of its query map")
-        cond = logits[self.cond]
+        cond = block[self.cond]
         images = cond.shape[0]
         if isinstance(self.generator, list) and len(self.generator) != images:
             raise ValueError(f"{len(self.generator)} generators for {images} conditional images")
@@ -434,15 +445,20 @@ class AttentionRegulation(AttentionHook):
         self.records[layer.name] = _LayerRecord(self.step, prev, state)
         self.history.setdefault(layer.name, {})[self.step] = (state.first_loss.detach(), state.best_loss.detach())
         out = logits.clone()   # the attention passes the unedited logits on to edit_probs: never edit in place
-        out[self.cond] = edited.view(images, heads, hw, num_tokens)
+        cross_block(layer, out)[self.cond] = edited.view(images, heads, hw, num_tokens)
         return out
+
+    def restored_rows(self, layer, t):
+        """The rows of a hook's (batch, heads, queries, keys) tensor whose special columns edit_probs puts back:
+        the conditional images' (a view, written in place)."""
+        return t[self.cond]
 
     def edit_probs(self, layer, logits, probs):
         if not self.config.restore_special:
             return probs
         out = probs.clone()
-        out[self.cond] = restore_special(probs[self.cond], logits[self.cond], self.eot,
-                                         self.config.keep_rows_normalised)
+        restore_columns_(self.restored_rows(layer, out), self.restored_rows(layer, logits),
+                         on_device(self.specials, probs.device), self.config.keep_rows_normalised)
         return out
 
     def loss_table(self):

@@ -42,7 +42,7 @@ import torch
 
 from minisd.attention import cross_block
 from regulation.attend_excite import AttendExcite, AttendExciteConfig
-from regulation.attention_regulation import AttentionRegulation, RegulationConfig, on_device
+from regulation.attention_regulation import AttentionRegulation, RegulationConfig
 from regulation.targets import TargetError, auto_targets, eot_position, parse_target, resolve_targets, token_table
 
 CLIP_TOKENS = 77   # the CLIP states come first among the text keys; T5's follow
@@ -156,27 +156,9 @@ class JointRegulation(AttentionRegulation):
     def wants(self, layer):
         return getattr(layer, "joint", False) and super().wants(layer)
 
-    def edit_logits(self, layer, logits):
-        # the optimiser runs on the (images x heads, h*w, text keys) block: its softmax, and so the loss, over the
-        # text keys alone
-        block = super().edit_logits(layer, cross_block(layer, logits).contiguous())
-        out = logits.clone()
-        out[..., layer.image_queries, layer.text_keys] = block
-        return out
-
-    def edit_probs(self, layer, logits, probs):
-        if not self.config.restore_special:
-            return probs
-        out = probs.clone()
-        rows = out[self.cond][:, :, layer.image_queries]          # a view: written in place below
-        unedited = logits[self.cond][:, :, layer.image_queries]   # every key: the joint softmax's own columns
-        cols = on_device(self.specials, probs.device)
-        orig = (unedited.index_select(-1, cols) - unedited.logsumexp(-1, keepdim=True)).exp().to(rows.dtype)
-        if self.config.keep_rows_normalised:
-            rest = rows.sum(-1, keepdim=True) - rows.index_select(-1, cols).sum(-1, keepdim=True)
-            rows.mul_((1 - orig.sum(-1, keepdim=True)) / rest)
-        rows.index_copy_(-1, cols, orig)
-        return out
+    def restored_rows(self, layer, t):
+        # the image queries' rows over every key: the joint softmax's own columns
+        return t[self.cond][:, :, layer.image_queries]
 
 
 class JointAttendExcite(AttendExcite):

@@ -298,21 +298,26 @@ def test_images_match_diffusers(sd3):
     assert_close(ref, out)
 
 
-def test_without_t5_zeros_stand_in(sd3, tmp_path, capsys):
-    """A file without T5: one line says so; its 77 tokens are zeros, as diffusers' pipeline without text_encoder_3."""
+def diffusers_without_t5(sd3):
+    """diffusers' pipeline on the reference's parts, without text_encoder_3 (zeros stand in for T5)."""
     from diffusers import StableDiffusion3Pipeline
-    state = {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.t5xxl.")}
-    path = tmp_path / "no-t5.safetensors"
-    save_official(path, state, sd3.cfg)
-    mine = SD3Pipeline.from_checkpoint(path)
-    assert "no T5-XXL" in capsys.readouterr().out
     t = sd3.theirs
     theirs = StableDiffusion3Pipeline(transformer=t.transformer, scheduler=t.scheduler, vae=t.vae,
                                       text_encoder=t.text_encoder, tokenizer=t.tokenizer,
                                       text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
                                       text_encoder_3=None, tokenizer_3=None)
     theirs.set_progress_bar_config(disable=True)
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, theirs, steps=2)
+    return theirs
+
+
+def test_without_t5_zeros_stand_in(sd3, tmp_path, capsys):
+    """A file without T5: one line says so; its 77 tokens are zeros, as diffusers' pipeline without text_encoder_3."""
+    state = {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.t5xxl.")}
+    path = tmp_path / "no-t5.safetensors"
+    save_official(path, state, sd3.cfg)
+    mine = SD3Pipeline.from_checkpoint(path)
+    assert "no T5-XXL" in capsys.readouterr().out
+    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
     assert_close(ref, out)
 
 

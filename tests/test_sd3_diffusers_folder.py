@@ -16,9 +16,9 @@ from minisd.pipeline_sd3 import SD3Pipeline  # noqa: E402
 from minisd.sample import main  # noqa: E402
 
 try:
-    from test_sd3 import NEGATIVE, PROMPTS, assert_close, build, run_both
+    from test_sd3 import NEGATIVE, PROMPTS, assert_close, build, diffusers_without_t5, run_both
 except ImportError:
-    from tests.test_sd3 import NEGATIVE, PROMPTS, assert_close, build, run_both
+    from tests.test_sd3 import NEGATIVE, PROMPTS, assert_close, build, diffusers_without_t5, run_both
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,11 @@ def test_folder_pipeline_matches_diffusers_and_the_single_file(sd3):
 
 def test_folder_without_t5(sd3, tmp_path, capsys):
     """No text_encoder_3/ (nor tokenizer_3/): one line says so, zeros stand in, as diffusers' pipeline without it."""
-    from diffusers import StableDiffusion3Pipeline
     mine = Pipeline.from_checkpoint(copy_without(sd3, tmp_path, "text_encoder_3", "tokenizer_3"))
     said = [line for line in capsys.readouterr().out.splitlines() if "text_encoder_3" in line]
     assert len(said) == 1 and "zeros" in said[0]
     assert not mine.model.text_encoders.has_t5
-    t = sd3.theirs
-    theirs = StableDiffusion3Pipeline(transformer=t.transformer, scheduler=t.scheduler, vae=t.vae,
-                                      text_encoder=t.text_encoder, tokenizer=t.tokenizer,
-                                      text_encoder_2=t.text_encoder_2, tokenizer_2=t.tokenizer_2,
-                                      text_encoder_3=None, tokenizer_3=None)
-    theirs.set_progress_bar_config(disable=True)
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, theirs, steps=2)
+    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
     assert_close(ref, out)
 
 
