@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import MMDiTConfig, ModelConfig, sd1, sd2, sd35_large, sd35_medium, sd3_medium, sdxl
 from .model import StableDiffusion
+from .text import TextEncoder
 
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.")
 SD3_TEXT = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
@@ -362,7 +363,7 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
     check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the tensors now; a cast below (pickle files) can free each as it goes
-    for enc in (model.text_encoder_modules() if cfg.is_sd3 else model.text_encoders()):
+    for enc in (m for m in model.modules() if isinstance(m, TextEncoder)):   # every CLIP, any family
         emb = enc.text_model.embeddings  # a non-persistent buffer, still on meta
         emb.position_ids = torch.arange(emb.position_embedding.num_embeddings).expand((1, -1))
     model.metadata = metadata

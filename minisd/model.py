@@ -43,9 +43,6 @@ class StableDiffusion(nn.Module):
     def text_encoder(self):
         return self.cond_stage_model if self.cfg.text2 is None else self.conditioner
 
-    def text_encoders(self):
-        return [self.cond_stage_model] if self.cfg.text2 is None else list(self.conditioner.embedders)
-
     def set_hooks(self, hooks):
         self.hooks[:] = list(hooks)
 

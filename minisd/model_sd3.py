@@ -37,9 +37,6 @@ class StableDiffusion3(nn.Module):
     def vae(self):
         return self.first_stage_model
 
-    def text_encoder_modules(self):
-        return [self.text_encoders.clip_l, self.text_encoders.clip_g]
-
     def set_hooks(self, hooks):
         self.hooks[:] = list(hooks)
 
