@@ -108,8 +108,8 @@ def sample(model, hooks, sampler, model_fn, cond_model, latents, schedule, steps
         bar.close()
 
 
-class ModelHolder:
-    """Where a pipeline's model lives: its device and dtype are its parameters' (SD and SD 3 pipelines alike)."""
+class BasePipeline:
+    """What SD and SD 3 pipelines share: the model's device and dtype (its parameters'), the step's times, decoding."""
 
     @property
     def device(self):
@@ -119,13 +119,24 @@ class ModelHolder:
     def dtype(self):
         return next(self.model.parameters()).dtype
 
+    @torch.no_grad()
+    def decode(self, latents):
+        """Latents -> images in [0, 1], through `self.decoder` if set (e.g. TAESD), else the model's VAE."""
+        latents = latents.to(self.device)
+        if self.decoder is not None:
+            return self.decoder(latents.to(self.dtype))
+        vae = self.model.first_stage_model
+        if self.cfg.vae_upcast and latents.dtype == torch.float16:  # SDXL's VAE overflows in float16
+            vae.float()
+        return self.model.decode_latents(latents.to(next(vae.parameters()).dtype))
+
     def timesteps(self, t, x):
         """The step's time, one per row of x, filled on the device: a tensor built from a list is a copy from the
         host, which on a GPU makes the host wait for the GPU's queue at every model call."""
         return torch.full((x.shape[0],), t, device=self.device)
 
 
-class Pipeline(ModelHolder):
+class Pipeline(BasePipeline):
     def __init__(self, model, tokenizer=None, decoder=None):
         self.model = model
         self.cfg = model.cfg
@@ -262,12 +273,3 @@ class Pipeline(ModelHolder):
             result.images = to_pil(pixels)
         return result
 
-    @torch.no_grad()
-    def decode(self, latents):
-        latents = latents.to(self.device)
-        if self.decoder is not None:
-            return self.decoder(latents.to(self.dtype))
-        vae = self.model.first_stage_model
-        if self.cfg.vae_upcast and latents.dtype == torch.float16:  # SDXL's VAE overflows in float16
-            vae.float()
-        return self.model.decode_latents(latents.to(next(vae.parameters()).dtype))

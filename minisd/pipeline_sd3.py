@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_model
-from .pipeline import ModelHolder, Result, sample, size_unit, to_pil
+from .pipeline import BasePipeline, Result, sample, size_unit, to_pil
 from .samplers import FLOW_SAMPLERS, FlowSchedule
 from .t5 import T5Tokenizer
 from .tokenizer import Tokenizer
 
 
-class SD3Pipeline(ModelHolder):
+class SD3Pipeline(BasePipeline):
     def __init__(self, model, t5_tokenizer=None, t5_length=None, shift=None):
         self.model, self.cfg = model, model.cfg
         # CLIP-L pads with end-of-text, CLIP-G with "!" (id 0), as Stability's reference and diffusers' tokenizers
@@ -133,10 +133,3 @@ class SD3Pipeline(ModelHolder):
         if decode:
             result.images = to_pil(self.decode(final))
         return result
-
-    @torch.no_grad()
-    def decode(self, latents):
-        latents = latents.to(self.device)
-        if self.decoder is not None:
-            return self.decoder(latents.to(self.dtype))
-        return self.model.decode_latents(latents.to(self.dtype))
