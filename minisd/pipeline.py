@@ -130,6 +130,15 @@ class BasePipeline:
             vae.float()
         return self.model.decode_latents(latents.to(next(vae.parameters()).dtype))
 
+    def start_noise(self, b, seed, latents, height, width):
+        """Image i of b gets seed + i and a generator of its own, which draws its starting latents (unless given)
+        and then any noise the sampler draws (DDIM with eta > 0), as in diffusers: (seeds, generators, latents)."""
+        seeds = [seed + i for i in range(b)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        if latents is None:
+            latents = self.initial_latents(generators, height, width)
+        return seeds, generators, latents.to(self.device, torch.float32)
+
     def timesteps(self, t, x):
         """The step's time, one per row of x, filled on the device: a tensor built from a list is a copy from the
         host, which on a GPU makes the host wait for the GPU's queue at every model call."""
@@ -211,12 +220,7 @@ class Pipeline(BasePipeline):
         if concepts is not None:
             check_concepts(concepts, prompts, guidance, hooks)
         b = len(prompts) * n
-        seeds = [seed + i for i in range(b)]
-        # the same generators then feed any noise the sampler draws (DDIM with eta > 0), as in diffusers
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if latents is None:
-            latents = self.initial_latents(generators, height, width)
-        latents = latents.to(self.device, torch.float32)
+        seeds, generators, latents = self.start_noise(b, seed, latents, height, width)
 
         # the conditional texts, block after block of b rows, and the weight of each block
         texts, weights = [p for p in prompts for _ in range(n)], [guidance]

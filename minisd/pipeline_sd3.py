@@ -91,11 +91,7 @@ class SD3Pipeline(BasePipeline):
             raise ValueError(f"height and width must be positive multiples of {f} for SD 3 (VAE factor "
                              f"{self.cfg.vae.downsample} x patch {self.cfg.mmdit.patch_size}), got {height}x{width}")
         b = len(prompts) * n
-        seeds = [seed + i for i in range(b)]
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
-        if latents is None:
-            latents = self.initial_latents(generators, height, width)
-        latents = latents.to(self.device, torch.float32)
+        seeds, generators, latents = self.start_noise(b, seed, latents, height, width)
 
         cond, pooled = self.encode([p for p in prompts for _ in range(n)])
         cfg_on = guidance > 1.0
