@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError
+from .loading import load_model
 from .samplers import SAMPLERS, Schedule
 from .tokenizer import Tokenizer
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import CheckpointError
+from .loading import load_model
 from .pipeline import BasePipeline, Result, sample, size_unit, to_pil
 from .samplers import FLOW_SAMPLERS, FlowSchedule
 from .t5 import T5Tokenizer

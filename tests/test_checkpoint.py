@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minisd.checkpoint import (CheckpointError, check_state, detect_config, inference_keys, load_model, load_state,
-                               openclip_to_hf, read_checkpoint)
+from minisd.checkpoint import CheckpointError, check_state, detect_config, inference_keys, openclip_to_hf, \
+    read_checkpoint
 from minisd.config import tiny
+from minisd.loading import load_model, load_state
 from minisd.model import StableDiffusion
 from tools.parity import (SD1_TEXT, SD1_UNET, SD2_TEXT, SD2_UNET, SD_VAE, SD_VAE_EMBED_DIM, UNET, VAE, LdmVAE,
                           clip_state, clip_text, ldm_unet, openclip_text_shapes)

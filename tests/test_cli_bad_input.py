@@ -275,7 +275,7 @@ def test_size_rule_is_the_models(tmp_path, capsys, no_sampling):
 
 def test_non_finite_latents_stop_at_their_step(ckpt):
     from minisd.attention import AttentionHook
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
 
     class PoisonAt(AttentionHook):
         def __init__(self, step):
@@ -357,7 +357,7 @@ def test_grid_titles_steps_layers_and_metadata(ckpt, tmp_path, capsys, monkeypat
 
 
 def test_observed_layers_are_the_regulated_ones(ckpt):
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     from minisd.blocks import block_of
     from minisd.maps import AttentionMaps
     from regulation.editors import choose_targets, make_editor

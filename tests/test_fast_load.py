@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minisd.checkpoint import CheckpointError, build_model, load_model, read_safetensors, save_checkpoint
+from minisd.checkpoint import CheckpointError, build_model, read_safetensors, save_checkpoint
 from minisd.config import tiny
+from minisd.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from minisd.attention import AttentionHook, SpatialTransformer
-from minisd.checkpoint import load_model
+from minisd.loading import load_model
 from minisd.tokenizer import Tokenizer
 from tools.parity import (UNET, VAE, LdmVAE, clip_from_openclip, clip_state, clip_text, difference, ldm_unet,
                           openclip_text_state, perturb, reference_ids, save_official)

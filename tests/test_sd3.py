@@ -14,8 +14,9 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is the reference")
 
-from minisd.checkpoint import CheckpointError, detect_config, load_model, new_model  # noqa: E402
+from minisd.checkpoint import CheckpointError, detect_config, new_model  # noqa: E402
 from minisd.config import sd35_large, sd35_medium, sd3_medium, tiny_sd3  # noqa: E402
+from minisd.loading import load_model  # noqa: E402
 from minisd.pipeline_sd3 import SD3Pipeline  # noqa: E402
 from minisd.samplers import FlowSchedule, flow_dpmpp_2m, flow_euler  # noqa: E402
 from tools.bench.generate import clip_tokenizer  # noqa: E402

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers writes the folder and is the reference")
 pytest.importorskip("sentencepiece")
 
-from minisd.checkpoint import CheckpointError, load_model  # noqa: E402
+from minisd.checkpoint import CheckpointError  # noqa: E402
+from minisd.loading import load_model  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from minisd.pipeline_sd3 import SD3Pipeline  # noqa: E402
 from minisd.sample import main  # noqa: E402

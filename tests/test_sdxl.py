@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is the reference")
 
-from minisd.checkpoint import CheckpointError, check_state, detect_config, load_model, openclip_to_hf  # noqa: E402
+from minisd.checkpoint import CheckpointError, check_state, detect_config, openclip_to_hf  # noqa: E402
 from minisd.config import sdxl, tiny_sdxl  # noqa: E402
+from minisd.loading import load_model  # noqa: E402
 from minisd.model import StableDiffusion  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from tools.bench.generate import clip_tokenizer, sd_scheduler  # noqa: E402

@@ -295,7 +295,7 @@ def difference(ref, out):
 def family_parity(name, tmp, px=512):
     """Build the references of one family, keep their outputs, write the checkpoint, load it into minisd and
     compare. One reference lives at a time; their weights wait in `state` until the file is written."""
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     sd2 = name == "sd2"
     g = torch.Generator().manual_seed(0)
     lat = px // 8
@@ -358,7 +358,7 @@ def sdxl_parity(tmp, px=512):
     converter, transformers' CLIPTextModel (ViT-L) and CLIPTextModelWithProjection (bigG, from OpenCLIP's layout
     by diffusers' converter). Their outputs are kept, their tensors written as one official single file (no minisd
     metadata: detected from the keys), the references freed, and only then minisd loads the file."""
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     from minisd.unet import UNet
     from minisd.config import UNetConfig
     g = torch.Generator().manual_seed(0)

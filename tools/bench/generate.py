@@ -180,7 +180,8 @@ def compare(name, mine, theirs, size, args):
 
 
 def tiny_pipelines(args, tmp):
-    from minisd.checkpoint import build_model, load_model
+    from minisd.checkpoint import build_model
+    from minisd.loading import load_model
     from minisd.config import tiny
     from minisd.pipeline import Pipeline
     if args.random_tiny:

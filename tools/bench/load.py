@@ -27,7 +27,7 @@ def run(args):
         with torch.no_grad():
             save_checkpoint(build_model(FAMILIES[args.family]()), path)
         print(f"wrote random {args.family} weights to {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)")
-    code = ("import resource, sys, torch, minisd; from minisd.checkpoint import load_model; "
+    code = ("import resource, sys, torch, minisd; from minisd.loading import load_model; "
             f"m = load_model(sys.argv[1], dtype=torch.{args.dtype}); "
             "n = sum(p.numel() * p.element_size() for p in m.parameters()); "
             "print(minisd.__file__, n / 2 ** 20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")

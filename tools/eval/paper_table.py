@@ -110,7 +110,7 @@ def stage_args(args, out, prompts, seed, seeds, scorer):
 
 def guidance_of(args):
     """The model's default guidance (the run's, and Composable Diffusion's default concept weight)."""
-    from minisd.checkpoint import load_state
+    from minisd.loading import load_state
     return load_state(args.checkpoint)[0].default_guidance
 
 

@@ -39,7 +39,7 @@ def to_tower(images):
 
 def build(checkpoint=DEFAULT_CHECKPOINT):
     """(TinyCLIP with the checkpoint's frozen text tower and a fresh image tower and projection, tokenizer)."""
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     from minisd.tokenizer import Tokenizer
     model = load_model(checkpoint)
     text = model.cond_stage_model.float().eval().requires_grad_(False)

@@ -302,7 +302,7 @@ def _negatives(present, rng):
 def vae_roundtrip(checkpoint):
     """image uint8 -> the same image encoded and decoded by the checkpoint's VAE (posterior mean)."""
     import torch
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     model = load_model(checkpoint)
 
     @torch.no_grad()

@@ -156,7 +156,7 @@ def train_vae(model, args, run):
     vae = model.first_stage_model
     if args.vae_from:
         # the VAE of an earlier run of this tool (same config): its weights, checked key by key and shape by shape
-        from minisd.checkpoint import load_model
+        from minisd.loading import load_model
         vae.load_state_dict(load_model(args.vae_from).first_stage_model.state_dict())
         save_state(run / "vae.pt", vae=vae.state_dict(), step=args.vae_steps, source=str(args.vae_from))
         print(f"VAE taken from {args.vae_from}")
@@ -462,7 +462,7 @@ def train_unet(model, args, run, data, metadata, stage="unet"):
 def ground_from(args, run, record):
     """The ground stage on a checkpoint this tool wrote: its frozen CLIP and VAE, its UNet as the start. The
     training times of the checkpoint (its metadata) and of this stage are added up in the new file's metadata."""
-    from minisd.checkpoint import load_model
+    from minisd.loading import load_model
     model = load_model(args.init)
     meta = model.metadata or {}
     model.unet.requires_grad_(True)
