@@ -8,6 +8,7 @@ settings written beside each image. The command line (minisd/sample.py) writes w
     out = generate(job, 0)      # out.image, out.settings, out.panels (plain and method, with their maps)
 """
 import functools
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -65,6 +66,81 @@ def model_hash(path):
     return _hash(str(path), st.st_mtime_ns, st.st_size)
 
 
+def map_sizes(cfg, height, width):
+    """{block with cross-attention: (h, w) of its maps} for an image of height x width."""
+    from .blocks import attention_blocks
+    f = cfg.vae.downsample
+    return {b: (height // f // 2 ** d, width // f // 2 ** d) for b, d in attention_blocks(cfg.unet).items()}
+
+
+def check_layer_sizes(specs, cfg, height, width):
+    """Layer names are checked by regulation.layers; a map size can only be checked against the image size."""
+    sizes = map_sizes(cfg, height, width)
+    for spec in str(specs).replace(",", " ").split():
+        m = re.fullmatch(r"(\d+)(?:x(\d+))?", spec)
+        if m and (int(m.group(1)), int(m.group(2) or m.group(1))) not in sizes.values():
+            have = {}
+            for block, hw in sizes.items():
+                have.setdefault(hw, []).append(block)
+            listed = "; ".join(f"{h}x{w} ({', '.join(b)})" for (h, w), b in have.items())
+            raise UsageError(f"--regulate-layers {spec}: this model has no cross-attention maps of that size at "
+                             f"{width}x{height} px; it has {listed}")
+
+
+def available_memory(device):
+    """Bytes this machine can still give (Linux's MemAvailable, or the GPU's free memory); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_memory(cfg, height, width, dtype, batch):
+    """Rough peak bytes of activations (the weights are already loaded): the larger of one UNet call on `batch`
+    rows (the skip connections it keeps, a few tensors of its widest level, the feed-forward of its first
+    transformer; its self-attention runs blockwise) and the VAE decoding one image (a few tensors of its widest
+    level, where each upsampling doubles the side before the channels shrink, plus its one attention over the
+    whole latent, whose scores are materialised: it grows with the square of the pixels)."""
+    size = torch.finfo(dtype).bits // 8
+    u, v = cfg.unet, cfg.vae
+    hw = (height // v.downsample) * (width // v.downsample)
+    conv = max(v.ch * m * height * width // 4 ** max(d - 1, 0) for d, m in enumerate(v.ch_mult))
+    vae = size * (4 * conv + 2 * hw * hw)
+    if cfg.is_sd3:  # SD 3: a joint block's tensors over image and text tokens, and one observed block's scores
+        m = cfg.mmdit
+        tokens = hw // m.patch_size ** 2 + 154
+        return max(vae, batch * size * (16 * tokens * m.hidden_size + m.num_heads * tokens * tokens))
+    skips = sum((u.num_res_blocks + 1) * u.model_channels * m * hw // 4 ** d for d, m in enumerate(u.channel_mult))
+    widest = u.model_channels * u.channel_mult[0] * hw
+    ff = 12 * widest if 1 in u.attention_resolutions else 0
+    unet = batch * size * (skips + 4 * widest + ff)
+    return max(unet, vae)
+
+
+def check_cost(cfg, height, width, dtype, batch, device):
+    """Refuse a size whose activations cannot fit in what the machine has; warn about one far above the model's
+    own size (time grows at least with the pixels, and attention with their square)."""
+    need, have = estimate_memory(cfg, height, width, dtype, batch), available_memory(device)
+    gib = 2 ** 30
+    if have is not None and need > have:
+        raise UsageError(f"{width}x{height} needs about {need / gib:.1f} GiB for activations and {device.type} has "
+                         f"{have / gib:.1f} GiB available; choose a smaller size (this model's own is "
+                         f"{cfg.image_size}x{cfg.image_size})")
+    ratio = height * width / cfg.image_size ** 2
+    if ratio > 4:
+        warn(f"{width}x{height} is {ratio:.0f}x the pixels of this model's {cfg.image_size}x{cfg.image_size}: "
+             f"expect more than {ratio:.0f}x the time per step (attention grows with the square), about "
+             f"{need / gib:.1f} GiB of activations, and a model that was not trained at that size")
+    elif have is not None and need > have / 2:
+        warn(f"{width}x{height} needs about {need / gib:.1f} GiB of the {have / gib:.1f} GiB available")
+
+
 @dataclass
 class Job:
     """A request checked against the model and set up: what generate() needs for each seed."""
@@ -85,7 +161,6 @@ class Job:
 
 def prepare(args, pipe, log=print):
     """Everything that can be refused once the model is known, then the method's hooks, one set per seed."""
-    from .sample import check_cost, check_layer_sizes
     cfg = pipe.cfg
     unit = size_unit(cfg)
     size = (args.height or cfg.image_size, args.width or cfg.image_size)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import minisd.generate
 import minisd.pipeline
 import minisd.sample
 from minisd.checkpoint import build_model, save_checkpoint
@@ -178,13 +179,13 @@ def test_malicious_pickle_is_one_clean_line(ckpt, tmp_path, capsys, no_sampling)
 
 
 def test_size_above_the_machine_is_refused_and_far_above_the_model_warned(ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(minisd.sample, "available_memory", lambda device: 1 << 20)   # 1 MiB left
+    monkeypatch.setattr(minisd.generate, "available_memory", lambda device: 1 << 20)   # 1 MiB left
     with monkeypatch.context() as m:
         m.setattr(minisd.pipeline.Pipeline, "__call__", lambda *a, **kw: pytest.fail("sampling started"))
         line = refused(capsys, argv(ckpt, tmp_path / "out", "--height", "256", "--width", "256"))
     assert "256x256 needs about" in line and "GiB" in line and "smaller size" in line
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(minisd.sample, "available_memory", lambda device: None)   # unknown: warn only
+    monkeypatch.setattr(minisd.generate, "available_memory", lambda device: None)   # unknown: warn only
     code, _, err = call(capsys, argv(ckpt, tmp_path / "out", "--height", "160", "--width", "160", "--steps", "1"))
     assert code == 0, err
     assert re.fullmatch(r"warning: 160x160 is 25x the pixels of this model's 32x32: .*\n", err)
@@ -192,7 +193,7 @@ def test_size_above_the_machine_is_refused_and_far_above_the_model_warned(ckpt, 
 
 def test_memory_estimate_grows_with_the_pixels():
     from minisd.config import sd1
-    from minisd.sample import estimate_memory
+    from minisd.generate import estimate_memory
     small, big = (estimate_memory(sd1(), s, s, torch.float32, 2) for s in (512, 4096))
     assert 0.1 * 2 ** 30 < small < 4 * 2 ** 30      # SD 1.5 at 512 px runs in a few GiB
     assert big > 20 * 2 ** 30 and big / small >= 60     # 64x the pixels
