@@ -204,7 +204,7 @@ class MMDiT(nn.Module):
         top, left = (big - h) // 2, (big - w) // 2
         return self.pos_embed.view(1, big, big, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
-    def forward(self, x, t, context, y):
+    def forward(self, x, t, context, y, skip_layers=()):
         """x: latents (b, 16, H, W); t: timesteps sigma * 1000, (b,) or a number; context: (b, tokens, 4096);
         y: pooled text (b, 2048). Returns the predicted velocity (noise - clean latent), shaped like x."""
         b, _, H, W = x.shape
@@ -219,8 +219,9 @@ class MMDiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t, self.cfg.frequency_embedding_size).to(x.dtype))
         c = c + self.y_embedder(y.to(x.dtype))
         context = self.context_embedder(context.to(x.dtype))
-        for block in self.joint_blocks:
-            context, x = block(context, x, c, (h, w))
+        for i, block in enumerate(self.joint_blocks):
+            if i not in skip_layers:   # skip-layer guidance's extra pass: both streams go past these blocks unchanged
+                context, x = block(context, x, c, (h, w))
         x = self.final_layer(x, c)  # (b, h * w, p * p * channels)
         x = x.view(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, -1, H, W)
