@@ -42,17 +42,20 @@ def attention_steps(steps):
 
 
 def load_pipeline(args):
+    """The pipeline of the checkpoint's model kind: SD3Pipeline for SD 3, else Pipeline."""
+    from .loading import load_model
     from .pipeline import Pipeline
+    from .pipeline_sd3 import SD3Pipeline
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         hint = (" (the shipped model is missing: train it with python -m tools.testbed.train)"
                 if ckpt == DEFAULT_CHECKPOINT else "")
         raise UsageError(f"checkpoint not found: {ckpt}{hint}")
-    sd3 = {"text_files": {k: getattr(args, a, None) for k, a in (("clip_l", "clip_l"), ("clip_g", "clip_g"),
-                                                                  ("t5xxl", "t5"))},
-           "t5_tokenizer": getattr(args, "t5_tokenizer", None), "t5_length": getattr(args, "t5_length", None)}
-    return Pipeline.from_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                                    allow_pickle=args.allow_pickle, prediction=args.prediction, **sd3)
+    text_files = {k: getattr(args, a, None) for k, a in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5"))}
+    model = load_model(ckpt, device=args.device, dtype=DTYPES[args.dtype], allow_pickle=args.allow_pickle,
+                       prediction=args.prediction, text_files=text_files)
+    kind = SD3Pipeline if model.cfg.is_sd3 else Pipeline
+    return kind.from_model(model, ckpt, getattr(args, "t5_tokenizer", None), getattr(args, "t5_length", None))
 
 
 @functools.lru_cache(maxsize=8)

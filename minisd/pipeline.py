@@ -160,16 +160,20 @@ class Pipeline(BasePipeline):
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype=torch.float32, allow_pickle=False, prediction=None,
                         text_files=None, t5_tokenizer=None, t5_length=None):
-        """An SD 3 file gives an SD3Pipeline (minisd/pipeline_sd3.py), whose text encoders may come from their own
-        files (`text_files`: {"clip_l" | "clip_g" | "t5xxl": path}) and whose T5 reads `t5_tokenizer`."""
+        """SD 1.x, 2.x and SDXL; an SD 3 file is refused by name: SD3Pipeline.from_checkpoint (minisd/pipeline_sd3.py)
+        reads it, and the command line (minisd/generate.py: load_pipeline) chooses between the two."""
         model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle, prediction=prediction,
                            text_files=text_files)
+        return cls.from_model(model, path, t5_tokenizer, t5_length)
+
+    @classmethod
+    def from_model(cls, model, path, t5_tokenizer=None, t5_length=None):
+        """A loaded model read from `path`, whose diffusers folder (if it is one) brings its own tokenizers."""
         if model.cfg.is_sd3:
-            from .pipeline_sd3 import SD3Pipeline
-            return SD3Pipeline.from_model(model, path, t5_tokenizer, t5_length)
+            raise CheckpointError(f"{path} is {model.cfg.name}: load it with SD3Pipeline.from_checkpoint "
+                                  f"(minisd/pipeline_sd3.py)")
         if t5_tokenizer or t5_length:
             raise CheckpointError(f"--t5-tokenizer and --t5-length are for SD 3 files; {path} is {model.cfg.name}")
-        # a diffusers folder brings its own tokenizers
         tok = [Tokenizer.from_folder(d) if (d := Path(path) / name).is_dir() else None
                for name in ("tokenizer", "tokenizer_2")[:1 + (model.cfg.text2 is not None)]]
         return cls(model, tok)

@@ -338,10 +338,9 @@ def test_t5_needs_a_tokenizer(sd3):
 
 def test_text_encoders_from_their_own_files(sd3, tmp_path):
     """A file without text encoders (as sd3.5_medium.safetensors) + clip_l / clip_g / t5xxl files in their own
-    official layout (transformers' names, no prefix), through Pipeline.from_checkpoint: the same model."""
+    official layout (transformers' names, no prefix), through SD3Pipeline.from_checkpoint: the same model."""
     from safetensors.torch import save_file
 
-    from minisd.pipeline import Pipeline
     files = {}
     for name in ("clip_l", "clip_g", "t5xxl"):
         prefix = f"text_encoders.{name}.transformer."
@@ -352,8 +351,7 @@ def test_text_encoders_from_their_own_files(sd3, tmp_path):
         save_file(part, str(files[name]))
     bare = tmp_path / "bare.safetensors"
     save_official(bare, {k: v for k, v in sd3.state.items() if not k.startswith("text_encoders.")}, sd3.cfg)
-    pipe = Pipeline.from_checkpoint(bare, text_files=files, t5_tokenizer=sd3.spiece)
-    assert isinstance(pipe, SD3Pipeline)
+    pipe = SD3Pipeline.from_checkpoint(bare, text_files=files, t5_tokenizer=sd3.spiece)
     mine, ref = pipe.model.state_dict(), sd3.model.state_dict()
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
     with pytest.raises(CheckpointError, match="--clip-l"):

@@ -31,7 +31,7 @@ def sd3(tmp_path_factory):
     s.theirs.save_pretrained(s.diffusers)
     # transformers 5 writes T5's tokenizer as tokenizer.json only; the official folders also hold spiece.model
     shutil.copy(s.spiece, s.diffusers / "tokenizer_3" / "spiece.model")
-    s.folder = Pipeline.from_checkpoint(s.diffusers)
+    s.folder = SD3Pipeline.from_checkpoint(s.diffusers)
     return s
 
 
@@ -64,7 +64,7 @@ def test_folder_pipeline_matches_diffusers_and_the_single_file(sd3):
 
 def test_folder_without_t5(sd3, tmp_path, capsys):
     """No text_encoder_3/ (nor tokenizer_3/): one line says so, zeros stand in, as diffusers' pipeline without it."""
-    mine = Pipeline.from_checkpoint(copy_without(sd3, tmp_path, "text_encoder_3", "tokenizer_3"))
+    mine = SD3Pipeline.from_checkpoint(copy_without(sd3, tmp_path, "text_encoder_3", "tokenizer_3"))
     said = [line for line in capsys.readouterr().out.splitlines() if "text_encoder_3" in line]
     assert len(said) == 1 and "zeros" in said[0]
     assert not mine.model.text_encoders.has_t5
@@ -85,9 +85,9 @@ def test_folder_missing_a_part_is_named(sd3, tmp_path, part, says):
 def test_folder_missing_weights_or_t5_tokenizer_is_named(sd3, tmp_path):
     folder = copy_without(sd3, tmp_path, "spiece.model")
     with pytest.raises(CheckpointError) as e:
-        Pipeline.from_checkpoint(folder)
+        SD3Pipeline.from_checkpoint(folder)
     assert "tokenizer_3/spiece.model" in str(e.value) and "\n" not in str(e.value)
-    assert isinstance(Pipeline.from_checkpoint(folder, t5_tokenizer=sd3.spiece), SD3Pipeline)  # or by flag
+    assert isinstance(SD3Pipeline.from_checkpoint(folder, t5_tokenizer=sd3.spiece), SD3Pipeline)  # or by flag
     (folder / "text_encoder_2" / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="text_encoder_2: no diffusion_pytorch_model.safetensors"):
         load_model(folder)
@@ -110,3 +110,9 @@ def test_sd3_medium_shaped_folder(tmp_path):
     mine, ref = model.state_dict(), s.model.state_dict()
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
     assert (model.cfg.name, model.cfg.shift, model.cfg.default_sampler) == ("sd3-medium", 1.0, "dpmpp_2m")
+
+
+def test_sd_pipeline_names_the_sd3_one(sd3):
+    """Pipeline reads SD 1.x, 2.x and SDXL; given SD 3 it names the class that reads it (the command line chooses)."""
+    with pytest.raises(CheckpointError, match=r"SD3Pipeline\.from_checkpoint"):
+        Pipeline.from_checkpoint(sd3.diffusers)
