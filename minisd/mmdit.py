@@ -16,6 +16,8 @@ velocity, put back into the latent's shape (unpatchify).
 The joint attention takes the hook side door of minisd/attention.py: a hook sees the joint logits and probabilities
 (float32, shaped (batch, heads, text + image, text + image)); `cross_block` cuts out the image-to-text block.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,8 +42,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
 
 
-class SelfAttention(nn.Module):
-    """The q, k, v projection of one stream (fused, `qkv`), its optional qk norm, and its output projection."""
+class QKVProjection(nn.Module):
+    """One stream's side of an attention: the fused q, k, v projection (`qkv`), the optional per-head norm of q and
+    k (`ln_q`, `ln_k`) and the output projection (`proj`). The attention itself runs across both streams, in
+    JointAttention (Stability's reference calls this class SelfAttention)."""
 
     def __init__(self, dim, heads, pre_only=False, qk_norm=False):
         super().__init__()
@@ -72,44 +76,63 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class DismantledBlock(nn.Module):
-    """One stream of a joint block: adaLN-Zero modulation (shift, scale, gate for the attention and for the MLP;
-    a second shift, scale, gate for attn2 where there is one; shift and scale only when pre only), the attention's
-    projections and the MLP. The attention itself runs in JointBlock, across both streams."""
+class Modulation(NamedTuple):
+    """adaLN-Zero's vectors for one stream, (b, dim) each, in the order `adaLN_modulation` makes them: shift, scale
+    and gate of the attention's input and output (msa), of the MLP (mlp), and of attn2 where the block has one
+    (msa2). A pre-only stream makes the first two alone: it has no attention output and no MLP."""
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor = None
+    shift_mlp: torch.Tensor = None
+    scale_mlp: torch.Tensor = None
+    gate_mlp: torch.Tensor = None
+    shift_msa2: torch.Tensor = None
+    scale_msa2: torch.Tensor = None
+    gate_msa2: torch.Tensor = None
 
-    def __init__(self, dim, heads, mlp_ratio, pre_only=False, qk_norm=False, self_attn=False):
+    @staticmethod
+    def count(pre_only, with_attn2):
+        return 2 if pre_only else 9 if with_attn2 else 6
+
+
+class StreamBlock(nn.Module):
+    """One stream's half of a joint block (Stability's DismantledBlock): its adaLN-Zero modulation, its attention
+    projections (attn, and attn2 where it has one) and its MLP. `pre_attention` gives the q, k, v this stream adds
+    to the joint attention; `post_attention` takes its share of the result back."""
+
+    def __init__(self, dim, heads, mlp_ratio, pre_only=False, qk_norm=False, with_attn2=False):
         super().__init__()
-        self.pre_only, self.self_attn = pre_only, self_attn
+        self.pre_only, self.with_attn2 = pre_only, with_attn2
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, heads, pre_only, qk_norm)
-        if self_attn:
-            self.attn2 = SelfAttention(dim, heads, False, qk_norm)
+        self.attn = QKVProjection(dim, heads, pre_only, qk_norm)
+        if with_attn2:
+            self.attn2 = QKVProjection(dim, heads, False, qk_norm)
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        mods = 2 if pre_only else 9 if self_attn else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, mods * dim))
+        self.n_modulations = Modulation.count(pre_only, with_attn2)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_modulations * dim))
 
     def pre_attention(self, x, c):
-        """-> (q, k, v) of the joint attention, (q, k, v) of attn2 or None, and what post_attention needs."""
-        mods = self.adaLN_modulation(c).chunk(2 if self.pre_only else 9 if self.self_attn else 6, dim=1)
+        """-> (q, k, v) for the joint attention, (q, k, v) for attn2 or None, and the Modulation."""
+        mod = Modulation(*self.adaLN_modulation(c).chunk(self.n_modulations, dim=1))
         h = self.norm1(x)
-        qkv = self.attn.split(modulate(h, mods[0], mods[1]))
-        qkv2 = self.attn2.split(modulate(h, mods[6], mods[7])) if self.self_attn else None
-        return qkv, qkv2, mods
+        qkv = self.attn.split(modulate(h, mod.shift_msa, mod.scale_msa))
+        qkv2 = self.attn2.split(modulate(h, mod.shift_msa2, mod.scale_msa2)) if self.with_attn2 else None
+        return qkv, qkv2, mod
 
-    def post_attention(self, x, out, out2, mods):
-        _, _, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
-        x = x + gate.unsqueeze(1) * self.attn.proj(out)
+    def post_attention(self, x, out, out2, mod):
+        """out: this stream's rows of the joint attention's output, (b, n, dim); out2: attn2's or None."""
+        x = x + mod.gate_msa.unsqueeze(1) * self.attn.proj(out)
         if out2 is not None:
-            x = x + mods[8].unsqueeze(1) * self.attn2.proj(out2)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            x = x + mod.gate_msa2.unsqueeze(1) * self.attn2.proj(out2)
+        return x + mod.gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod.shift_mlp, mod.scale_mlp))
 
 
 class JointAttention(nn.Module):
-    """The hook side door of a joint block (no weights). Keys and queries are [text tokens, image tokens]: for a
-    hook, `text_keys` and `image_queries` say where each part is, and `cross_block` (attention.py) cuts the
-    image-to-text block that plays the part of a UNet's cross-attention map."""
+    """The attention of a joint block (no weights) and its hook side door. Queries and keys are [text tokens, image
+    tokens]: `text_keys` says where the text is. A hook that does not know joint attention sees it as a UNet's
+    cross-attention layer (see `AttentionHook.understands_joint` in minisd/attention.py)."""
     is_cross = True   # it reads the text: observers and editors of cross-attention look here
     joint = True
 
@@ -126,25 +149,31 @@ class JointAttention(nn.Module):
         return hooked_attention(self, q, k, v)
 
 
+def heads_to_width(t):
+    """(b, heads, n, d) -> (b, n, heads * d)."""
+    return t.transpose(1, 2).flatten(2)
+
+
 class JointBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio, pre_only, qk_norm, self_attn):
+    def __init__(self, dim, heads, mlp_ratio, pre_only, qk_norm, with_attn2):
         super().__init__()
-        self.context_block = DismantledBlock(dim, heads, mlp_ratio, pre_only, qk_norm)
-        self.x_block = DismantledBlock(dim, heads, mlp_ratio, False, qk_norm, self_attn)
+        self.context_block = StreamBlock(dim, heads, mlp_ratio, pre_only, qk_norm)
+        self.x_block = StreamBlock(dim, heads, mlp_ratio, False, qk_norm, with_attn2)
         self.joint = JointAttention(heads, dim // heads)
 
     def forward(self, context, x, c, hw):
-        (cq, ck, cv), _, cmods = self.context_block.pre_attention(context, c)
-        (xq, xk, xv), qkv2, xmods = self.x_block.pre_attention(x, c)
-        n = context.shape[1]
-        out = self.joint(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2), n, hw)
-        out = out.transpose(1, 2).flatten(2)  # (b, heads, n, d) -> (b, n, heads * d)
-        out2 = None
-        if qkv2 is not None:  # SD 3.5 Medium: image-only attention, no hooks (it never reads the text)
-            out2 = F.scaled_dot_product_attention(*qkv2).transpose(1, 2).flatten(2)
-        context = None if self.context_block.pre_only else \
-            self.context_block.post_attention(context, out[:, :n], None, cmods)
-        return context, self.x_block.post_attention(x, out[:, n:], out2, xmods)
+        (cq, ck, cv), _, context_mod = self.context_block.pre_attention(context, c)
+        (xq, xk, xv), qkv2, x_mod = self.x_block.pre_attention(x, c)
+        n_text = context.shape[1]
+        # text first, as Stability's reference concatenates
+        out = self.joint(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2), n_text, hw)
+        text_out, image_out = heads_to_width(out).split([n_text, x.shape[1]], dim=1)
+        # SD 3.5 Medium's image-only attention: no hooks (it never reads the text)
+        out2 = None if qkv2 is None else heads_to_width(F.scaled_dot_product_attention(*qkv2))
+        x = self.x_block.post_attention(x, image_out, out2, x_mod)
+        if self.context_block.pre_only:   # the last block: the text only lent its keys and values
+            return None, x
+        return self.context_block.post_attention(context, text_out, None, context_mod), x
 
 
 class PatchEmbed(nn.Module):
@@ -204,9 +233,10 @@ class MMDiT(nn.Module):
         top, left = (big - h) // 2, (big - w) // 2
         return self.pos_embed.view(1, big, big, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
-    def forward(self, x, t, context, y, skip_layers=()):
-        """x: latents (b, 16, H, W); t: timesteps sigma * 1000, (b,) or a number; context: (b, tokens, 4096);
-        y: pooled text (b, 2048). Returns the predicted velocity (noise - clean latent), shaped like x."""
+    def forward(self, x, t, y=None, context=None, skip_layers=()):
+        """x: latents (b, 16, H, W); t: timesteps sigma * 1000, (b,) or a number; y: pooled text (b, 2048); context:
+        text states (b, tokens, 4096). The arguments of Stability's MMDiTX.forward, in its order. Returns the
+        predicted velocity (noise - clean latent), shaped like x."""
         b, _, H, W = x.shape
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -222,6 +252,13 @@ class MMDiT(nn.Module):
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:   # skip-layer guidance's extra pass: both streams go past these blocks unchanged
                 context, x = block(context, x, c, (h, w))
-        x = self.final_layer(x, c)  # (b, h * w, p * p * channels)
-        x = x.view(b, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(b, -1, H, W)
+        return unpatchify(self.final_layer(x, c), h, w, p)
+
+
+def unpatchify(x, h, w, p):
+    """(b, h * w, p * p * channels) patch tokens -> (b, channels, h * p, w * p) latents. Token i * w + j holds the
+    p x p pixels of patch (i, j), row r and column s of it at latent pixel (i * p + r, j * p + s)."""
+    b = x.shape[0]
+    x = x.view(b, h, w, p, p, -1)          # (b, i, j, r, s, channels)
+    x = x.permute(0, 5, 1, 3, 2, 4)        # (b, channels, i, r, j, s)
+    return x.reshape(b, -1, h * p, w * p)  # row i * p + r, column j * p + s

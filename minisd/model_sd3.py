@@ -40,7 +40,7 @@ class StableDiffusion3(nn.Module):
     def set_hooks(self, hooks):
         self.hooks[:] = list(hooks)
 
-    def attention_layers(self, cross_only=False):
+    def attention_layers(self):
         """The joint attentions, one per joint block (each reads the text)."""
         return [m for m in self.mmdit.modules() if isinstance(m, JointAttention)]
 

@@ -113,15 +113,14 @@ class SD3Pipeline(BasePipeline):
                 h.begin_step(i, rows)
             x_in = torch.cat([x, x]) if cfg_on else x
             with torch.set_grad_enabled(grad):
-                out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), context,
-                            y).float()
+                out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), y=y, context=context).float()
             if cfg_on:
                 uncond, c = out.chunk(2)
                 out = uncond + guidance * (c - uncond)
             return out
 
         def cond_model(x, t):
-            return mmdit(x.to(self.dtype), self.timesteps(t, x), cond, pooled).float()
+            return mmdit(x.to(self.dtype), self.timesteps(t, x), y=pooled, context=cond).float()
 
         final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, self.schedule, steps,
                        generators, progress, callback,

@@ -160,10 +160,11 @@ def test_mmdit_matches_diffusers(sd3):
     pooled = torch.randn(2, m.adm_in_channels, generator=g)
     t = torch.tensor([1000.0, 37.5])
     ref = sd3.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample
-    out = sd3.model.mmdit(x, t, ctx, pooled)
+    out = sd3.model.mmdit(x, t, y=pooled, context=ctx)
     assert_close(ref, out)
     assert ref.abs().max() > 0.1, "the reference output is near zero: the comparison could not see a difference"
-    assert (sd3.model.mmdit(x, t.flip(0), ctx, pooled) - ref).abs().max() > 1e-3, "the timestep does not matter"
+    flipped = sd3.model.mmdit(x, t.flip(0), y=pooled, context=ctx)
+    assert (flipped - ref).abs().max() > 1e-3, "the timestep does not matter"
 
 
 def test_model_has_the_shape_asked(sd3):

@@ -60,11 +60,11 @@ def test_hooks_see_joint_logits_in_float32_and_explicit_path_equals_sdpa(pipe):
     m = pipe.cfg.mmdit
     x, ctx, y = torch.randn(2, 16, 8, 12, generator=g), torch.randn(2, 154, m.context_dim, generator=g), \
         torch.randn(2, m.adm_in_channels, generator=g)
-    plain = pipe.model.mmdit(x, torch.tensor([700.0, 300.0]), ctx, y)
+    plain = pipe.model.mmdit(x, torch.tensor([700.0, 300.0]), y=y, context=ctx)
     rec = Recorder()
     pipe.model.set_hooks([rec])
     try:
-        seen = pipe.model.mmdit(x, torch.tensor([700.0, 300.0]), ctx, y)
+        seen = pipe.model.mmdit(x, torch.tensor([700.0, 300.0]), y=y, context=ctx)
     finally:
         pipe.model.set_hooks([])
     assert (seen - plain).abs().max() < 1e-5 * max(1, plain.abs().max())

@@ -512,7 +512,7 @@ def sd3_parity(name, tmp, px=512, depth=None):
         ref = theirs.eval()(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=y).sample
         times["reference"] += time.perf_counter() - start
         start = time.perf_counter()
-        out = mine.eval()(x, t, ctx, y)
+        out = mine.eval()(x, t, y=y, context=ctx)
         times["minisd"] += time.perf_counter() - start
     what = f"MMDiT call, {px} px, t=750, 77 + 77 text tokens" + (f", first {depth} blocks" if depth else "")
     rows.append((name, what, *difference(ref, out), ref.abs().max().item()))
