@@ -13,6 +13,10 @@ gives those that have `begin_run(seeds)` the seed of each image before sampling 
 numbers can give each image its own generator), tells them the step index and which batch rows are conditional
 before each UNet call, and removes them after. It checks the latents after every step and stops with a
 NonFiniteError at the first step that overflowed.
+
+Image-to-image (`init_image`, `denoise`): the image's latents, noised to the level of the step the run starts at,
+replace the starting noise, and only the last steps run (as diffusers' img2img pipelines choose them: the last
+int(steps * denoise)); the hooks and the callback count the steps that run from 0.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +72,24 @@ def check_concepts(concepts, prompts, guidance, hooks):
         raise ValueError("composable concepts cannot be combined with attention editors or observers (hooks)")
 
 
+def init_images(image, b):
+    """Image-to-image's images: a PIL image, a list of them (one, or one per image of the batch), or a tensor
+    (1 or b, 3, h, w) in [0, 1] -> (b, 3, h, w) float32 in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)):
+        if len({im.size for im in image}) > 1:
+            raise ValueError(f"the init images differ in size: {sorted({im.size for im in image})}")
+        image = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                             for im in image])
+    if not torch.is_tensor(image) or image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"init_image must be a PIL image, a list of them or a (n, 3, h, w) tensor in [0, 1], got "
+                         f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+    if image.shape[0] not in (1, b):
+        raise ValueError(f"got {image.shape[0]} init images for {b} images: give one, or one per image")
+    return image.float().expand(b, -1, -1, -1)
+
+
 def to_pil(images):
     """(b, 3, h, w) in [0, 1] -> PIL images."""
     arr = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
@@ -90,11 +112,12 @@ def sample(model, hooks, sampler, model_fn, cond_model, latents, schedule, steps
             x = h.edit_latents(x, t, i, cond_model)
         return x
 
-    bar = tqdm(total=steps, disable=not progress, leave=False, desc="steps")
+    runs = steps - sampler_options.get("start", 0)   # image-to-image runs the last steps only
+    bar = tqdm(total=runs, disable=not progress, leave=False, desc="steps")
 
     def on_step(info):
         if not torch.isfinite(info["x"]).all():
-            raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {steps} ({about}): "
+            raise NonFiniteError(f"the latents stopped being finite at step {info['i'] + 1} of {runs} ({about}): "
                                  f"use float32 or bfloat16, or a smaller guidance scale")
         bar.update(1)
         if callback:
@@ -131,14 +154,56 @@ class BasePipeline:
             vae.float()
         return self.model.decode_latents(latents.to(next(vae.parameters()).dtype))
 
-    def start_noise(self, b, seed, latents, height, width):
-        """Image i of b gets seed + i and a generator of its own, which draws its starting latents (unless given)
-        and then any noise the sampler draws (DDIM with eta > 0), as in diffusers: (seeds, generators, latents)."""
+    def start_noise(self, b, seed, latents, height, width, images=None):
+        """Image i of b gets seed + i and a generator of its own, which draws (image-to-image) its image's latents
+        from the VAE's posterior, then its starting noise (unless `latents` gives it), then any noise the sampler
+        draws (DDIM with eta > 0), in diffusers' order: (seeds, generators, noise, the images' latents or None)."""
         seeds = [seed + i for i in range(b)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+        init = None if images is None else self.encode_images(images, generators)
         if latents is None:
             latents = self.initial_latents(generators, height, width)
-        return seeds, generators, latents.to(self.device, torch.float32)
+        return seeds, generators, latents.to(self.device, torch.float32), init
+
+    @torch.no_grad()
+    def encode_images(self, images, generators):
+        """Images (b, 3, h, w) in [0, 1] -> the latents the model reads, image i's drawn from the VAE's posterior by
+        generator i (one encoder call per image, as diffusers' img2img pipelines given a list of generators)."""
+        vae = self.model.first_stage_model
+        if self.cfg.vae_upcast and self.dtype == torch.float16:  # as decode: SDXL's VAE overflows in float16
+            vae.float()
+        dtype = next(vae.parameters()).dtype
+        return torch.cat([self.model.encode_images(images[i:i + 1].to(self.device, dtype), g).float()
+                          for i, g in enumerate(generators)])
+
+    def image_to_image(self, init_image, denoise, b, height, width, steps):
+        """Image-to-image's inputs checked: (images (b, 3, h, w) in [0, 1] or None, height, width, the step the
+        run starts at). The run keeps the image's size: height and width, if given, must be the image's."""
+        if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
+            raise ValueError(f"denoise is the fraction of the steps that run, in (0, 1]; got {denoise!r}")
+        if init_image is None:
+            if denoise != 1:
+                raise ValueError("denoise applies to image-to-image: give init_image")
+            return None, height, width, 0
+        images = init_images(init_image, b)
+        h, w = images.shape[-2:]
+        if (height or h, width or w) != (h, w):
+            raise ValueError(f"image-to-image keeps the init image's size, {w}x{h}; got width {width}, height "
+                             f"{height}: leave them out, or resize the image")
+        f = size_unit(self.cfg)
+        if h % f or w % f:
+            raise ValueError(f"the init image is {w}x{h} px; this model needs sides that are multiples of {f}: crop "
+                             f"or resize it (e.g. to {max(f, w // f * f)}x{max(f, h // f * f)})")
+        start = self.start_step(steps, denoise)
+        if start >= steps:
+            raise ValueError(f"denoise {denoise} of {steps} steps runs no step; raise denoise or steps")
+        return images, h, w, start
+
+    @staticmethod
+    def start_step(steps, denoise):
+        """The step image-to-image starts at, as diffusers' img2img pipelines choose it: the last
+        int(steps * denoise) steps run (get_timesteps: init_timestep = min(int(steps * strength), steps))."""
+        return steps - min(int(steps * denoise), steps)
 
     def timesteps(self, t, x):
         """The step's time, one per row of x, filled on the device: a tensor built from a list is a copy from the
@@ -208,12 +273,16 @@ class Pipeline(BasePipeline):
 
     def __call__(self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
                  n=1, sampler="dpmpp_2m", spacing="leading", latents=None, hooks=(), return_latents=False,
-                 callback=None, progress=False, decode=True, grad=False, concepts=None, **sampler_options):
+                 callback=None, progress=False, decode=True, grad=False, concepts=None, init_image=None, denoise=1.0,
+                 **sampler_options):
         """`concepts`: Composable Diffusion's [(text, weight), ...] for the one prompt: the UNet then reads each
-        concept instead of the prompt, each weighted by its own scale (guidance must be above 1)."""
+        concept instead of the prompt, each weighted by its own scale (guidance must be above 1). `init_image`
+        (see init_images) and `denoise`: image-to-image, the last int(steps * denoise) steps from the image."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = steps or self.cfg.default_steps
         guidance = self.cfg.default_guidance if guidance is None else guidance
+        b = len(prompts) * n
+        images, height, width, start = self.image_to_image(init_image, denoise, b, height, width, steps)
         height, width = height or self.cfg.image_size, width or self.cfg.image_size
         f = size_unit(self.cfg)
         if height % f or width % f or height <= 0 or width <= 0:
@@ -224,8 +293,7 @@ class Pipeline(BasePipeline):
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
         if concepts is not None:
             check_concepts(concepts, prompts, guidance, hooks)
-        b = len(prompts) * n
-        seeds, generators, latents = self.start_noise(b, seed, latents, height, width)
+        seeds, generators, latents, init = self.start_noise(b, seed, latents, height, width, images)
 
         # the conditional texts, block after block of b rows, and the weight of each block
         texts, weights = [p for p in prompts for _ in range(n)], [guidance]
@@ -272,7 +340,8 @@ class Pipeline(BasePipeline):
 
         final = sample(self.model, hooks, SAMPLERS[sampler], model_fn, cond_unet, latents,
                        Schedule.for_model(self.cfg, spacing), steps, generators, progress, callback,
-                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}", sampler_options)
+                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}",
+                       {**sampler_options, "init": init, "start": start})
         result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
         if decode:
             pixels = self.decode(final)

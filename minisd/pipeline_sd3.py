@@ -3,8 +3,11 @@ rectified flow, with classifier-free guidance) -> latents -> 16-channel VAE -> i
 
 The same hook contract as pipeline.py: hooks get `begin_run(seeds)` where they have it, `begin_step(i, rows)`
 before each MMDiT call (rows: the conditional half), and are removed after. Hooks with `edit_latents` (Attend-and-
-Excite) get a conditional MMDiT pass they can differentiate through at the start of each step.
+Excite) get a conditional MMDiT pass they can differentiate through at the start of each step. Skip-layer
+guidance's extra pass is conditional throughout: hooks are told so (rows: all) and edit or observe it as any other.
 """
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +18,40 @@ from .pipeline import BasePipeline, Result, sample, size_unit, to_pil
 from .samplers import FLOW_SAMPLERS, FlowSchedule
 from .t5 import T5Tokenizer
 from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """Skip-layer guidance (SLG), as Stability's reference samples it (SkipLayerCFGDenoiser in sd3_impls.py): at
+    the steps i with start * steps < i < end * steps, one more conditional MMDiT pass leaves the joint blocks
+    `layers` out, and the guided prediction moves away from it by `scale` times (conditional - skipped). Stability
+    writes it on the denoised latents, diffusers (skip_guidance_layers) on the velocity: the same, since the two are
+    affine in each other at one x and sigma. i counts the steps that run (image-to-image: from the first that
+    runs) and steps is the run's full count, as in the reference."""
+    layers: tuple = (7, 8, 9)
+    scale: float = 2.5
+    start: float = 0.01
+    end: float = 0.2
+
+    def check(self, depth):
+        if not self.layers or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth
+                                  for i in self.layers):
+            raise ValueError(f"skip-layer guidance's layers must be joint block numbers 0..{depth - 1} of this "
+                             f"model; got {', '.join(map(str, self.layers)) or 'none'}")
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"skip-layer guidance's scale must be a finite number >= 0, got {self.scale}")
+        if not 0 <= self.start < self.end <= 1:
+            raise ValueError(f"skip-layer guidance's start and end are fractions of the steps, 0 <= start < end <= 1;"
+                             f" got start {self.start}, end {self.end}")
+
+    def active(self, i, steps):
+        return self.scale > 0 and self.start * steps < i < self.end * steps
+
+
+# SD 3.5 Medium's setting in Stability's reference (sd3_infer.py's CONFIGS, run with --skip_layer_cfg), and the
+# guidance that setting names
+SLG_MEDIUM = SkipLayerGuidance(layers=(7, 8, 9), scale=2.5, start=0.01, end=0.2)
+SLG_MEDIUM_GUIDANCE = 4.0
 
 
 class SD3Pipeline(BasePipeline):
@@ -70,6 +107,13 @@ class SD3Pipeline(BasePipeline):
         """Prompts -> (context (b, 77 + T5 tokens, 4096), pooled (b, 2048))."""
         return self.model.encode_text(self.ids(prompts))
 
+    @staticmethod
+    def start_step(steps, denoise):
+        """The step image-to-image starts at, as Stability's reference chooses it: the sigmas from
+        int(steps * (1 - denoise)) on (sd3_infer.py, do_sampling). diffusers' SD 3 img2img takes
+        int(steps - steps * denoise), which float rounding can make one less."""
+        return int(steps * (1 - denoise))
+
     def initial_latents(self, generators, height, width):
         f = self.cfg.vae.downsample
         shape = (1, self.cfg.mmdit.in_channels, height // f, width // f)
@@ -77,7 +121,10 @@ class SD3Pipeline(BasePipeline):
 
     def __call__(self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
                  n=1, sampler=None, latents=None, hooks=(), return_latents=False, callback=None, progress=False,
-                 decode=True, grad=False, spacing=None, concepts=None, **sampler_options):
+                 decode=True, grad=False, spacing=None, concepts=None, init_image=None, denoise=1.0, slg=None,
+                 **sampler_options):
+        """`init_image` and `denoise`: image-to-image (pipeline.py), from step int(steps * (1 - denoise)). `slg`: a
+        SkipLayerGuidance, or None (the reference's default: none)."""
         if concepts is not None:
             raise ValueError("composable concepts are not implemented for SD 3")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -86,13 +133,16 @@ class SD3Pipeline(BasePipeline):
         sampler = sampler or self.cfg.default_sampler
         if sampler not in FLOW_SAMPLERS:
             raise ValueError(f"SD 3 samples with {', '.join(FLOW_SAMPLERS)}; got {sampler!r}")
+        if slg is not None:
+            slg.check(self.cfg.mmdit.depth)
+        b = len(prompts) * n
+        images, height, width, start = self.image_to_image(init_image, denoise, b, height, width, steps)
         height, width = height or self.cfg.image_size, width or self.cfg.image_size
         f = size_unit(self.cfg)
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f} for SD 3 (VAE factor "
                              f"{self.cfg.vae.downsample} x patch {self.cfg.mmdit.patch_size}), got {height}x{width}")
-        b = len(prompts) * n
-        seeds, generators, latents = self.start_noise(b, seed, latents, height, width)
+        seeds, generators, latents, init = self.start_noise(b, seed, latents, height, width, images)
 
         cond, pooled = self.encode([p for p in prompts for _ in range(n)])
         cfg_on = guidance > 1.0
@@ -114,9 +164,17 @@ class SD3Pipeline(BasePipeline):
             x_in = torch.cat([x, x]) if cfg_on else x
             with torch.set_grad_enabled(grad):
                 out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), y=y, context=context).float()
+            c = out
             if cfg_on:
                 uncond, c = out.chunk(2)
                 out = uncond + guidance * (c - uncond)
+            if slg is not None and slg.active(i, steps):
+                for h in hooks:
+                    h.begin_step(i, slice(None))
+                with torch.set_grad_enabled(grad):
+                    skipped = mmdit(x.to(self.dtype), self.timesteps(t, x), y=pooled, context=cond,
+                                    skip_layers=slg.layers).float()
+                out = out + slg.scale * (c - skipped)
             return out
 
         def cond_model(x, t):
@@ -124,7 +182,8 @@ class SD3Pipeline(BasePipeline):
 
         final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, self.schedule, steps,
                        generators, progress, callback,
-                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}", sampler_options)
+                       f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}",
+                       {**sampler_options, "init": init, "start": start})
         result = Result(images=[], seeds=seeds, latents=final if return_latents else None)
         if decode:
             result.images = to_pil(self.decode(final))

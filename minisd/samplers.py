@@ -36,6 +36,11 @@ Every sampler has one signature, `sampler(model, x, schedule, steps, *, generato
       Only stochastic sampling (ddim with eta > 0) draws noise.
   edit(x_in, t, i) -> x_in: optional, changes the latents at the start of each step (Attend-and-Excite's update),
       in the model-input view.
+  init, start: image-to-image (SDEdit: Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic
+      Differential Equations"). init is the clean latent of the given image; the sampler noises it with x to the
+      level of its step `start` (as the diffusers scheduler's add_noise does there) and runs only the steps
+      start..steps-1, which model, edit and callback see as i = 0, 1, ...: the steps that run. start = 0 with init
+      still starts from the image (noised to the first level, which for SD is not quite pure noise).
   callback(dict(i, t, x, denoised)) after each step: x = the sampler's latents after the step (for euler these are
       scaled by sqrt(sigma^2 + 1) as diffusers holds them), denoised = the predicted x0 of that step.
 Samplers compute in float32 and return float32 latents.
@@ -148,6 +153,19 @@ def _noise(like, generator):
     return torch.randn(like.shape, generator=g, device=device, dtype=like.dtype).to(like.device)
 
 
+def _check_start(init, start, steps):
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
+        raise ValueError(f"start must be a step index in 0..{steps - 1}, got {start!r}")
+    if start and init is None:
+        raise ValueError("start > 0 is image-to-image: give init, the image's latents")
+
+
+def _add_noise(schedule, init, noise, t):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: the image's latents noised to timestep t (image-to-image)."""
+    abar = schedule.alphas_cumprod[t]
+    return abar ** 0.5 * init.float() + (1 - abar) ** 0.5 * noise
+
+
 def _edit(edit, x, t, i, scale=1.0):
     """A latent edit before a step's model call (Attend-and-Excite moves the latents here). The edit sees and
     returns latents as the model sees them (for euler, divided by sqrt(sigma^2 + 1))."""
@@ -163,7 +181,7 @@ def _report(callback, i, t, x, denoised):
 
 # ---------------------------------------------------------------------------------------------------- samplers
 
-def ddim(model, x, schedule, steps, *, generator=None, callback=None, edit=None, eta=0.0):
+def ddim(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0, eta=0.0):
     """DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16).
 
     Each step re-noises the model's x0 guess to the next level with the model's own eps guess, so with eta = 0 the
@@ -173,9 +191,13 @@ def ddim(model, x, schedule, steps, *, generator=None, callback=None, edit=None,
     x = _prepare(x, schedule, steps, generator)
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    _check_start(init, start, steps)
     abar = schedule.alphas_cumprod
     jump = schedule.num_train_timesteps // steps
-    for i, t in enumerate(_discrete(schedule, steps)):
+    ts = _discrete(schedule, steps)[start:]
+    if init is not None:
+        x = _add_noise(schedule, init, x, ts[0])
+    for i, t in enumerate(ts):
         x = _edit(edit, x, t, i)
         out = _predict(model, x, t, i)
         eps, x0 = _eps_and_x0(schedule, out, x, abar[t])
@@ -192,7 +214,7 @@ def ddim(model, x, schedule, steps, *, generator=None, callback=None, edit=None,
     return x
 
 
-def euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+def euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma, in the form of Karras et al.
     2022, "Elucidating the Design Space of Diffusion-Based Generative Models" (their Algorithm 1 without the
     second-order correction); here x = x_t / sqrt(abar_t), whose noise level is sigma.
@@ -201,11 +223,15 @@ def euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None
     (its defaults: sigmas interpolated linearly at float timesteps, final sigma 0).
     """
     x = _prepare(x, schedule, steps, generator)
-    ts = [float(np.float32(t)) for t in schedule.timesteps(steps)]  # diffusers keeps euler's timesteps in float32
+    _check_start(init, start, steps)
+    ts = [float(np.float32(t)) for t in schedule.timesteps(steps)][start:]  # diffusers keeps them in float32
     sigmas = [schedule.sigma_at(t) for t in ts] + [torch.tensor(0.0)]
-    # diffusers' init_noise_sigma: the true std of x_T, sqrt(sigma^2 + 1), for "leading", but sigma alone for
-    # "linspace" and "trailing". We keep both so that seeds reproduce.
-    x = x * (sigmas[0] if schedule.spacing in ("linspace", "trailing") else (sigmas[0] ** 2 + 1) ** 0.5)
+    if init is not None:   # in the sigma view x = x0 + sigma eps (diffusers' add_noise)
+        x = init.float() + sigmas[0] * x
+    else:
+        # diffusers' init_noise_sigma: the true std of x_T, sqrt(sigma^2 + 1), for "leading", but sigma alone for
+        # "linspace" and "trailing". We keep both so that seeds reproduce.
+        x = x * (sigmas[0] if schedule.spacing in ("linspace", "trailing") else (sigmas[0] ** 2 + 1) ** 0.5)
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x = _edit(edit, x, t, i, (sigma ** 2 + 1) ** 0.5)
@@ -219,7 +245,7 @@ def euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None
     return x
 
 
-def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
     Models", Algorithm 2).
 
@@ -235,7 +261,11 @@ def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=N
         raise ValueError(f"dpmpp_2m takes at most {schedule.num_train_timesteps - 1} steps")
     # diffusers lays out steps + 1 timesteps and replaces the lowest by sigma = 0 for "leading" and "linspace",
     # but only `steps` for "trailing": for 50 leading steps that is 951, 932, ..., 20 (not DDIM's 981..1).
+    _check_start(init, start, steps)
     ts = _discrete(schedule, steps) if schedule.spacing == "trailing" else _discrete(schedule, steps + 1)[:-1]
+    ts = ts[start:]
+    if init is not None:
+        x = _add_noise(schedule, init, x, ts[0])
     abar = schedule.alphas_cumprod
     x0_old = h_old = None
     for i, t in enumerate(ts):
@@ -255,19 +285,25 @@ def dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=N
     return x
 
 
-def plms(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+def plms(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0):
     """PLMS, the pseudo linear multistep method (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
     Manifolds", eq. 9 and 12) as the original SD release ran it (no Runge-Kutta warm-up).
 
     Every step is a DDIM jump, but with eps extrapolated from the last predictions by the Adams-Bashforth formulas
     (orders 1..4 as history builds up). The first step has no history, so it calls the model twice: at the start and
     at a provisional DDIM result one step on, and averages the two (a Heun step). Equals diffusers'
-    PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False), the scheduler SD 1.x ships with.
+    PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False), the scheduler SD 1.x ships with. Image-to-image
+    starts afresh at step `start` (its first step is the two-call one); diffusers' img2img slices PNDM's timestep
+    list, which repeats one timestep, at the same index, and so starts one level noisier and evaluates the model
+    at timesteps one behind its latents: there it does not equal diffusers.
     """
     x = _prepare(x, schedule, steps, generator)
+    _check_start(init, start, steps)
     abar = schedule.alphas_cumprod
     jump = schedule.num_train_timesteps // steps
-    ts = _discrete(schedule, steps)
+    ts = _discrete(schedule, steps)[start:]
+    if init is not None:
+        x = _add_noise(schedule, init, x, ts[0])
 
     def jump_to(x, out, t, prev):
         eps, x0 = _eps_and_x0(schedule, out, x, abar[t])
@@ -279,7 +315,7 @@ def plms(model, x, schedule, steps, *, generator=None, callback=None, edit=None)
     for i, t in enumerate(ts):
         x = _edit(edit, x, t, i)
         out = _predict(model, x, t, i)
-        if i == 0 and steps > 1:
+        if i == 0 and len(ts) > 1:
             x_provisional, _ = jump_to(x, out, t, t - jump)
             out2 = _predict(model, x_provisional, ts[1], i)
             outs.append(out)
@@ -340,20 +376,29 @@ class FlowSchedule:
         return torch.tensor(np.append(s, 0.0), dtype=torch.float32)
 
 
-def _flow_prepare(x, schedule, steps, generator):
+def _flow_prepare(x, schedule, steps, generator, init, start):
+    """(starting x, the sigmas of the steps that run and the one after). Image-to-image: the image's latents
+    noised to the first sigma that runs, x = (1 - sigma) init + sigma noise (Stability's noise_scaling, diffusers'
+    scale_noise)."""
     if not isinstance(schedule, FlowSchedule):
         raise TypeError(f"schedule must be a samplers.FlowSchedule, got {type(schedule).__name__}")
     if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per row")
-    return x.float(), schedule.sigmas(steps)
+    sigmas = schedule.sigmas(steps)
+    _check_start(init, start, steps)
+    sigmas = sigmas[start:]
+    x = x.float()
+    if init is not None:
+        x = (1 - sigmas[0]) * init.float() + sigmas[0] * x
+    return x, sigmas
 
 
-def flow_euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+def flow_euler(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0):
     """Euler's method on the flow ODE dx/dsigma = v: x <- x + (sigma_next - sigma) v. Starts from x = eps (sigma
     = 1). `model(x, t, i)` returns v at t = 1000 sigma. Equals diffusers' FlowMatchEulerDiscreteScheduler (SD 3's
     pipeline) and Stability's `sample_euler`."""
-    x, sigmas = _flow_prepare(x, schedule, steps, generator)
-    for i in range(steps):
+    x, sigmas = _flow_prepare(x, schedule, steps, generator, init, start)
+    for i in range(len(sigmas) - 1):
         sigma, t = sigmas[i], float(sigmas[i] * schedule.num_train_timesteps)
         x = _edit(edit, x, t, i)
         v = _predict(model, x, t, i)
@@ -363,13 +408,13 @@ def flow_euler(model, x, schedule, steps, *, generator=None, callback=None, edit
     return x
 
 
-def flow_dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None):
+def flow_dpmpp_2m(model, x, schedule, steps, *, generator=None, callback=None, edit=None, init=None, start=0):
     """DPM-Solver++(2M) as Stability's reference runs it on SD 3 (`sample_dpmpp_2m`, its default sampler): k-diffusion's
     form in lambda = -log sigma applied to the flow's sigmas and the model's clean-latent guess x0 = x - sigma v;
     the first step, and the step to sigma = 0, are first order."""
-    x, sigmas = _flow_prepare(x, schedule, steps, generator)
+    x, sigmas = _flow_prepare(x, schedule, steps, generator, init, start)
     x0_old = None
-    for i in range(steps):
+    for i in range(len(sigmas) - 1):
         sigma, sigma_next, t = sigmas[i], sigmas[i + 1], float(sigmas[i] * schedule.num_train_timesteps)
         x = _edit(edit, x, t, i)
         x0 = x - sigma * _predict(model, x, t, i)
