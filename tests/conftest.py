@@ -1,7 +1,9 @@
 """Shared fixtures: where ../shared is, tiny configs, and a tiny diffusers-format folder written by diffusers and
 transformers themselves (the reference models come back with it, for the parity tests)."""
+import copy
 import json
 import os
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,37 @@ torch.set_num_threads(int(os.environ.get("MINISD_TEST_THREADS", "1")))
 
 
 LDM_INSTALL = "pip install --no-deps stable-diffusion-sdkit==2.1.5"
+
+# Parity tolerances (docs/exactness.md, "How tolerances are chosen"): a reference's float32 noise floor is measured
+# here, on this CPU, as how far the reference run in float32 lands from the same reference run in float64; minisd
+# must land within FLOOR_FACTOR floors of the float32 reference. minisd measured at 0 to 1.3 floors.
+FLOOR_FACTOR = 10
+FLOAT32_EPS = 2.0 ** -23   # the least floor: one float32 step at the output scale
+_FLOAT64_TWINS = weakref.WeakKeyDictionary()
+
+
+def float64_twin(reference):
+    """A float64 copy of a reference model or pipeline (its float32 weights exactly), made once per reference."""
+    if reference not in _FLOAT64_TWINS:
+        _FLOAT64_TWINS[reference] = copy.deepcopy(reference).to(torch.float64)
+    return _FLOAT64_TWINS[reference]
+
+
+def float32_floor(ref, ref64):
+    """What float32 alone changes in a reference output: max |ref - ref64| over the output scale max(1, max |ref|)."""
+    d = (ref.double() - ref64.double()).abs().max().item()
+    return max(d / max(1.0, ref.abs().max().item()), FLOAT32_EPS)
+
+
+def assert_within_floor(ref, out, ref64, factor=FLOOR_FACTOR):
+    """minisd's `out` within `factor` float32 floors (float32_floor) of the float32 reference `ref`."""
+    assert ref.shape == out.shape, (ref.shape, out.shape)
+    floor = float32_floor(ref, ref64)
+    d = (ref.double() - out.double()).abs().max().item()
+    rel = d / max(1.0, ref.abs().max().item())
+    assert rel <= factor * floor, (f"max abs difference {d:.3g} is {rel:.3g} of the output scale, {rel / floor:.2f} "
+                                   f"float32 floors (the reference's own float32 noise here: {floor:.3g}); "
+                                   f"tolerance {factor} floors")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -20,21 +20,17 @@ from minisd.loading import load_model  # noqa: E402
 from minisd.pipeline_sd3 import SD3Pipeline  # noqa: E402
 from minisd.samplers import FlowSchedule, flow_dpmpp_2m, flow_euler  # noqa: E402
 from tools.bench.generate import clip_tokenizer  # noqa: E402
-from tools.parity import difference, random_official, save_official  # noqa: E402
+from tools.parity import random_official, save_official  # noqa: E402
+
+try:
+    from conftest import assert_within_floor as assert_close, float64_twin
+except ImportError:
+    from tests.conftest import assert_within_floor as assert_close, float64_twin
 
 PROMPTS = ["a red circle left of a blue square", "a hummingbird over a green hill, studio photo"]
 NEGATIVE = ["blurry, grey", ""]
 WORDS = ("a an the red blue green yellow grey circle square triangle star cat dog bird over under left right of on "
          "top photo hummingbird hill studio sphere cube big small blurry").split()
-
-TOL = 1e-5
-
-
-def assert_close(ref, out, tol=TOL):
-    assert ref.shape == out.shape, (ref.shape, out.shape)
-    d, rel = difference(ref, out)
-    assert rel <= tol, f"max abs difference {d:.3g} is {rel:.3g} of the output scale (tolerance {tol})"
-
 
 def transformer_config(cfg):
     m = cfg.mmdit
@@ -159,9 +155,12 @@ def test_mmdit_matches_diffusers(sd3):
     ctx = torch.randn(2, 154, m.context_dim, generator=g)
     pooled = torch.randn(2, m.adm_in_channels, generator=g)
     t = torch.tensor([1000.0, 37.5])
-    ref = sd3.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample
+    twin = float64_twin(sd3.transformer)
+    ref, ref64 = (model(hidden_states=x.to(dtype), timestep=t.to(dtype), encoder_hidden_states=ctx.to(dtype),
+                        pooled_projections=pooled.to(dtype)).sample
+                  for model, dtype in ((sd3.transformer, torch.float32), (twin, torch.float64)))
     out = sd3.model.mmdit(x, t, y=pooled, context=ctx)
-    assert_close(ref, out)
+    assert_close(ref, out, ref64)
     assert ref.abs().max() > 0.1, "the reference output is near zero: the comparison could not see a difference"
     flipped = sd3.model.mmdit(x, t.flip(0), y=pooled, context=ctx)
     assert (flipped - ref).abs().max() > 1e-3, "the timestep does not matter"
@@ -179,7 +178,7 @@ def test_model_has_the_shape_asked(sd3):
 @torch.no_grad()
 def test_vae_matches_diffusers(sd3):
     z = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(8))
-    assert_close(sd3.vae.decode(z).sample, sd3.model.vae.decode(z))
+    assert_close(sd3.vae.decode(z).sample, sd3.model.vae.decode(z), float64_twin(sd3.vae).decode(z.double()).sample)
     assert not hasattr(sd3.model.vae.post_quant_conv, "weight"), "SD 3's VAE has no post_quant_conv"
     assert sd3.vae.config.scaling_factor == sd3.model.cfg.vae.scale_factor == 1.5305
 
@@ -219,12 +218,14 @@ def test_flow_euler_matches_diffusers_step_by_step():
     def model(x, t, i):  # any smooth function of (x, t) stands in for the MMDiT
         return torch.sin(x * (1 + t / 1000)) - 0.3 * x
 
-    s = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    s.set_timesteps(10)
-    ref = x.clone()
-    for t in s.timesteps:
-        ref = s.step(model(ref, float(t), 0), t, ref).prev_sample
-    assert_close(ref, flow_euler(model, x, FlowSchedule(3.0), 10), 1e-6)
+    def reference(x):
+        s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        s.set_timesteps(10)
+        for t in s.timesteps:
+            x = s.step(model(x, float(t), 0), t, x).prev_sample
+        return x
+
+    assert_close(reference(x), flow_euler(model, x, FlowSchedule(3.0), 10), reference(x.double()))
 
 
 def test_flow_dpmpp_2m_matches_stabilitys_sampler():
@@ -235,19 +236,21 @@ def test_flow_dpmpp_2m_matches_stabilitys_sampler():
     def velocity(x, t, i):
         return torch.cos(x * (1 + t / 1000)) + 0.2 * x
 
-    sigmas = FlowSchedule(3.0).sigmas(8)
-    ref, old = x.clone(), None
-    for i in range(len(sigmas) - 1):
-        denoised = ref - velocity(ref, float(sigmas[i] * 1000), i) * sigmas[i]
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
-        h = t_next - t
-        if old is None or sigmas[i + 1] == 0:
-            ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * denoised
-        else:
-            r = (t - (-sigmas[i - 1].log())) / h
-            ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
-        old = denoised
-    assert_close(ref, flow_dpmpp_2m(velocity, x, FlowSchedule(3.0), 8), 1e-6)
+    def reference(ref):
+        sigmas, old = FlowSchedule(3.0).sigmas(8).to(ref.dtype), None
+        for i in range(len(sigmas) - 1):
+            denoised = ref - velocity(ref, float(sigmas[i] * 1000), i) * sigmas[i]
+            t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = t_next - t
+            if old is None or sigmas[i + 1] == 0:
+                ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * denoised
+            else:
+                r = (t - (-sigmas[i - 1].log())) / h
+                ref = (sigmas[i + 1] / sigmas[i]) * ref - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
+            old = denoised
+        return ref
+
+    assert_close(reference(x), flow_dpmpp_2m(velocity, x, FlowSchedule(3.0), 8), reference(x.double()))
 
 
 @torch.no_grad()
@@ -260,32 +263,35 @@ def test_text_states_match_diffusers(sd3):
     mine = sd3.mine.ids(PROMPTS)
     assert all(torch.equal(a, b) for a, b in zip(ids, mine)), "token ids differ"
     assert mine[2].shape[1] == 77 and (mine[2][:, -1] == 0).all() and (mine[2] == 1).sum() == len(PROMPTS)
-    ref, _, ref_pooled, _ = theirs.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
-                                                 max_sequence_length=77)
+    (ref, _, ref_pooled, _), (ref64, _, ref_pooled64, _) = (
+        pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False, max_sequence_length=77)
+        for pipe in (theirs, float64_twin(theirs)))
     context, pooled = sd3.model.encode_text(mine)
-    assert_close(ref, context)
-    assert_close(ref_pooled, pooled)
+    assert_close(ref, context, ref64)
+    assert_close(ref_pooled, pooled, ref_pooled64)
     assert context.shape == (2, 154, sd3.cfg.mmdit.context_dim)
 
 
 def run_both(sd3, guidance, negative, mine=None, theirs=None, sequence=77, steps=4):
+    """-> final latents: diffusers' (float32), minisd's, diffusers' in float64 (what float32 alone changes)."""
     mine, theirs = mine or sd3.mine, theirs or sd3.theirs
     px = sd3.cfg.image_size
     side = px // sd3.cfg.vae.downsample
     latents = torch.randn(len(PROMPTS), 16, side, side, generator=torch.Generator().manual_seed(3))
-    ref = theirs(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                 latents=latents.clone(), height=px, width=px, output_type="latent",
-                 max_sequence_length=sequence).images
+    ref, ref64 = (pipe(PROMPTS, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                       latents=latents.to(dtype), height=px, width=px, output_type="latent",
+                       max_sequence_length=sequence).images
+                  for pipe, dtype in ((theirs, torch.float32), (float64_twin(theirs), torch.float64)))
     out = mine(PROMPTS, negative_prompt=negative, steps=steps, guidance=guidance, sampler="euler",
                latents=latents.clone(), height=px, width=px, return_latents=True, decode=False).latents
-    return ref, out
+    return ref, out, ref64
 
 
 @pytest.mark.parametrize("guidance,negative", [(5.0, NEGATIVE), (1.0, "")], ids=["cfg5-negative", "no-cfg"])
 def test_pipeline_matches_diffusers(sd3, guidance, negative):
     """The whole 4-step pipeline with Euler (diffusers' FlowMatchEulerDiscreteScheduler, shift 3): final latents."""
-    ref, out = run_both(sd3, guidance, negative)
-    assert_close(ref, out)
+    ref, out, ref64 = run_both(sd3, guidance, negative)
+    assert_close(ref, out, ref64)
     assert ref.abs().max() > 0.1
 
 
@@ -293,11 +299,12 @@ def test_images_match_diffusers(sd3):
     px = sd3.cfg.image_size
     side = px // sd3.cfg.vae.downsample
     latents = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(4))
-    ref = sd3.theirs(PROMPTS[:1], num_inference_steps=2, guidance_scale=5.0, latents=latents.clone(), height=px,
-                     width=px, output_type="pt", max_sequence_length=77).images
+    ref, ref64 = (pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=5.0, latents=latents.to(dtype), height=px,
+                       width=px, output_type="pt", max_sequence_length=77).images
+                  for pipe, dtype in ((sd3.theirs, torch.float32), (float64_twin(sd3.theirs), torch.float64)))
     out = sd3.mine.decode(sd3.mine(PROMPTS[0], steps=2, guidance=5.0, sampler="euler", latents=latents.clone(),
                                    return_latents=True, decode=False).latents)
-    assert_close(ref, out)
+    assert_close(ref, out, ref64)
 
 
 def diffusers_without_t5(sd3):
@@ -319,16 +326,16 @@ def test_without_t5_zeros_stand_in(sd3, tmp_path, capsys):
     save_official(path, state, sd3.cfg)
     mine = SD3Pipeline.from_checkpoint(path)
     assert "no T5-XXL" in capsys.readouterr().out
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
-    assert_close(ref, out)
+    ref, out, ref64 = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
+    assert_close(ref, out, ref64)
 
 
 def test_t5_length_flag_gives_diffusers_256(sd3):
     mine = SD3Pipeline(sd3.model, sd3.spiece, t5_length=256)
     assert mine.ids(PROMPTS)[2].shape == (2, 256)
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, sequence=256, steps=1)
-    assert_close(ref, out)
-    ref77, _ = run_both(sd3, 5.0, NEGATIVE, steps=1)
+    ref, out, ref64 = run_both(sd3, 5.0, NEGATIVE, mine, sequence=256, steps=1)
+    assert_close(ref, out, ref64)
+    ref77, _, _ = run_both(sd3, 5.0, NEGATIVE, steps=1)
     assert (ref77 - ref).abs().max() > 1e-4, "the padding length made no difference: the test could not see it"
 
 
@@ -371,28 +378,22 @@ def test_sd3_options_refused_on_other_families(tmp_path):
         Pipeline.from_checkpoint(path, t5_length=256)
 
 
-def stability_sigmas(shift, steps):
+def stability_sigmas(shift, steps, dtype=torch.float32):
     """Stability's ModelSamplingDiscreteFlow + get_sigmas (sd3_impls.py, sd3_infer.py), transcribed."""
     def sigma(t):
         t = t / 1000.0
         return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
-    table = sigma(torch.arange(1, 1001, 1))
-    ts = torch.linspace(table[-1] * 1000, table[0] * 1000, steps)
-    return torch.FloatTensor([sigma(t) for t in ts] + [0.0])
+    table = sigma(torch.arange(1, 1001, 1, dtype=dtype))
+    ts = torch.linspace(table[-1] * 1000, table[0] * 1000, steps, dtype=dtype)
+    return torch.tensor([sigma(t) for t in ts] + [0.0], dtype=dtype)
 
 
-@torch.no_grad()
-def test_pipeline_with_stabilitys_sampler(sd3):
-    """SD 3.5's reference default: Stability's CFGDenoiser (denoised = x - v sigma, neg + (pos - neg) scale) and
-    sample_dpmpp_2m, transcribed, around diffusers' transformer and text states; minisd's pipeline with
-    sampler dpmpp_2m (the default for these files) gives the same latents."""
-    theirs, steps, scale = sd3.theirs, 4, 5.0
+def stability_sample(theirs, noise, shift, steps, scale):
+    """Stability's CFGDenoiser and sample_dpmpp_2m, transcribed, around diffusers' transformer and text states, in
+    the dtype of `theirs` and `noise` (its float32 sigmas differ from minisd's by up to one float32 step)."""
     cond, neg, pooled, neg_pooled = theirs.encode_prompt(PROMPTS[:1], PROMPTS[:1], PROMPTS[:1],
                                                          negative_prompt="", max_sequence_length=77)
-    sigmas = stability_sigmas(sd3.cfg.shift, steps)
-    assert torch.allclose(sigmas, FlowSchedule(sd3.cfg.shift).sigmas(steps), atol=1e-6)
-    side = sd3.cfg.image_size // sd3.cfg.vae.downsample
-    noise = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(9))
+    sigmas = stability_sigmas(shift, steps, noise.dtype)
 
     def model(x, s):
         v = theirs.transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([s, s]) * 1000,
@@ -412,6 +413,20 @@ def test_pipeline_with_stabilitys_sampler(sd3):
             r = (t - (-sigmas[i - 1].log())) / h
             x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
         old = denoised
+    return x
+
+
+@torch.no_grad()
+def test_pipeline_with_stabilitys_sampler(sd3):
+    """SD 3.5's reference default: Stability's CFGDenoiser (denoised = x - v sigma, neg + (pos - neg) scale) and
+    sample_dpmpp_2m, transcribed, around diffusers' transformer and text states; minisd's pipeline with
+    sampler dpmpp_2m (the default for these files) gives the same latents."""
+    steps, scale = 4, 5.0
+    assert torch.allclose(stability_sigmas(sd3.cfg.shift, steps), FlowSchedule(sd3.cfg.shift).sigmas(steps), atol=1e-6)
+    side = sd3.cfg.image_size // sd3.cfg.vae.downsample
+    noise = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(9))
+    ref, ref64 = (stability_sample(pipe, noise.to(dtype), sd3.cfg.shift, steps, scale)
+                  for pipe, dtype in ((sd3.theirs, torch.float32), (float64_twin(sd3.theirs), torch.float64)))
     out = sd3.mine(PROMPTS[0], steps=steps, guidance=scale, sampler="dpmpp_2m", latents=noise.clone(),
                    return_latents=True, decode=False).latents
-    assert_close(x, out)
+    assert_close(ref, out, ref64)

@@ -53,13 +53,13 @@ def test_folder_weights_are_the_single_files(sd3):
 
 
 def test_folder_pipeline_matches_diffusers_and_the_single_file(sd3):
-    """4 steps, Euler, guidance 5 with negative prompts: final latents within 1e-5 of diffusers' pipeline (the one
+    """4 steps, Euler, guidance 5 with negative prompts: final latents within the float32 tolerance of diffusers' pipeline (the one
     that wrote the folder), and those of minisd reading the single file."""
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine=sd3.folder)
-    assert_close(ref, out)
+    ref, out, ref64 = run_both(sd3, 5.0, NEGATIVE, mine=sd3.folder)
+    assert_close(ref, out, ref64)
     assert ref.abs().max() > 0.1
-    _, single = run_both(sd3, 5.0, NEGATIVE)
-    assert_close(single, out, 1e-6)
+    _, single, _ = run_both(sd3, 5.0, NEGATIVE)
+    assert torch.equal(single, out), "the same weights from a folder and from a file gave different latents"
 
 
 def test_folder_without_t5(sd3, tmp_path, capsys):
@@ -68,8 +68,8 @@ def test_folder_without_t5(sd3, tmp_path, capsys):
     said = [line for line in capsys.readouterr().out.splitlines() if "text_encoder_3" in line]
     assert len(said) == 1 and "zeros" in said[0]
     assert not mine.model.text_encoders.has_t5
-    ref, out = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
-    assert_close(ref, out)
+    ref, out, ref64 = run_both(sd3, 5.0, NEGATIVE, mine, diffusers_without_t5(sd3), steps=2)
+    assert_close(ref, out, ref64)
 
 
 @pytest.mark.parametrize("part, says", [
