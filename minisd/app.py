@@ -25,6 +25,7 @@ from .images import UsageError, parameters_text, save_image
 from .maps import grid
 from .pipeline import NonFiniteError
 from .sample import build_parser, check_args, one_line
+from regulation.editors import METHODS
 
 # The preset: the first (prompt, seed) of the benchmark's fixed order (eval/shapes-methods/results.csv, by prompt_id
 # then seed) where plain omits an object and Attention Regulation, with the prompt's nouns, draws every named object
@@ -34,9 +35,6 @@ RATE = (f"The preset, \"{PRESET_PROMPT}\" at seed {PRESET_SEED}, is where the sh
         "the star and Attention Regulation brings it back: the first such case in the benchmark's order. One picture "
         "is not the rate: over the benchmark's 400 images (100 held-out prompts x 4 seeds) presence goes "
         "**49.2% -> 58.2%** (+9.0 points, 95% CI [+4.0, +14.2]; eval/shapes-methods/table.md in the repository).")
-METHODS = [("plain", "plain"), ("Attention Regulation", "regulate"), ("Attend-and-Excite", "attend-excite"),
-           ("SynGen", "syngen"), ("DenseDiffusion", "dense"), ("Composable Diffusion", "composable")]
-TITLES = {v: k for k, v in METHODS}
 MAPS_DIR = "outputs/maps"   # what the shown command writes its grid to; the page itself writes no grid
 CELL = 160                  # pixels of one map in the page
 # the shipped model's images are 128 px: shown larger, with their pixels kept sharp
@@ -50,6 +48,11 @@ class Stopped(Exception):
 
 # --- from the page's fields to a command line ------------------------------------------------------------------
 
+def title(method):
+    """The method's title (regulation.editors.METHODS), or "plain"."""
+    return "plain" if method == "plain" else METHODS[method].title
+
+
 def default_targets(tokenizer, method, prompt):
     """What the command line would pick without --targets (--layout for dense: a box per object, side by side, as
     a start to edit): the text the targets field is filled with."""
@@ -57,7 +60,7 @@ def default_targets(tokenizer, method, prompt):
     from regulation.targets import auto_targets, modifier_noun_pairs
     kept = tokenizer.kept(prompt)[0]
     try:
-        if method in ("plain", "regulate", "attend-excite"):
+        if method == "plain" or ("targets" in METHODS[method].takes and METHODS[method].target_words):
             return " ".join(auto_targets(kept))
         if method == "composable":
             return " | ".join(split_concepts(prompt))
@@ -95,13 +98,15 @@ def page_argv(fields, tokenizer, defaults):
         maps = ["--save-attention", MAPS_DIR] if targets or auto else []   # no object words: no maps
         return base + maps + given, None
     argv = base + ["--method", method]
-    if method == "dense":
+    entry = METHODS[method]
+    if "layout" in entry.takes:   # the field holds DenseDiffusion's layout
         argv += ["--layout", targets]
-    elif method == "composable":
-        argv += given + (["--concept-weights", weights] if str(weights or "").strip() else [])
-        return argv, base   # no maps: Composable Diffusion acts on no attention map
     else:
         argv += given
+    if "weights" in entry.takes and str(weights or "").strip():
+        argv += ["--concept-weights", weights]
+    if entry.maps_absent:
+        return argv, base   # no maps: Composable Diffusion acts on no attention map
     return argv + ["--save-attention", MAPS_DIR], base + ["--save-attention", MAPS_DIR]
 
 
@@ -109,9 +114,9 @@ def plain_command(plain_argv, job):
     """The plain image's command line, once the method's layers are known: the page keeps the plain run's maps in
     the method's layers, and which layers are observed decides which leave the SDPA path (their rounding), so the
     command observes the same ones."""
-    from regulation.layers import LayerSelector
+    from regulation.editors import layer_selector
     if plain_argv and "--save-attention" in plain_argv and job.select is not None \
-            and list(job.select.specs) != list(LayerSelector(None, job.pipe.cfg).specs):
+            and list(job.select.specs) != list(layer_selector(job.pipe).specs):
         return plain_argv + ["--regulate-layers", " ".join(job.select.specs)]
     return plain_argv
 
@@ -221,7 +226,7 @@ def build(app):
                  "composable": "concepts ('a green star | a yellow cross')"}.get(method, "target words ('star cross'; "
                                                                                   "'dog#2': the second dog)")
         return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=label),
-                gr.update(visible=method == "composable"))
+                gr.update(visible=method != "plain" and "weights" in METHODS[method].takes))
 
     def run(prompt, seed, steps, guidance, method, targets, weights, checkpoint, view, progress=gr.Progress(),
             request: gr.Request = None):
@@ -240,7 +245,7 @@ def build(app):
                     raise Stopped(f"stopped at step {info['i'] + 1}")
                 done[0] += 1
                 plain = method == "plain" or done[0] > total // 2   # the method runs first, then plain
-                progress((done[0], total), desc="plain" if plain else TITLES[method])
+                progress((done[0], total), desc="plain" if plain else title(method))
             out, job = app.run_argv(argv, callback=step, log=lines.append)
         except Stopped as e:
             return error_outputs(f"{e}; nothing was kept", error=False)
@@ -269,21 +274,21 @@ def build(app):
         shown = {"words": [w for w, _ in job.groups],
                  "panels": [(t, np.asarray(im), {s: m.numpy() for s, m in maps.items()}) for t, im, maps in out.panels]}
         last = job.show_steps[-1]
-        cmds = [f"# {TITLES[method]}\n{command(argv)}"] + ([f"# plain\n{command(plain_argv)}"] if plain_argv else [])
+        cmds = [f"# {title(method)}\n{command(argv)}"] + ([f"# plain\n{command(plain_argv)}"] if plain_argv else [])
         first, best = loss_frames(out)
         regulation = job.method == "regulate"
-        status = (f"plain{' and ' + TITLES[method] if job.method else ''} in {seconds:.1f} s "
+        status = (f"plain{' and ' + title(method) if job.method else ''} in {seconds:.1f} s "
                   f"(seed {out.seed}, {job.steps} steps)")
         return (np.asarray(out.plain),
-                gr.update(value=np.asarray(out.image) if job.method else None, label=TITLES[method]), "\n".join(cmds),
+                gr.update(value=np.asarray(out.image) if job.method else None, label=title(method)), "\n".join(cmds),
                 gr.update(value=plain_png, visible=True), gr.update(value=method_png, visible=bool(method_png)),
                 shown if out.panels else None,
                 gr.update(maximum=job.steps - 1, value=last, visible=bool(out.panels)),
                 *maps_update(shown if out.panels else None, last, alone,
-                             "no maps: Composable Diffusion changes the guidance, not the attention"
-                             if job.method == "composable" else "no maps: the prompt has no target words"),
+                             f"no maps: {title(method)} {METHODS[method].maps_absent}" if job.method and
+                             METHODS[method].maps_absent else "no maps: the prompt has no target words"),
                 gr.update(value=first, visible=first is not None,
-                          label="the optimiser's first loss, per layer" if regulation else f"{TITLES[method]}'s loss"),
+                          label="the optimiser's first loss, per layer" if regulation else f"{title(method)}'s loss"),
                 gr.update(value=best, visible=best is not None), "\n".join(lines), said(status, error=False))
 
     def error_outputs(line, error=True):
@@ -316,7 +321,8 @@ def build(app):
                     seed = gr.Number(PRESET_SEED, label="seed", precision=0, minimum=0, elem_id="seed")
                     steps = gr.Number(defaults["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
                     guidance = gr.Number(defaults["guidance"], label="guidance", minimum=0, elem_id="guidance")
-                method = gr.Radio(METHODS, value="regulate", label="method", elem_id="method")
+                method = gr.Radio([("plain", "plain")] + [(m.title, name) for name, m in METHODS.items()],
+                                  value="regulate", label="method", elem_id="method")
                 targets = gr.Textbox(first["value"], label=first["label"], elem_id="targets")
                 weights = gr.Textbox("", label="concept weights ('7.5 | 3'; empty: the guidance scale each)",
                                      visible=False, elem_id="weights")

@@ -304,6 +304,28 @@ def mismatch_message(path, missing, unexpected, shapes, want=()):
     return "\n".join(parts)
 
 
+def check_text_file(want, state, name, file):
+    """The keys that `file`, given by its own flag, supplies are SD 3's `name` text encoder's: else one line that
+    names that file and its flag (not the main checkpoint, which is not at fault)."""
+    prefix = SD3_TEXT[name]
+    mine, theirs = {k for k in want if k.startswith(prefix)}, {k for k in state if k.startswith(prefix)}
+    missing, unexpected = sorted(mine - theirs), sorted(theirs - mine)
+    shapes = [k for k in sorted(mine & theirs) if state[k].shape != want[k].shape]
+    short = lambda k: k[len(prefix):]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the encoder's {len(mine)} keys missing (e.g. {short(missing[0])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys the encoder does not have (e.g. {short(unexpected[0])})")
+    if shapes:
+        problems.append(f"{len(shapes)} of the wrong shape (e.g. {short(shapes[0])}: "
+                        f"{tuple(state[shapes[0]].shape)}, not {tuple(want[shapes[0]].shape)})")
+    if problems:
+        flag, _, usual = SD3_TEXT_FLAGS[name].partition(" ")
+        raise CheckpointError(f"{file}, given with {flag}, is not the text encoder this model reads there {usual}: "
+                              + "; ".join(problems))
+
+
 def check_state(want, state, path=""):
     """Every key the model has, no other key, every shape right; all problems named in one error."""
     missing = sorted(set(want) - set(state))

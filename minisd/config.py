@@ -1,7 +1,9 @@
 """One plain config object per model family. No YAML: a checkpoint's family is detected from its keys
 and shapes (checkpoint.py), or read from the config that our own checkpoints store in their metadata."""
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, field, asdict, fields, replace
 import json
+import re
+from pathlib import Path
 
 from .blocks import attention_levels, level_blocks
 
@@ -278,8 +280,10 @@ def sd3_family(name, mmdit, shift, steps, guidance, sampler="dpmpp_2m"):
 
 def sd3_medium():
     """Stable Diffusion 3 Medium (2B): 24 joint blocks, 1536 wide, a 192 x 192 position table. Defaults as
-    Stability's reference (sd3_infer.py) for `sd3_medium`: shift 1.0, 50 steps, guidance 5, dpmpp_2m."""
-    return sd3_family("sd3-medium", MMDiTConfig(), 1.0, 50, 5.0)
+    Stability's reference (sd3_infer.py) for `sd3_medium`: 50 steps, guidance 5, dpmpp_2m; but shift 3.0, which
+    the code released with SD 3 Medium and diffusers' scheduler config run, not the later table's 1.0
+    (docs/sd3.md says why)."""
+    return sd3_family("sd3-medium", MMDiTConfig(), 3.0, 50, 5.0)
 
 
 def sd35_medium():
@@ -294,6 +298,47 @@ def sd35_large():
     40 steps, guidance 4.5."""
     return sd3_family("sd3.5-large", MMDiTConfig(depth=38, hidden_size=2432, num_heads=38, qk_norm=True),
                       3.0, 40, 4.5)
+
+
+def sd35_large_turbo():
+    """Stable Diffusion 3.5 Large Turbo: SD 3.5 Large's weights distilled (ADD) to sample in 4 steps without
+    guidance. Reference defaults: shift 3, 4 steps, guidance 1, Euler."""
+    cfg = sd35_large()
+    cfg.name, cfg.default_steps, cfg.default_guidance, cfg.default_sampler = "sd3.5-large-turbo", 4, 1.0, "euler"
+    return cfg
+
+
+# Stability's reference (sd3_infer.py: CONFIGS) picks the sampling settings by the checkpoint file's name; minisd
+# reads the same names, also inside a longer one (sd3.5_large_turbo_fp8), in the file's `modelspec.architecture`
+# or `modelspec.title` metadata, or in a diffusers folder's name (stable-diffusion-3.5-large-turbo)
+SD3_PRESETS = {"sd3_medium": sd3_medium, "sd3.5_medium": sd35_medium, "sd3.5_large": sd35_large,
+               "sd3.5_large_turbo": sd35_large_turbo}
+SD3_NAME = re.compile(r"(?:sd|stable[-_ ]?diffusion)[-_ ]?v?3(\.5)?[-_ ]*(medium|large)(?:[-_ ]*(turbo))?")
+
+
+def sd3_preset(path=None, metadata=None):
+    """(SD3_PRESETS key, where it was read) for a file whose name or metadata names an SD 3 model, else None."""
+    metadata = metadata or {}
+    places = [(f"the name {Path(path).name}", Path(path).name)] if path else []
+    places += [(f"the file's {k} ({metadata[k]})", metadata[k]) for k in ("modelspec.architecture", "modelspec.title")
+               if metadata.get(k)]
+    for where, text in places:
+        m = SD3_NAME.search(str(text).lower())
+        key = m and f"sd3{m.group(1) or ''}_{m.group(2)}{'_turbo' if m.group(3) else ''}"
+        if key in SD3_PRESETS:   # (SD 3 Large and SD 3 Medium Turbo were never released as files)
+            return key, where
+    return None
+
+
+def with_sd3_preset(cfg, path=None, metadata=None):
+    """An SD 3 `cfg` with the sampling defaults (shift, steps, guidance, sampler) and the name of the preset that
+    the file's name or metadata names (sd3_preset), if any; the architecture stays the file's."""
+    found = sd3_preset(path, metadata) if cfg.is_sd3 else None
+    if found is None:
+        return cfg
+    preset = SD3_PRESETS[found[0]]()
+    return replace(cfg, name=preset.name, shift=preset.shift, default_steps=preset.default_steps,
+                   default_guidance=preset.default_guidance, default_sampler=preset.default_sampler)
 
 
 def tiny_sd3(dual=True, image_size=32):
@@ -318,5 +363,6 @@ def tiny_sd3(dual=True, image_size=32):
 
 FAMILIES = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2(True), "sdxl": sdxl, "tiny": tiny,
             "tiny-sd2": lambda: tiny(True), "tiny-sdxl": tiny_sdxl, "sd3-medium": sd3_medium,
-            "sd3.5-medium": sd35_medium, "sd3.5-large": sd35_large, "tiny-sd3": lambda: tiny_sd3(False),
+            "sd3.5-medium": sd35_medium, "sd3.5-large": sd35_large, "sd3.5-large-turbo": sd35_large_turbo,
+            "tiny-sd3": lambda: tiny_sd3(False),
             "tiny-sd3.5": tiny_sd3}

@@ -181,13 +181,9 @@ def prepare(args, pipe, log=print):
     if args.regulate_layers and not cfg.is_sd3:   # SD 3's joint blocks are checked by name in its set-up
         check_layer_sizes(args.regulate_layers, cfg, *size)
     method = chosen_method(args)
-    if cfg.is_sd3 and method not in (None, "regulate", "attend-excite"):
-        from regulation.joint_regulation import refuse_on_sd3
-        refuse_on_sd3(method)
-    texts = 1
-    if method == "composable":   # one conditional row per concept
-        from regulation.composable import split_concepts
-        texts = len(split_concepts(args.prompt))
+    from regulation.editors import method_for
+    entry = method_for(method, pipe) if method else None   # refused here if it does not run on this model
+    texts = entry.texts(args.prompt) if entry and entry.texts else 1   # Composable Diffusion: one per concept
     check_cost(cfg, *size, DTYPES[args.dtype], 1 + texts if guidance > 1 else 1, torch.device(args.device))
     pipe.compile(args.backend)
     pipe.decoder = None
@@ -209,21 +205,15 @@ def prepare(args, pipe, log=print):
               show_steps=attention_steps(steps))
     shown = []
     if method or args.save_attention:
-        from regulation.editors import choose_targets, set_up
-        from regulation.layers import LayerSelector
-        if cfg.is_sd3:   # joint attention: targets in CLIP and T5, regulate and attend-excite (others refused)
-            from regulation.joint_regulation import JointBlockSelector as LayerSelector
-            from regulation.joint_regulation import choose_joint_targets, set_up_joint as set_up
-
-            def choose_targets(tokenizers, prompt, words, log):
-                return choose_joint_targets(pipe, prompt, words, log)
+        # the model chooses how targets are read and which layers there are (a UNet's, or joint attention's)
+        from regulation.editors import layer_selector, pick_targets, set_up
         targets = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)
-            if method in (None, "regulate", "attend-excite"):
+            if entry is None or ("targets" in entry.takes and entry.target_words):   # words: the maps to show
                 words = args.targets.split() if args.targets else None
-                targets = shown = choose_targets(pipe.tokenizers, args.prompt, words, log=log)
-            elif method in ("syngen", "composable"):
+                targets = shown = pick_targets(pipe, args.prompt, words, log=log)
+            elif "targets" in entry.takes:   # the method reads them itself (SynGen's pairs, Composable's concepts)
                 targets = args.targets
             # built before sampling, so that a bad option is an error before any work; one per image (its seed)
             job.runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed,
@@ -233,7 +223,7 @@ def prepare(args, pipe, log=print):
                                weights=args.concept_weights, log=log if i == 0 else None)
                         for i, seed in enumerate(seeds)] if method else []
         # the maps shown are those the method acts on (the same layers in the plain run beside them)
-        job.select = job.runs[0].select if job.runs else LayerSelector(args.regulate_layers, pipe.cfg)
+        job.select = job.runs[0].select if job.runs else layer_selector(pipe, args.regulate_layers)
         shown = job.runs[0].shown if job.runs else shown
     job.positions = [p for t in shown or [] for p in t.positions]
     k = 0
@@ -272,7 +262,7 @@ def generate(job, i, callback=None, with_plain=None):
     it beside (or with_plain: the app always shows it), each with its maps when --save-attention is given.
     callback(info) is called after every sampling step of either run."""
     from .maps import AttentionMaps, word_maps
-    from regulation.editors import NAMES
+    from regulation.editors import METHODS
     args, seed = job.args, job.seeds[i]
     with_plain = bool(args.save_attention or not job.method) if with_plain is None else with_plain
     out = Output(seed, None, {})
@@ -297,7 +287,7 @@ def generate(job, i, callback=None, with_plain=None):
                 out.image = sample(run.hooks + ([maps] if maps else []), run.options)
             out.run, out.settings = run, settings(job, seed, run.settings)
             if maps:
-                out.panels.append((NAMES[job.method], out.image, first_image(maps)))
+                out.panels.append((METHODS[job.method].title, out.image, first_image(maps)))
                 out.layers_seen |= maps.blocks_seen
         if with_plain:
             maps = observer()

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (SD3_TEXT, SD3_TEXT_FLAGS, CheckpointError, check_state, detect_config, inference_keys,
-                         new_model, openclip_to_hf, read_checkpoint, sd3_text_file)
+from .checkpoint import (SD3_TEXT, SD3_TEXT_FLAGS, CheckpointError, check_state, check_text_file, detect_config,
+                         inference_keys, new_model, openclip_to_hf, read_checkpoint, sd3_text_file)
+from .config import with_sd3_preset
 from .diffusers_folder import config_from_diffusers, diffusers_to_official
 from .text import TextEncoder
 
@@ -24,7 +25,7 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float3
         if any((text_files or {}).values()):
             raise CheckpointError(f"--clip-l, --clip-g and --t5 supply a single file's text encoders; the folder "
                                   f"{path} has its own (text_encoder/, text_encoder_2/, text_encoder_3/)")
-        cfg = config_from_diffusers(path)
+        cfg = with_sd3_preset(config_from_diffusers(path), path)   # SD 3: sampling defaults by the folder's name
         if prediction:
             cfg.prediction = prediction
         return cfg, diffusers_to_official(path, cfg, dtype, vae_float32), {}
@@ -34,7 +35,7 @@ def load_state(path, allow_pickle=False, prediction=None, dtype=None, vae_float3
             raw = {**{k: v for k, v in raw.items() if not k.startswith(SD3_TEXT[name])},
                    **sd3_text_file(name, file, dtype)}
     state = inference_keys(raw)
-    cfg = detect_config(state, metadata, path, prediction)
+    cfg = with_sd3_preset(detect_config(state, metadata, path, prediction), path, metadata)
     if any((text_files or {}).values()) and not cfg.is_sd3:
         raise CheckpointError(f"--clip-l, --clip-g and --t5 supply SD 3's text encoders; {path} is {cfg.name}")
     if cfg.is_sd3 and cfg.t5 is not None and not any(k.startswith(SD3_TEXT["t5xxl"]) for k in state):
@@ -55,6 +56,9 @@ def load_model(path, device="cpu", dtype=torch.float32, allow_pickle=False, pred
                                       text_files=text_files)
     with torch.device("meta"):
         model = new_model(cfg)
+    for name, file in (text_files or {}).items():   # a text encoder's own file is named in its own error
+        if file:
+            check_text_file(model.state_dict(), state, name, file)
     check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model holds the tensors now; a cast below (pickle files) can free each as it goes

@@ -63,10 +63,14 @@ class SD3Pipeline(BasePipeline):
         if model.text_encoders.has_t5 and t5_tokenizer is None:
             raise CheckpointError("this model has T5-XXL but no T5 tokenizer was given: pass --t5-tokenizer "
                                   "(spiece.model, as in a diffusers folder's tokenizer_3/)")
+        if t5_length is not None and t5_length < 1:
+            raise ValueError(f"--t5-length must be at least 1 (T5's end-of-text token), got {t5_length}")
         self.t5_tokenizer = t5_tokenizer if isinstance(t5_tokenizer, (T5Tokenizer, type(None))) else \
             T5Tokenizer(t5_tokenizer)
         if self.t5_tokenizer is not None and t5_length is not None:
             self.t5_tokenizer.length = t5_length
+        if self.t5_tokenizer is not None and model.text_encoders.has_t5:
+            self.t5_tokenizer.check_vocabulary(self.cfg.t5.vocab_size)
         # without T5, its zeros are as long as its tokens would be
         model.text_encoders.t5_tokens = t5_length or (self.cfg.t5.min_length if self.cfg.t5 else 77)
         self.schedule = FlowSchedule(self.cfg.shift if shift is None else shift)
@@ -121,10 +125,11 @@ class SD3Pipeline(BasePipeline):
 
     def __call__(self, prompt, negative_prompt="", steps=None, guidance=None, seed=0, height=None, width=None,
                  n=1, sampler=None, latents=None, hooks=(), return_latents=False, callback=None, progress=False,
-                 decode=True, grad=False, spacing=None, concepts=None, init_image=None, denoise=1.0, slg=None,
-                 **sampler_options):
-        """`init_image` and `denoise`: image-to-image (pipeline.py), from step int(steps * (1 - denoise)). `slg`: a
-        SkipLayerGuidance, or None (the reference's default: none)."""
+                 decode=True, grad=False, spacing=None, concepts=None, shift=None, init_image=None, denoise=1.0,
+                 slg=None, **sampler_options):
+        """`shift`: the rectified flow's (None: the model's, `cfg.shift`). `init_image` and `denoise`: image-to-image
+        (pipeline.py), from step int(steps * (1 - denoise)). `slg`: a SkipLayerGuidance, or None (the reference's
+        default: none)."""
         if concepts is not None:
             raise ValueError("composable concepts are not implemented for SD 3")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -142,17 +147,20 @@ class SD3Pipeline(BasePipeline):
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {f} for SD 3 (VAE factor "
                              f"{self.cfg.vae.downsample} x patch {self.cfg.mmdit.patch_size}), got {height}x{width}")
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0, got {shift}")
+        schedule = self.schedule if shift is None else FlowSchedule(shift)
         seeds, generators, latents, init = self.start_noise(b, seed, latents, height, width, images)
 
-        cond, pooled = self.encode([p for p in prompts for _ in range(n)])
+        texts = [p for p in prompts for _ in range(n)]
         cfg_on = guidance > 1.0
-        if cfg_on:
-            neg = [negative_prompt] * b if isinstance(negative_prompt, str) else \
-                [x for x in negative_prompt for _ in range(n)]
-            neg_cond, neg_pooled = self.encode(neg)  # SD 3 encodes the empty prompt; it is not zeros
-            context, y, rows = torch.cat([neg_cond, cond]), torch.cat([neg_pooled, pooled]), slice(b, 2 * b)
-        else:
-            context, y, rows = cond, pooled, slice(None)
+        if cfg_on:   # SD 3 encodes the empty negative prompt; it is not zeros
+            texts = ([negative_prompt] * b if isinstance(negative_prompt, str) else
+                     [x for x in negative_prompt for _ in range(n)]) + texts
+        # both halves of guidance in one encoding: T5's tokens padded to one length, the longest text's (at least
+        # 77), so a prompt longer than its negative prompt fits beside it (docs/sd3.md: long prompts)
+        context, y = self.encode(texts)
+        cond, pooled, rows = context[-b:], y[-b:], (slice(b, 2 * b) if cfg_on else slice(None))
         mmdit, hooks = self.model.mmdit, list(hooks)
         for h in hooks:
             if hasattr(h, "begin_run"):
@@ -180,7 +188,7 @@ class SD3Pipeline(BasePipeline):
         def cond_model(x, t):
             return mmdit(x.to(self.dtype), self.timesteps(t, x), y=pooled, context=cond).float()
 
-        final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, self.schedule, steps,
+        final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, schedule, steps,
                        generators, progress, callback,
                        f"dtype {str(self.dtype).removeprefix('torch.')}, guidance {guidance}",
                        {**sampler_options, "init": init, "start": start})

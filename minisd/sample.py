@@ -22,6 +22,7 @@ from .generate import DTYPES, chosen_method, generate, load_pipeline, prepare, w
 from .images import UsageError, check_writable, output_paths, parameters_text, remove_empty, save_image
 from .pipeline import NonFiniteError
 from .samplers import SAMPLERS
+from regulation.editors import METHODS, and_list   # the command line and the page are where minisd meets regulation
 
 # --- checks that need only the arguments, or the model's config -----------------------------------------------
 
@@ -75,26 +76,33 @@ def check_args(args):
             for flag in ("targets", "regulate_layers"):
                 if getattr(args, flag) is not None:
                     raise UsageError(f"--{flag.replace('_', '-')} applies to --regulate, --method or --save-attention")
-    if args.layout is not None and method != "dense":
-        raise UsageError("--layout gives DenseDiffusion its regions; add --method dense")
-    if args.layout_background is not None and method != "dense":
-        raise UsageError("--layout-background applies to DenseDiffusion's layout; add --method dense")
-    if args.concept_weights is not None and method != "composable":
-        raise UsageError("--concept-weights weighs Composable Diffusion's concepts; add --method composable")
-    if args.strength is not None and method in (None, "regulate"):
-        raise UsageError("--strength applies to --method attend-excite, syngen, dense or composable; Attention "
-                         "Regulation's knob is --edit-steps")
+    # which method takes which option: the table of methods (regulation/registry.py)
+    entry = METHODS[method] if method else None
+    takes = entry.takes if entry else frozenset()
+
+    def takers(option):   # "DenseDiffusion", "dense": for the messages that say which method to add
+        found = [m for m in METHODS.values() if option in m.takes]
+        return and_list([m.title for m in found]), or_list([m.name for m in found])
+    if args.layout is not None and "layout" not in takes:
+        raise UsageError("--layout gives {} its regions; add --method {}".format(*takers("layout")))
+    if args.layout_background is not None and "layout_background" not in takes:
+        raise UsageError("--layout-background applies to {}'s layout; add --method {}".format(
+            *takers("layout_background")))
+    if args.concept_weights is not None and "weights" not in takes:
+        raise UsageError("--concept-weights weighs {}'s concepts; add --method {}".format(*takers("weights")))
+    if args.strength is not None and "strength" not in takes:
+        raise UsageError(f"--strength applies to --method {takers('strength')[1]}; {other_knobs(METHODS)}")
     if args.strength is not None and not math.isfinite(args.strength):
         raise UsageError(f"--strength must be a finite number, got {args.strength}")
-    if method == "dense" and not args.layout:
-        raise UsageError('--method dense (DenseDiffusion) needs a layout: --layout "circle:0.1,0.1,0.5,0.5;'
-                         'square:0.5,0.5,0.9,0.9" (phrase:box as fractions x0,y0,x1,y1) or "circle=mask.png;..."')
-    if method == "dense" and args.backend != "eager":
-        raise UsageError(f"--method dense edits self-attention, which --backend {args.backend} keeps inside its "
+    for option in entry.needs if entry else ():
+        if not getattr(args, ARGS.get(option, option)):
+            raise UsageError(f"--method {method} ({entry.title}) needs {NEEDED.get(option, '--' + option)}")
+    if entry and entry.self_attention and args.backend != "eager":
+        raise UsageError(f"--method {method} edits self-attention, which --backend {args.backend} keeps inside its "
                          "compiled graph; use --backend eager")
-    if method == "composable" and args.save_attention:
-        raise UsageError("--method composable (Composable Diffusion) changes the guidance, not the attention: it has "
-                         "no maps to show; drop --save-attention")
+    if entry and entry.maps_absent and args.save_attention:
+        raise UsageError(f"--method {method} ({entry.title}) {entry.maps_absent}: it has no maps to show; drop "
+                         "--save-attention")
     if args.edit_steps is not None and args.edit_steps < 0:
         raise UsageError(f"--edit-steps must be between 0 and --steps, got {args.edit_steps}")
     if args.save_attention:
@@ -103,6 +111,36 @@ def check_args(args):
             raise UsageError(f"--save-attention {folder} is a file; it names a folder for the attention grids")
         check_writable(folder, "--save-attention")
     check_device(args.device)
+
+
+# set_up's options whose command-line argument has another name, and what a method that needs one is told
+ARGS = {"layers": "regulate_layers", "weights": "concept_weights"}
+NEEDED = {"layout": 'a layout: --layout "circle:0.1,0.1,0.5,0.5;square:0.5,0.5,0.9,0.9" (phrase:box as fractions '
+                    'x0,y0,x1,y1) or "circle=mask.png;..."'}
+
+
+def or_list(words):
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
+
+
+def other_knobs(methods):
+    """"Attention Regulation's knob is --edit-steps": the methods whose knob is not --strength."""
+    return "; ".join(f"{m.title}'s knob is --{m.knob.option.replace('_', '-')}" for m in methods.values()
+                     if m.knob.option != "strength")
+
+
+def strength_help(methods):
+    """--strength's help, from each method's knob: methods with the same knob and default said together."""
+    said = []
+    for m in methods.values():
+        if m.knob.option == "strength":
+            what = f"{m.knob.help} ({'the guidance' if m.knob.default is None else f'{m.knob.default:g}'})"
+            if said and said[-1][1] == what:
+                said[-1][0].append(m.name)
+            else:
+                said.append(([m.name], what))
+    return ("the method's one strength knob (its authors' default otherwise): "
+            + "; ".join(f"{and_list(names)}, {what}" for names, what in said) + ". " + other_knobs(methods))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -116,7 +154,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser():
-    from regulation.editors import METHODS   # the command line is the one place minisd meets regulation
     ap = argparse.ArgumentParser(prog="python -m minisd.sample", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--prompt", required=True, help="what to draw")
     ap.add_argument("--negative-prompt", default="",
@@ -171,10 +208,7 @@ def build_parser():
     g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words "
                    "(the same as --method regulate)")
     g.add_argument("--method", default=None, choices=list(METHODS),
-                   help="regulate: Attention Regulation; attend-excite: Attend-and-Excite (Chefer et al. 2023); "
-                        "syngen: SynGen (Rassin et al. 2023), modifiers bound to their nouns; dense: DenseDiffusion "
-                        "(Kim et al. 2023), needs --layout; composable: Composable Diffusion (Liu et al. 2022), one "
-                        "guidance term per concept of the prompt (split at 'and', commas or '|')")
+                   help="; ".join(f"{name}: {m.about or m.title}" for name, m in METHODS.items()))
     g.add_argument("--targets", default=None,
                    help='target words, e.g. "cat dog" or "dog#2" for the second dog; syngen: its pairs, "red circle; '
                         'blue square"; composable: its concepts, "a red circle | a blue square" (default: the nouns '
@@ -188,9 +222,7 @@ def build_parser():
                    help="--method dense: the pixels no phrase covers form a background region with no tokens "
                         "(region, the authors' demo; the default) or belong to no region (none)")
     g.add_argument("--strength", type=float, default=None,
-                   help="the method's one strength knob (its authors' default otherwise): attend-excite and syngen, "
-                        "the latent step size (20); dense, a scale of its creg and sreg (1); composable, every "
-                        "concept's weight (the guidance). Attention Regulation's knob is --edit-steps")
+                   help=strength_help(METHODS))
     g.add_argument("--concept-weights", default=None,
                    help='--method composable: one weight per concept, the authors\' syntax "7.5 | -5" (a negative '
                         "weight pushes away from its concept; missing weights are the guidance scale)")

@@ -2,11 +2,16 @@
 (`text_encoders.t5xxl.transformer.*`), and its SentencePiece tokenizer.
 
 The tokenizer is in no checkpoint file: it is read from a SentencePiece model (`spiece.model`, as in a diffusers
-folder's `tokenizer_3/`, or a path). Stability's reference (sd3_impls / other_impls) tokenizes the first 226
-characters of the prompt, appends end-of-text (id 1) and pads with 0 to at least 77 tokens, never cutting; the
-model has no attention mask, so the padding is read and its length changes the image. diffusers' pipeline pads and
-cuts to 256 (`max_sequence_length`): `length=256` gives that.
+folder's `tokenizer_3/`, or a path). Stability's reference (other_impls.py: `SD3Tokenizer` passes T5 `text[:226]`;
+`T5XXLTokenizer` is an `SDTokenizer` with max_length 99999999, min_length 77, pad_to_max_length False) tokenizes
+the first 226 characters of the prompt, appends end-of-text (id 1) and pads with 0 to at least 77 tokens: one
+sequence, never cut and never split into 77-token chunks. The model has no attention mask, so the padding is read
+and its length changes the image. Several prompts (a batch, and guidance's two halves) are padded to one length,
+the longest of them (at least 77). diffusers' pipeline pads and cuts to 256 (`max_sequence_length`): `length=256`
+gives that.
 """
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 from transformers import T5Config as HFT5Config
@@ -30,7 +35,8 @@ class T5Encoder(nn.Module):
 
 
 class T5Tokenizer:
-    """Prompts -> T5 token ids, as Stability's reference makes them (or padded and cut to `length`)."""
+    """Prompts -> T5 token ids, as Stability's reference makes them (or padded and cut to `length`).
+    `model_file`: a SentencePiece model (spiece.model) or a folder holding one (a diffusers tokenizer_3/)."""
 
     def __init__(self, model_file, min_length=77, length=None):
         try:
@@ -38,8 +44,39 @@ class T5Tokenizer:
         except ModuleNotFoundError:
             raise ModuleNotFoundError("SD 3's T5 tokenizer needs the sentencepiece package: "
                                       "pip install sentencepiece") from None
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        self.min_length, self.length = min_length, length
+        if length is not None and length < 1:
+            raise ValueError(f"--t5-length must be at least 1 (T5's end-of-text token), got {length}")
+        path = Path(model_file)
+        if path.is_dir():
+            if not (path / "spiece.model").is_file():
+                raise ValueError(f"--t5-tokenizer {path} is a folder without spiece.model (T5's SentencePiece "
+                                 f"model, as in a diffusers folder's tokenizer_3/)")
+            path = path / "spiece.model"
+        if not path.is_file():
+            raise ValueError(f"--t5-tokenizer {path}: no such file (T5's SentencePiece model, spiece.model)")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (RuntimeError, OSError):   # sentencepiece says "could not parse ModelProto" and the like
+            raise ValueError(f"--t5-tokenizer {path} is not a SentencePiece model (T5's spiece.model)") from None
+        # T5's ids: padding 0 and end-of-text 1, which the model's weights were trained with; another
+        # SentencePiece model (LLaMA's: <unk> 0, <s> 1) would give ids of other meanings without any error
+        if (self.sp.pad_id(), self.sp.eos_id()) != (PAD, EOS):
+            raise ValueError(f"--t5-tokenizer {path} is not T5's tokenizer: its padding and end-of-text ids are "
+                             f"{self.sp.pad_id()} and {self.sp.eos_id()}, T5's are {PAD} and {EOS}")
+        self.path, self.min_length, self.length = path, min_length, length
+
+    def check_vocabulary(self, rows):
+        """Every id this tokenizer makes must have a row in T5's embedding (`rows`; T5-XXL's 32128 hold
+        spiece.model's 32000 pieces and room to spare): else the tokenizer is another model's."""
+        if self.sp.get_piece_size() > rows:
+            raise ValueError(f"--t5-tokenizer {self.path} has {self.sp.get_piece_size()} pieces but the T5 weights "
+                             f"embed {rows} tokens: the tokenizer is not these weights' (T5-XXL: spiece.model of "
+                             f"google/t5-v1_1-xxl, 32000 pieces)")
+
+    def cut(self, prompt):
+        """What of `prompt` T5 does not read (past the reference's 226 characters), or None."""
+        return (prompt[226:].strip() or None) if self.length is None else None
 
     def ids(self, prompt):
         """A prompt's token ids with end-of-text, no padding."""

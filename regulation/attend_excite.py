@@ -48,14 +48,17 @@ which follows the authors' code for SD 1.4. Where this module differs, on purpos
   - The smoothing kernel is diffusers' (and the authors'): exp(-((x - mu) / (2 sigma))^2), normalised, which is a
     Gaussian of standard deviation sigma * sqrt(2), not sigma. Kept, so that the numbers match.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minisd.attention import AttentionHook
+from minisd.attention import AttentionHook, cross_block
+from regulation.joint_regulation import JointBlockSelector, is_joint
+from regulation.registry import Knob, Method, editor_run, register
+from regulation.targets import eot_position
 
 
 @dataclass
@@ -295,3 +298,49 @@ class AttendExcite(ConditionalPassMaps):
             record["loss_after"] = loss_after.tolist()
         self.history[i] = record
         return x
+
+
+class JointAttendExcite(AttendExcite):
+    """Attend-and-Excite reading the image-to-text block of the chosen joint blocks (its targets at their CLIP
+    positions; regulation/joint_regulation.py)."""
+    def wants(self, layer):
+        return getattr(layer, "joint", False) and super().wants(layer)
+
+    def edit_probs(self, layer, logits, probs):
+        super().edit_probs(layer, logits, cross_block(layer, probs))
+        return probs
+
+
+# --- from a prompt to the hook ---------------------------------------------------------------------------------
+
+def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=None, config=None):
+    """The hook exciting `targets` (from regulation.editors.pick_targets) of `prompt` for a run of `steps` steps, on a
+    UNet or on joint attention (JointAttendExcite). Each target keeps all its sub-tokens. edit_steps is A&E's
+    max_iter_to_alter (a step index, not scaled by `steps`: see the module docstring); A&E draws no random numbers,
+    so `seed` is unused."""
+    if config is not None and not isinstance(config, AttendExciteConfig):
+        raise TypeError(f"attend-excite takes an AttendExciteConfig, got {type(config).__name__}")
+    config = config or AttendExciteConfig()
+    config = replace(config, layers=layers or config.layers,
+                     max_iter_to_alter=config.max_iter_to_alter if edit_steps is None else edit_steps)
+    if is_joint(pipe.cfg):
+        return JointAttendExcite([t.clip for t in targets], steps, config, JointBlockSelector(config.layers, pipe.cfg),
+                                 eot=eot_position(pipe.tokenizers, prompt))
+    return AttendExcite([t.positions for t in targets], steps, config=config, model_config=pipe.cfg,
+                        eot=eot_position(pipe.tokenizer, prompt))
+
+
+def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, strength=None, **run):
+    """regulation.editors.set_up's Run of Attend-and-Excite; strength: the latent step size (scale_factor)."""
+    if not targets:
+        raise ValueError("Attend-and-Excite needs target words")
+    config = None if strength is None else AttendExciteConfig(scale_factor=float(strength))
+    hook = make_editor(pipe, prompt, targets, steps, layers=layers, edit_steps=edit_steps, config=config)
+    return editor_run(hook, targets, is_joint(pipe.cfg))
+
+
+# The authors' config: the latent step size (scale_factor) is the knob.
+METHOD = register(Method(
+    "attend-excite", "Attend-and-Excite", Knob("strength", "step size", 20.0, "the latent step size"),
+    takes={"targets", "layers", "edit_steps", "strength"}, joint_takes={"targets", "layers", "edit_steps"},
+    about="Attend-and-Excite (Chefer et al. 2023)", set_up=set_up, make_editor=make_editor))

@@ -24,7 +24,7 @@ quantile's gradient jumps when two pixels swap ranks, so float32 rounding can ch
 (in some runs the released algorithm in float32 differs from itself in float64 by O(1)). In float64 this code
 and the straightforward reference (tools/bench/reference_regulation.py) agree to ~1e-10.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import functools
 import math
 
@@ -32,7 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from minisd.attention import AttentionHook, cross_block
+from regulation.joint_regulation import JointBlockSelector, is_joint, special_columns
 from regulation.layers import LayerSelector
+from regulation.registry import Knob, Method, editor_run, register
+from regulation.targets import eot_position
 
 
 @dataclass
@@ -466,3 +469,49 @@ class AttentionRegulation(AttentionHook):
         image when the editor has one generator per image."""
         plain = lambda t: t.item() if t.numel() == 1 else t.tolist()
         return {name: {s: (plain(a), plain(b)) for s, (a, b) in steps.items()} for name, steps in self.history.items()}
+
+
+class JointRegulation(AttentionRegulation):
+    """Attention Regulation on the image-to-text block of joint attention (regulation/joint_regulation.py says
+    what changes there). targets: text-key indices; specials: text-key columns restored after the softmax."""
+
+    def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None):
+        super().__init__(targets, specials[1], num_steps, config, select, generator)
+        self.specials = [int(c) for c in specials]
+
+    def wants(self, layer):
+        return getattr(layer, "joint", False) and super().wants(layer)
+
+    def restored_rows(self, layer, t):
+        # the image queries' rows over every key: the joint softmax's own columns
+        return t[self.cond][:, :, layer.image_queries]
+
+
+# --- from a prompt to the hook ---------------------------------------------------------------------------------
+
+def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=None, config=None):
+    """The hook regulating `targets` (from regulation.editors.pick_targets) of `prompt` for a run of `steps` steps:
+    on a UNet's cross-attention, or on joint attention (JointRegulation). layers and edit_steps, when given, replace
+    the config's."""
+    config = config or RegulationConfig()
+    config = replace(config, layers=layers or config.layers,
+                     edit_steps=config.edit_steps if edit_steps is None else edit_steps)
+    positions = [p for t in targets for p in t.positions]
+    if is_joint(pipe.cfg):
+        return JointRegulation(positions, special_columns(pipe, prompt), steps, config,
+                               JointBlockSelector(config.layers, pipe.cfg), generator=seed)
+    return AttentionRegulation(positions, eot_position(pipe.tokenizer, prompt), steps, config=config,
+                               model_config=pipe.cfg, generator=seed)
+
+
+def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, seed=0, **run):
+    """regulation.editors.set_up's Run of Attention Regulation (the run's other settings are not needed here)."""
+    if not targets:
+        raise ValueError("Attention Regulation needs target words")
+    hook = make_editor(pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps)
+    return editor_run(hook, targets, is_joint(pipe.cfg))
+
+
+# Its README documents one option, --edit-steps (25 of 50); its optimiser's constants are not exposed.
+METHOD = register(Method("regulate", "Attention Regulation", Knob("edit_steps", "edit steps", 25),
+                         takes={"targets", "layers", "edit_steps"}, set_up=set_up, make_editor=make_editor))

@@ -45,6 +45,8 @@ Where this module departs from the authors' code:
 import math
 import re
 
+from regulation.registry import Knob, Method, Run, register
+
 # " and " between words, or a comma (with an "and" after it: the serial comma of "a cat, a dog, and a bird")
 _SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+", re.IGNORECASE)
 
@@ -93,3 +95,31 @@ def composable_options(prompt, guidance, weights=None):
                          f"against the unconditional prediction), got {guidance!r}")
     concepts = split_concepts(prompt)
     return {"concepts": list(zip(concepts, concept_weights(weights, len(concepts), guidance)))}
+
+
+def set_up(pipe, prompt, steps, targets=None, strength=None, weights=None, guidance=None, **run):
+    """regulation.editors.set_up's Run of Composable Diffusion: targets, its concepts ("a red circle | a blue
+    square"; None: the prompt split at "and" and commas); guidance: the run's scale (None: the model's); weights,
+    one per concept ("7.5 | -5" or numbers), or strength, every concept's weight."""
+    if strength is not None and weights is not None:
+        raise ValueError("give --strength (every concept's weight) or --concept-weights, not both")
+    guidance = pipe.cfg.default_guidance if guidance is None else guidance
+    options = composable_options(targets or prompt, guidance, weights)
+    if strength is not None:
+        options["concepts"] = [(c, float(strength)) for c, _ in options["concepts"]]
+    settings = {"Regulation concepts": " | ".join(c for c, _ in options["concepts"])}
+    if strength is not None or weights is not None:
+        settings["Regulation concept weights"] = " | ".join(f"{w:g}" for _, w in options["concepts"])
+    return Run(options=options, settings=settings)
+
+
+# The authors' README: the concepts' weights, "otherwise the same as scale" (the guidance), are the knob; recorded
+# as the weights used.
+METHOD = register(Method(
+    "composable", "Composable Diffusion",
+    Knob("strength", "concept weight", None, "every concept's weight", minimum=None, recorded=False),
+    takes={"targets", "strength", "weights"}, set_up=set_up, target_words=False,
+    about="Composable Diffusion (Liu et al. 2022), one guidance term per concept of the prompt (split at 'and', "
+          "commas or '|')",
+    maps_absent="changes the guidance, not the attention", texts=lambda prompt: len(split_concepts(prompt)),
+    not_joint="Composable Diffusion's guidance is the UNet's"))

@@ -60,8 +60,8 @@ Where this module differs, on purpose:
 DenseDiffusion edits self-attention, which the compiled UNet (minisd/fast.py) keeps inside its graph and refuses
 to hand to hooks: run it on the eager UNet (or with sreg = 0).
 """
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,8 @@ import torch.nn.functional as F
 from minisd.attention import AttentionHook
 from minisd.samplers import SAMPLERS, Schedule
 
+from .layers import LayerSelector
+from .registry import Knob, Method, Run, register
 from .targets import TargetError, parse_target, resolve_targets
 
 NEEDS_LAYOUT = ("DenseDiffusion needs a layout: --layout \"phrase:x0,y0,x1,y1;...\" (a box in fractions of the "
@@ -444,3 +446,37 @@ def phrase_embeddings(pipe, prompt, phrases):
             del pipe.encode
         else:
             pipe.encode = own
+
+
+def set_up(pipe, prompt, steps, layout=None, layers=None, strength=None, layout_background=None, phrase_swap=None,
+           height=None, width=None, sampler="dpmpp_2m", spacing="leading", **run):
+    """regulation.editors.set_up's Run of DenseDiffusion: layout (see make_dense), layout_background ("region", the
+    default, or "none"), phrase_swap (the phrases' own embeddings, default True); strength scales creg and sreg."""
+    if not layout:
+        raise ValueError(NEEDS_LAYOUT)
+    # boxes and mask files become masks once, here; make_dense takes the (phrase, mask) pairs as they are
+    phrases, masks = layout_masks(layout, height or pipe.cfg.image_size, width or pipe.cfg.image_size)
+    config = DenseDiffusionConfig(layers=layers, background=layout_background or "region")
+    if strength is not None:
+        config = replace(config, creg=config.creg * strength, sreg=config.sreg * strength)
+    hook = make_dense(pipe, prompt, steps, list(zip(phrases, masks)), config,
+                      height=height, width=width, sampler=sampler, spacing=spacing)
+    settings = {"Regulation layout": "; ".join(phrases), "Regulation layers": layers or "all",
+                "Regulation edit steps": hook.edit_steps}
+    if config.background != "region":
+        settings["Regulation layout background"] = config.background
+    swap = phrase_swap is None or phrase_swap
+    if not swap:
+        settings["Regulation phrase swap"] = "off"
+    # it modulates every layer (config.layers: some); its maps are shown where regulation's would be
+    return Run(hooks=[hook], context=phrase_embeddings(pipe, prompt, phrases) if swap else nullcontext(),
+               select=LayerSelector(layers, pipe.cfg), shown=resolve_phrases(pipe, prompt, phrases),
+               settings=settings)
+
+
+# The authors' demo: the sliders w^c and w^s (1.0 and 0.3), scaled together, are the knob.
+METHOD = register(Method(
+    "dense", "DenseDiffusion", Knob("strength", "creg/sreg scale", 1.0, "a scale of its creg and sreg"),
+    takes={"layout", "layers", "strength", "layout_background", "phrase_swap"}, set_up=set_up,
+    about="DenseDiffusion (Kim et al. 2023), needs --layout", needs=("layout",), self_attention=True,
+    not_joint="DenseDiffusion's layer rule is the UNet's"))

@@ -1,4 +1,9 @@
-"""Attention Regulation (and Attend-and-Excite) on SD 3's joint attention.
+"""Attention Regulation (and Attend-and-Excite) on SD 3's joint attention: what changes there, chosen by the model.
+
+This module holds what the methods share on joint attention: whether a model's attention is joint (is_joint), which
+blocks (JointBlockSelector), targets in CLIP and T5 (choose_joint_targets) and the columns restored after the
+softmax (special_columns). regulation.editors picks these by the model; the editors themselves live with their
+methods (JointRegulation in regulation/attention_regulation.py, JointAttendExcite in regulation/attend_excite.py).
 
 In an MMDiT there is no cross-attention layer: each joint block runs one softmax over [text keys, image keys] for
 every query, text and image alike (minisd/mmdit.py). The part that plays the UNet's cross-attention map is the
@@ -38,14 +43,14 @@ line-by-line reference (tests/reference_joint_regulation.py) and the plumbing on
 import re
 from dataclasses import dataclass, field
 
-import torch
-
-from minisd.attention import cross_block
-from regulation.attend_excite import AttendExcite, AttendExciteConfig
-from regulation.attention_regulation import AttentionRegulation, RegulationConfig
 from regulation.targets import TargetError, auto_targets, eot_position, parse_target, resolve_targets, token_table
 
 CLIP_TOKENS = 77   # the CLIP states come first among the text keys; T5's follow
+
+
+def is_joint(model_config):
+    """Whether the model's attention is joint (an MMDiT: one softmax over text and image keys), not a UNet's."""
+    return model_config.is_sd3
 
 
 class JointBlockSelector:
@@ -70,6 +75,11 @@ class JointBlockSelector:
 
     def __call__(self, layer):
         return getattr(layer, "joint", False) and int(layer.name.rsplit(".", 1)[-1]) in self.blocks
+
+    @property
+    def names(self):
+        """The chosen blocks by name, in order: what is recorded beside an image."""
+        return [f"joint_blocks.{b}" for b in sorted(self.blocks)]
 
     def __repr__(self):
         return f"JointBlockSelector({self.specs})"
@@ -143,71 +153,3 @@ def special_columns(pipe, prompt):
     if pipe.model.text_encoders.has_t5:
         cols.append(CLIP_TOKENS + pipe.t5_tokenizer.ids(prompt).index(1))
     return cols
-
-
-class JointRegulation(AttentionRegulation):
-    """Attention Regulation on the image-to-text block of joint attention (see the module docstring).
-    targets: text-key indices; specials: text-key columns restored after the softmax."""
-
-    def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None):
-        super().__init__(targets, specials[1], num_steps, config, select, generator)
-        self.specials = [int(c) for c in specials]
-
-    def wants(self, layer):
-        return getattr(layer, "joint", False) and super().wants(layer)
-
-    def restored_rows(self, layer, t):
-        # the image queries' rows over every key: the joint softmax's own columns
-        return t[self.cond][:, :, layer.image_queries]
-
-
-class JointAttendExcite(AttendExcite):
-    """Attend-and-Excite reading the image-to-text block of the chosen joint blocks."""
-
-    def wants(self, layer):
-        return getattr(layer, "joint", False) and super().wants(layer)
-
-    def edit_probs(self, layer, logits, probs):
-        super().edit_probs(layer, logits, cross_block(layer, probs))
-        return probs
-
-
-def make_joint_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=None, config=None):
-    """The hook of `method` ("regulate" or "attend-excite") on SD 3 for JointTargets from resolve_joint_targets."""
-    select = JointBlockSelector(layers, pipe.cfg)
-    if method == "regulate":
-        config = config or RegulationConfig(edit_steps=edit_steps)
-        return JointRegulation([p for t in targets for p in t.positions], special_columns(pipe, prompt), steps,
-                               config, select, generator=seed)
-    if method == "attend-excite":
-        config = config or AttendExciteConfig(**({"max_iter_to_alter": edit_steps} if edit_steps is not None
-                                                 else {}))
-        return JointAttendExcite([t.clip for t in targets], steps, config, select,
-                                 eot=eot_position(pipe.tokenizers, prompt))
-    refuse_on_sd3(method)
-
-
-def refuse_on_sd3(method):
-    raise ValueError(f"{method!r} does not run on SD 3: only regulate and attend-excite read its joint attention "
-                     f"(SynGen's and DenseDiffusion's layer rules and Composable Diffusion's guidance are the UNet's)")
-
-
-def set_up_joint(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_steps=None, log=print,
-                 **options):
-    """regulation.editors.set_up for SD 3: the Run of regulate or attend-excite with JointTargets (from
-    choose_joint_targets); any other method, or an option these do not take, refused in one line."""
-    from regulation.editors import NAMES, Run
-    if method not in ("regulate", "attend-excite"):
-        make_joint_editor(method, pipe, prompt, targets, steps)   # raises, saying why
-    extra = [k for k, v in options.items() if v is not None and k in ("layout", "strength", "weights",
-                                                                       "layout_background", "phrase_swap")]
-    if extra:
-        raise ValueError(f"--method {method} on SD 3 does not take "
-                         f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
-    if not targets:
-        raise ValueError(f"{NAMES[method]} needs target words")
-    hook = make_joint_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps)
-    settings = {"Regulation": NAMES[method], "Regulation targets": " ".join(t.word for t in targets),
-                "Regulation layers": " ".join(f"joint_blocks.{b}" for b in sorted(hook.select.blocks)),
-                "Regulation edit steps": hook.edit_steps}
-    return Run(method, [hook], select=hook.select, shown=list(targets), settings=settings)

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 
 from regulation.attend_excite import ConditionalPassMaps
+from regulation.registry import Knob, Method, Run, register
+from regulation.targets import Target, TargetError, eot_position, modifier_noun_pairs, resolve_targets
 
 
 @dataclass
@@ -227,7 +229,6 @@ def resolve_pairs(tokenizer, prompt, pairs=None, parser="rules", include_entitie
     regulation.targets.modifier_noun_pairs(prompt, parser). Nouns without modifiers are dropped unless
     include_entities. A ValueError (TargetError) names a word that is not in the prompt; a ValueError says so
     when no pair with a modifier is left."""
-    from regulation.targets import TargetError, modifier_noun_pairs, resolve_targets
     given = pairs is not None
     if pairs is None:
         pairs = modifier_noun_pairs(prompt, parser)
@@ -249,11 +250,16 @@ def resolve_pairs(tokenizer, prompt, pairs=None, parser="rules", include_entitie
     return out
 
 
+def token_text(tokenizer, prompt):
+    """positions -> the prompt's text at those token positions (a word of several sub-tokens whole)."""
+    ids = tokenizer.ids(prompt)
+    return lambda ps: "".join(tokenizer.token_text(ids[p]) for p in ps).replace("</w>", " ").strip()
+
+
 def make_syngen(pipe, prompt, steps, layers=None, pairs=None, config=None, log=None):
     """The SynGen hook for `prompt` on `pipe`, for a run of `steps` steps. pairs: see resolve_pairs (None: parse
     the prompt with config.parser). layers: LayerSelector specs (None: config.layers, else the model's default).
     log (e.g. print) is told the pairs and their tokens. SynGen draws no random numbers: there is no seed."""
-    from regulation.targets import eot_position
     if config is not None and not isinstance(config, SynGenConfig):
         raise TypeError(f"syngen takes a SynGenConfig, got {type(config).__name__}")
     config = config or SynGenConfig()
@@ -261,12 +267,32 @@ def make_syngen(pipe, prompt, steps, layers=None, pairs=None, config=None, log=N
     tokenizer = pipe.tokenizers if len(getattr(pipe, "tokenizers", [])) > 1 else pipe.tokenizer
     positions = resolve_pairs(tokenizer, prompt, pairs, config.parser, config.include_entities)
     if log:
-        tok = tokenizer[0] if isinstance(tokenizer, list) else tokenizer
-        ids = tok.ids(prompt)
-
-        def text(ps):
-            return "".join(tok.token_text(ids[p]) for p in ps).replace("</w>", " ").strip()
+        text = token_text(tokenizer[0] if isinstance(tokenizer, list) else tokenizer, prompt)
         for mods, noun in positions:
             log(f"SynGen pair: {' '.join(text(m) for m in mods) or '(no modifier)'} -> {text(noun)}   "
                 f"positions {mods} -> {noun}")
     return SynGen(positions, eot_position(tokenizer, prompt), steps, config=config, model_config=pipe.cfg)
+
+
+def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, strength=None, log=None, **run):
+    """regulation.editors.set_up's Run of SynGen. targets: its pairs ("red circle; blue square"; None: parsed from
+    the prompt); strength: the latent step size (scale_factor)."""
+    config = SynGenConfig()
+    if edit_steps is not None:
+        config = replace(config, max_iter_to_alter=edit_steps)
+    if strength is not None:
+        config = replace(config, scale_factor=float(strength))
+    hook = make_syngen(pipe, prompt, steps, layers=layers, pairs=targets, config=config, log=log)
+    word = token_text(pipe.tokenizer, prompt)
+    # each modifier beside its noun: the maps the loss pulls together
+    shown = [Target(word(ps), ps, []) for mods, noun in hook.pairs for ps in [*mods, noun]]
+    return Run(hooks=[hook], select=hook.select, shown=shown, settings={
+        "Regulation targets": "; ".join(" ".join(word(ps) for ps in [*m, n]) for m, n in hook.pairs),
+        "Regulation layers": " ".join(hook.select.specs), "Regulation edit steps": hook.edit_steps})
+
+
+# The authors' run.py: the latent step size (--step_size) is the knob.
+METHOD = register(Method("syngen", "SynGen", Knob("strength", "step size", 20.0, "the latent step size"),
+                         takes={"targets", "layers", "edit_steps", "strength"}, set_up=set_up, target_words=False,
+                         about="SynGen (Rassin et al. 2023), modifiers bound to their nouns",
+                         not_joint="SynGen's layer rule is the UNet's"))

@@ -12,9 +12,9 @@ from minisd.checkpoint import build_model
 from minisd.config import tiny_sd3
 from minisd.maps import AttentionMaps
 from minisd.pipeline_sd3 import SD3Pipeline
-from regulation.attention_regulation import RegulationConfig
-from regulation.joint_regulation import (JointBlockSelector, JointRegulation, make_joint_editor,
-                                         resolve_joint_targets, t5_words)
+from regulation.attention_regulation import JointRegulation, RegulationConfig
+from regulation.editors import make_editor, pick_targets, set_up
+from regulation.joint_regulation import JointBlockSelector, resolve_joint_targets, t5_words
 
 try:
     from reference_joint_regulation import reference_joint_regulate
@@ -143,7 +143,7 @@ def test_block_selector_and_refusals(pipe):
     with pytest.raises(ValueError, match="joint_blocks.0 to joint_blocks.2"):
         JointBlockSelector("joint_blocks.3", cfg)
     with pytest.raises(ValueError, match="only regulate and attend-excite"):
-        make_joint_editor("syngen", pipe, PROMPT, [], 4)
+        make_editor("syngen", pipe, PROMPT, [], 4)
 
 
 def test_targets_resolve_in_both_tokenizers(pipe):
@@ -161,7 +161,7 @@ def test_targets_resolve_in_both_tokenizers(pipe):
 @pytest.mark.parametrize("method", ["regulate", "attend-excite"])
 def test_editors_run_in_the_pipeline(pipe, method):
     targets = resolve_joint_targets(pipe, PROMPT, ["circle", "square"], log=None)
-    editor = make_joint_editor(method, pipe, PROMPT, targets, steps=3, seed=0)
+    editor = make_editor(method, pipe, PROMPT, targets, steps=3, seed=0)
     plain = pipe(PROMPT, steps=3, guidance=5.0, sampler="euler", decode=False, return_latents=True).latents
     edited = pipe(PROMPT, steps=3, guidance=5.0, sampler="euler", decode=False, return_latents=True,
                   hooks=[editor]).latents
@@ -174,15 +174,14 @@ def test_editors_run_in_the_pipeline(pipe, method):
 
 
 def test_set_up_for_the_command_line(pipe):
-    from regulation.joint_regulation import choose_joint_targets, set_up_joint
     lines = []
-    targets = choose_joint_targets(pipe, PROMPT, None, log=lines.append)
+    targets = pick_targets(pipe, PROMPT, None, log=lines.append)
     assert [t.word for t in targets] == ["circle", "square"] and "chosen from the prompt" in lines[0]
-    run = set_up_joint("regulate", pipe, PROMPT, 4, targets=targets, seed=3, layers=None, edit_steps=None)
+    run = set_up("regulate", pipe, PROMPT, 4, targets=targets, seed=3, layers=None, edit_steps=None)
     assert run.settings["Regulation layers"] == "joint_blocks.1" and run.settings["Regulation edit steps"] == 2
     for method in ("syngen", "dense", "composable"):
         with pytest.raises(ValueError, match="does not run on SD 3") as e:
-            set_up_joint(method, pipe, PROMPT, 4, targets=targets)
+            set_up(method, pipe, PROMPT, 4, targets=None if method == "dense" else targets)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="--layout"):
-        set_up_joint("regulate", pipe, PROMPT, 4, targets=targets, layout="a:0,0,1,1")
+        set_up("regulate", pipe, PROMPT, 4, targets=targets, layout="a:0,0,1,1")
