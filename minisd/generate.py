@@ -11,14 +11,14 @@ import functools
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
 from .checkpoint import DEFAULT_CHECKPOINT, file_hash
-from .images import UsageError
+from .images import UsageError, read_image
 from .pipeline import size_unit
 from .tokenizer import PromptTruncatedWarning
 
@@ -144,6 +144,41 @@ def check_cost(cfg, height, width, dtype, batch, device):
         warn(f"{width}x{height} needs about {need / gib:.1f} GiB of the {have / gib:.1f} GiB available")
 
 
+def init_image(args, cfg, unit):
+    """--init-image read and checked against the model's size unit and --height/--width (the run keeps the
+    image's size); None without it."""
+    if not getattr(args, "init_image", None):
+        return None
+    image = read_image(args.init_image, "--init-image")
+    w, h = image.size
+    if (args.height or h, args.width or w) != (h, w):
+        raise UsageError(f"--init-image {args.init_image} is {w}x{h} px and image-to-image keeps its size; drop "
+                         f"--height/--width or resize the image to {args.width or w}x{args.height or h}")
+    if h % unit or w % unit:
+        raise UsageError(f"--init-image {args.init_image} is {w}x{h} px; this model's sides are multiples of {unit} "
+                         f"(its size unit): crop or resize it, e.g. to {max(unit, w // unit * unit)}x"
+                         f"{max(unit, h // unit * unit)}")
+    return image
+
+
+def skip_layer_guidance(args, cfg, guidance):
+    """--slg-*: (a pipeline_sd3.SkipLayerGuidance or None, the guidance: --slg-medium's 4 unless --guidance)."""
+    given = {k: getattr(args, f"slg_{k}", None) for k in ("scale", "layers", "start", "end")}
+    given = {k: v for k, v in given.items() if v is not None}
+    medium = getattr(args, "slg_medium", False)
+    if not given and not medium:
+        return None, guidance
+    if not cfg.is_sd3:
+        raise UsageError(f"--slg-* is skip-layer guidance over SD 3's joint blocks; {cfg.name} has a UNet")
+    from .pipeline_sd3 import SLG_MEDIUM, SLG_MEDIUM_GUIDANCE
+    slg = replace(SLG_MEDIUM, **given)
+    try:
+        slg.check(cfg.mmdit.depth)
+    except ValueError as e:
+        raise UsageError(f"--slg-*: {e}") from None
+    return slg, SLG_MEDIUM_GUIDANCE if medium and args.guidance is None else guidance
+
+
 @dataclass
 class Job:
     """A request checked against the model and set up: what generate() needs for each seed."""
@@ -160,13 +195,17 @@ class Job:
     positions: list = field(default_factory=list)
     show_steps: list = field(default_factory=list)
     model_hash: str = ""
+    start: int = 0                             # image-to-image: the first step that runs
+    pipe_options: dict = field(default_factory=dict)   # image-to-image's and skip-layer guidance's arguments
+    image_settings: dict = field(default_factory=dict)  # and what they write beside the image
 
 
 def prepare(args, pipe, log=print):
     """Everything that can be refused once the model is known, then the method's hooks, one set per seed."""
     cfg = pipe.cfg
     unit = size_unit(cfg)
-    size = (args.height or cfg.image_size, args.width or cfg.image_size)
+    image = init_image(args, cfg, unit)   # image-to-image: the image's size is the run's
+    size = (image.height, image.width) if image else (args.height or cfg.image_size, args.width or cfg.image_size)
     for name, v in zip(("height", "width"), size):
         if v % unit:
             why = f"patch size {cfg.mmdit.patch_size}" if cfg.is_sd3 else \
@@ -176,11 +215,23 @@ def prepare(args, pipe, log=print):
                              f"{(v // unit + 1) * unit}")
     steps = args.steps or cfg.default_steps
     guidance = cfg.default_guidance if args.guidance is None else args.guidance
-    if args.edit_steps is not None and args.edit_steps > steps:
-        raise UsageError(f"--edit-steps must be between 0 and --steps ({steps}), got {args.edit_steps}")
+    slg, guidance = skip_layer_guidance(args, cfg, guidance)
+    denoise = (0.8 if args.denoise is None else args.denoise) if image else None
+    start = pipe.start_step(steps, denoise) if image else 0
+    runs = steps - start   # the steps that run: the methods count these, from 0
+    if runs < 1:
+        raise UsageError(f"--denoise {denoise} of {steps} steps runs none (int({steps} x {denoise}) = 0); raise "
+                         f"--denoise or --steps")
+    if args.edit_steps is not None and args.edit_steps > runs:
+        within = f"the {runs} steps that run of --steps {steps} at --denoise {denoise}" if image else \
+            f"--steps ({steps})"
+        raise UsageError(f"--edit-steps must be between 0 and {within}, got {args.edit_steps}")
     if args.regulate_layers and not cfg.is_sd3:   # SD 3's joint blocks are checked by name in its set-up
         check_layer_sizes(args.regulate_layers, cfg, *size)
     method = chosen_method(args)
+    if image and method == "dense":
+        raise UsageError("--method dense times its edits by the text-to-image steps' timesteps; it does not take "
+                         "--init-image yet")
     from regulation.editors import method_for
     entry = method_for(method, pipe) if method else None   # refused here if it does not run on this model
     texts = entry.texts(args.prompt) if entry and entry.texts else 1   # Composable Diffusion: one per concept
@@ -202,7 +253,15 @@ def prepare(args, pipe, log=print):
 
     seeds = [args.seed + i for i in range(args.n)]
     job = Job(args, pipe, seeds, size, steps, guidance, method, model_hash=model_hash(args.checkpoint),
-              show_steps=attention_steps(steps))
+              show_steps=attention_steps(runs))
+    job.start = start
+    if image:
+        job.pipe_options.update(init_image=image, denoise=denoise)
+        job.image_settings["Denoising strength"] = denoise
+    if slg:
+        job.pipe_options["slg"] = slg
+        job.image_settings.update({"SLG scale": slg.scale, "SLG layers": " ".join(map(str, slg.layers)),
+                                   "SLG start": slg.start, "SLG end": slg.end})
     shown = []
     if method or args.save_attention:
         # the model chooses how targets are read and which layers there are (a UNet's, or joint attention's)
@@ -216,7 +275,7 @@ def prepare(args, pipe, log=print):
             elif "targets" in entry.takes:   # the method reads them itself (SynGen's pairs, Composable's concepts)
                 targets = args.targets
             # built before sampling, so that a bad option is an error before any work; one per image (its seed)
-            job.runs = [set_up(method, pipe, args.prompt, steps, targets=targets, seed=seed,
+            job.runs = [set_up(method, pipe, args.prompt, runs, targets=targets, seed=seed,
                                layers=args.regulate_layers, edit_steps=args.edit_steps, layout=args.layout,
                                guidance=guidance, height=size[0], width=size[1], sampler=args.sampler,
                                spacing=args.spacing, strength=args.strength, layout_background=args.layout_background,
@@ -240,7 +299,8 @@ def settings(job, seed, extra=None):
             "Timestep spacing": args.spacing, "CFG scale": job.guidance, "Seed": seed,
             "Size": f"{job.size[1]}x{job.size[0]}", "Model hash": job.model_hash, "Model": Path(args.checkpoint).stem,
             "Eta": args.eta if args.sampler == "ddim" else None, "Prediction": job.pipe.cfg.prediction,
-            "Dtype": args.dtype, "Decoder": args.decoder, **(extra or {}), "Version": f"minisd {__version__}"}
+            "Dtype": args.dtype, "Decoder": args.decoder, **job.image_settings,
+            **(extra or {}), "Version": f"minisd {__version__}"}
 
 
 @dataclass
@@ -277,7 +337,7 @@ def generate(job, i, callback=None, with_plain=None):
         return job.pipe(args.prompt, negative_prompt=args.negative_prompt, steps=job.steps, guidance=job.guidance,
                         seed=seed, height=job.size[0], width=job.size[1], sampler=args.sampler, spacing=args.spacing,
                         hooks=hooks, callback=callback, **({"eta": args.eta} if args.sampler == "ddim" else {}),
-                        **(options or {})).images[0]
+                        **job.pipe_options, **(options or {})).images[0]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PromptTruncatedWarning)   # said once, by prepare

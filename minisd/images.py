@@ -5,7 +5,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}   # --out FILE: by its extension
@@ -13,6 +13,19 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}   # 
 
 class UsageError(Exception):
     """A request that cannot be carried out as asked: the command line prints it as one error line."""
+
+
+def read_image(path, flag):
+    """An image file (image-to-image's --init-image) as an RGB PIL image, or a one-line UsageError naming `flag`."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{flag} {path} is a folder; it names an image file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"{flag} {path} is not an image that can be read ({str(e).splitlines()[0]})") from None
 
 
 def parameters_text(prompt, negative, settings):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import DEFAULT_CHECKPOINT, CheckpointError
 from .generate import DTYPES, chosen_method, generate, load_pipeline, prepare, warn
-from .images import UsageError, check_writable, output_paths, parameters_text, remove_empty, save_image
+from .images import UsageError, read_image, check_writable, output_paths, parameters_text, remove_empty, save_image
 from .pipeline import NonFiniteError
 from .samplers import SAMPLERS
 from regulation.editors import METHODS, and_list   # the command line and the page are where minisd meets regulation
@@ -43,6 +43,31 @@ def check_device(name):
     elif device.type != "cpu":
         raise UsageError(f"--device {name}: minisd runs on cpu, cuda or mps")
     return device
+
+
+def check_image_args(args):
+    """Image-to-image's and skip-layer guidance's flags, as far as they can be judged without the model."""
+    if args.init_image:
+        read_image(args.init_image, "--init-image")
+    if args.denoise is not None:
+        if not args.init_image:
+            raise UsageError("--denoise is the part of the steps image-to-image runs; add --init-image")
+        if not (math.isfinite(args.denoise) and 0 < args.denoise <= 1):
+            raise UsageError(f"--denoise is the fraction of the steps that run, in (0, 1]; got {args.denoise}")
+    if args.slg_scale is not None and not (math.isfinite(args.slg_scale) and args.slg_scale >= 0):
+        raise UsageError(f"--slg-scale must be a finite number >= 0, got {args.slg_scale}")
+    for flag in ("slg_start", "slg_end"):
+        v = getattr(args, flag)
+        if v is not None and not 0 <= v <= 1:
+            raise UsageError(f"--{flag.replace('_', '-')} is a fraction of the steps, in [0, 1]; got {v}")
+
+
+def block_numbers(text):
+    """--slg-layers 7,8,9 -> (7, 8, 9)."""
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected joint block numbers such as 7,8,9, got {text!r}") from None
 
 
 def check_args(args):
@@ -110,6 +135,7 @@ def check_args(args):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"--save-attention {folder} is a file; it names a folder for the attention grids")
         check_writable(folder, "--save-attention")
+    check_image_args(args)
     check_device(args.device)
 
 
@@ -204,6 +230,26 @@ def build_parser():
     g.add_argument("--t5-length", type=int, default=None,
                    help="pad (and cut) T5's tokens to this length; default: Stability's reference, at least 77 "
                         "and never cut (diffusers' pipeline: 256)")
+    g = ap.add_argument_group("SD 3.5 skip-layer guidance (Stability's reference; off by default)")
+    g.add_argument("--slg-medium", action="store_true",
+                   help="the reference's SD 3.5 Medium setting: layers 7,8,9, scale 2.5, from 1%% to 20%% of the "
+                        "steps, guidance 4 (unless --guidance); the --slg-* flags below change parts of it")
+    g.add_argument("--slg-scale", type=float, default=None,
+                   help="its scale: the guided prediction moves away from the pass without --slg-layers by this "
+                        "times (conditional - skipped); default 2.5 once any --slg-* flag is given")
+    g.add_argument("--slg-layers", type=block_numbers, default=None,
+                   help="the joint blocks the extra pass leaves out, e.g. 7,8,9 (the default)")
+    g.add_argument("--slg-start", type=float, default=None,
+                   help="the fraction of --steps after which it starts (default 0.01: steps i > 0.01 x steps)")
+    g.add_argument("--slg-end", type=float, default=None,
+                   help="the fraction of --steps before which it stops (default 0.2: steps i < 0.2 x steps)")
+    g = ap.add_argument_group("image-to-image (every family)")
+    g.add_argument("--init-image", default=None, metavar="PATH",
+                   help="start from this image (its size is the output's: a multiple of the model's size unit)")
+    g.add_argument("--denoise", type=float, default=None,
+                   help="the fraction of --steps that runs from the noised image, in (0, 1] (default 0.8, as "
+                        "Stability's reference and diffusers' SD img2img); at 1, SD's first level still holds a "
+                        "trace of the image, SD 3's is pure noise")
     g = ap.add_argument_group("attention regulation (Zhang et al., ECCV 2024) and the paper's other methods")
     g.add_argument("--regulate", action="store_true", help="regulate the cross-attention of the target words "
                    "(the same as --method regulate)")
@@ -265,7 +311,7 @@ def _run(args, log, made):
     job = prepare(args, load_pipeline(args), log=log)
 
     passes = 2 if job.method and args.save_attention else 1   # --save-attention adds a plain run beside
-    bar = tqdm(total=args.n * job.steps * passes, desc="sampling", disable=not sys.stderr.isatty())
+    bar = tqdm(total=args.n * (job.steps - job.start) * passes, desc="sampling", disable=not sys.stderr.isatty())
     try:
         for i, path in enumerate(paths):
             out = generate(job, i, callback=lambda info: bar.update(1))
