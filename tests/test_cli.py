@@ -186,12 +186,12 @@ def test_the_papers_other_methods_on_the_shipped_model(tmp_path, capsys, method,
     """`--method syngen`, `composable` and `dense --layout` on the shipped model: each writes its image, records
     the method, and differs from the plain image of the same seed."""
     from minisd.sample import DEFAULT_CHECKPOINT
-    from regulation.editors import NAMES
+    from regulation.editors import METHODS
     base = ["--prompt", "a red circle and a blue square", "--checkpoint", str(DEFAULT_CHECKPOINT), "--steps", "4"]
     main(base + ["--out", str(tmp_path / "plain.png")])
     main(base + ["--out", str(tmp_path / "m.png"), "--method", method, *extra])
     image = Image.open(tmp_path / "m.png")
-    assert f"Regulation: {NAMES[method]}" in image.text["parameters"]
+    assert f"Regulation: {METHODS[method].title}" in image.text["parameters"]
     assert np.abs(np.asarray(image, float) - np.asarray(Image.open(tmp_path / "plain.png"), float)).max() > 0
     if says:
         assert says in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 
 from minisd.checkpoint import DEFAULT_CHECKPOINT, build_model, save_checkpoint
 from minisd.config import tiny
-from regulation.editors import KNOBS
+from regulation.editors import METHODS
 from tools.eval import paper_table as pt
 from tools.testbed import clipscore, shapes
 
@@ -31,7 +31,7 @@ def test_every_method_gets_four_values_with_its_default():
     assert pt.grid_values("composable", 5.0) == [1.25, 2.5, 5.0, 10.0]      # the guidance is its default weight
     assert pt.variant("syngen", 20.0).name == "syngen" and pt.variant("syngen", 5.0).options == {"strength": 5.0}
     assert pt.variant("regulate", 13).options == {"edit_steps": 13}
-    assert set(KNOBS) == set(pt.METHODS)
+    assert set(METHODS) == set(pt.METHODS)
 
 
 def summary_of(table):

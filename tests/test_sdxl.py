@@ -338,7 +338,7 @@ def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, method):
     concept its own pooled text."""
     from PIL import Image
     from minisd.sample import main
-    from regulation.editors import NAMES
+    from regulation.editors import METHODS
     extra = {"dense": ["--layout", "red circle:0,0,0.5,0.5;blue square:0.5,0.5,1,1"]}.get(method, [])
     maps = [] if method == "composable" else ["--save-attention", str(tmp_path / "maps")]
     main(["--prompt", "a red circle and a blue square", "--checkpoint", str(xl.path), "--steps", "2",
@@ -350,7 +350,7 @@ def test_cli_regulates_a_tiny_sdxl_file_end_to_end(xl, tmp_path, method):
         [grid] = sorted((tmp_path / "maps").glob("*.png"))
         assert Image.open(grid).size[0] > PX
     text = image.text["parameters"]
-    assert "Model: tiny-sdxl" in text and f"Regulation: {NAMES[method]}" in text
+    assert "Model: tiny-sdxl" in text and f"Regulation: {METHODS[method].title}" in text
     from regulation.attend_excite import default_layers
     blocks = {"regulate": xl.cfg.default_blocks(), "dense": ["all"]}.get(method, default_layers(xl.cfg))
     if method != "composable":   # each method's own rule

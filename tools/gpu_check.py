@@ -299,7 +299,7 @@ def method_row(steps, method):
 
 def report(data, steps, json_path):
     """The three tables: parity, speed (each row against its base), and the paper's overhead column."""
-    from regulation.editors import METHODS, NAMES
+    from regulation.editors import METHODS
     from tools.eval.paper_table import PAPER
     name, family, px, dname = data["device"], data["family"], data["px"], data["dtype"]
     par, spd, base = data["parity"], data["speed"], data["base"]
@@ -321,7 +321,7 @@ def report(data, steps, json_path):
             v = spd.get(method_row(steps, m))
             if m == "compiled" and not v and not any(k.startswith(method_row(steps, m)) for k in data["errors"]):
                 continue   # not asked for
-            label = "Attention Regulation, optimiser compiled" if m == "compiled" else NAMES.get(m, m)
+            label = "Attention Regulation, optimiser compiled" if m == "compiled" else METHODS[m].title
             paper = PAPER["regulate" if m == "compiled" else m][3]
             shown = f"{v:.3f} | {100 * (v / plain - 1):+.1f}%" if v else "not measured | -"
             print(f"| {label} | {shown} | {paper} |")

@@ -45,6 +45,7 @@ import time
 
 import torch
 
+from regulation.editors import METHODS
 from tools.bench.timing import timed
 
 ROOT = Path(__file__).resolve().parents[2]   # the repository
@@ -66,12 +67,16 @@ def _quiet(*args, **kwargs):
 
 
 def make_hook(method, pipe, prompt, targets, steps, seed, layers=None):
-    from regulation.editors import make_editor, set_up
-    if method in ("plain", "composable"):   # composable changes the batch, not the attention
+    """The method's one hook (regulation.editors.set_up at its authors' defaults); None for plain and for a method
+    that changes the batch, not the attention (composable). Target words go to the methods that take them; the
+    others read the prompt (SynGen's pairs) or LAYOUT (DenseDiffusion)."""
+    from regulation.editors import set_up
+    if method == "plain":
         return None
-    if method in ("syngen", "dense"):
-        return set_up(method, pipe, prompt, steps, layout=LAYOUT if method == "dense" else None, log=None).hooks[0]
-    return make_editor(method, pipe, prompt, targets, steps, seed=seed, layers=layers)
+    entry = METHODS[method]
+    run = set_up(method, pipe, prompt, steps, targets=targets if entry.target_words and "targets" in entry.takes
+                 else None, seed=seed, layers=layers, layout=LAYOUT if "layout" in entry.takes else None, log=None)
+    return run.hooks[0] if run.hooks else None
 
 
 # ---------------------------------------------------------------------------------------------- tiny model
@@ -231,7 +236,8 @@ PARTS = {
     "sdxl": Part("sdxl", "tiny-sdxl", "SDXL base architecture, random UNet weights, random text conditioning",
                  "float32", unet_only_model, random_conditioning),
 }
-STEP_METHODS = ("plain", "regulate", "regulate-layers", "attend-excite", "syngen", "dense", "composable")
+# the table's methods, and Attention Regulation again on the --regulate-layers choice
+STEP_METHODS = ("plain", "regulate", "regulate-layers", *(m for m in METHODS if m != "regulate"))
 # the steps of a 50-step run each method acts in (its paper's defaults); the other steps are plain
 ACTIVE_STEPS = {"syngen": 25, "dense": 15, "composable": 50}
 LAYOUT = "black cat:0,0,0.5,1;white dog:0.5,0,1,1"   # DenseDiffusion's regions for the default prompt
@@ -326,17 +332,19 @@ def step_costs(pipe, prompt, targets, context, y, size, dtype, methods, layers, 
             uncond, *conds = unet(torch.cat([x] * 3), [0, 1, 1]).chunk(3)
         return uncond + sum(guidance * (c - uncond) for c in conds)
 
-    steps = {"plain": ("plain", plain_step), "regulate": ("regulate", regulated_step),
-             "regulate-layers": ("regulate", regulated_step), "attend-excite": ("attend-excite", excite_step),
-             "syngen": ("syngen", excite_step), "dense": ("dense", regulated_step),
-             "composable": ("composable", composable_step)}
+    def step_of(method, hook):
+        """What one step of the method runs: the pipeline's side door its hook takes (a latent mover's pass with
+        gradient, or attention edits in the guided call); no hook: plain, or a method that changes the batch."""
+        if hook is None:
+            return plain_step if method == "plain" else composable_step
+        return (lambda: excite_step(hook)) if hasattr(hook, "edit_latents") else (lambda: regulated_step(hook))
+
     results = {}
     for method in methods:
-        kind, step = steps[method]
         try:
-            hook = make_hook(kind, pipe, prompt, targets, 50, args.seed,
-                             layers=layers if method == "regulate-layers" else None)
-            run = (lambda: step(hook)) if hook else step
+            hook = make_hook("regulate" if method == "regulate-layers" else method, pipe, prompt, targets, 50,
+                             args.seed, layers=layers if method == "regulate-layers" else None)
+            run = step_of(method, hook)
             model.set_hooks([hook] if hook else [])
             run()                                          # warm-up
             rss_before, reset = rss_gib("VmRSS"), peak_rss_reset()

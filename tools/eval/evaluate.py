@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from minisd.blocks import block_of
 from minisd.maps import AttentionMaps, grid, word_maps
 from minisd.checkpoint import DEFAULT_CHECKPOINT, file_hash
-from regulation.editors import Run, choose_targets, set_up
+from regulation.editors import METHODS, choose_targets, set_up
+from regulation.registry import Run
 from regulation.syngen import NoPairsError
 from regulation.targets import auto_targets, is_adjective
 from tools.testbed import shapes
@@ -164,14 +165,16 @@ def load_prompts(path=None, n=120, seed=0):
     return items
 
 
-TARGETED = ("regulate", "attend-excite")   # the methods whose target words --targets chooses
+def targeted(method):
+    """Whether --targets chooses the method's target words (Attention Regulation, Attend-and-Excite): it takes
+    words, which regulation.editors.choose_targets resolves."""
+    return "targets" in METHODS[method].takes and METHODS[method].target_words
 
 
 def parse_variants(methods, targets):
     """"plain,regulate" and "both" -> plain, regulate[nouns], regulate[attr+nouns]. Plain always runs: the drift
     is measured against it. SynGen parses its own pairs, DenseDiffusion is given the renderer's layout ("dense[layout
     given]"), Composable Diffusion its concepts: --targets does not apply to them."""
-    from regulation.editors import METHODS
     modes = TARGET_MODES if targets == "both" else (targets,)
     if not set(modes) <= set(TARGET_MODES):
         raise ValueError(f"--targets must be one of {', '.join(TARGET_MODES)} or both, got {targets!r}")
@@ -181,7 +184,7 @@ def parse_variants(methods, targets):
             raise ValueError(f"unknown method {m!r}; choose from plain, {', '.join(METHODS)}")
     out = [Variant("plain", "plain", "")]
     for m in dict.fromkeys(names):
-        if m in TARGETED:
+        if targeted(m):
             out += [Variant(f"{m}[{t}]", m, t) for t in modes]
         else:
             out.append(Variant("dense[layout given]" if m == "dense" else m, m, ""))
@@ -368,13 +371,14 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
     for v in variants:
         hooks, observer, targets, run = [], None, [], None
         if v.method != "plain":
-            if v.method in TARGETED:
+            if targeted(v.method):
                 targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=quiet)
             elif v.method == "composable":
                 targets = concepts(item)
             try:
-                options = dict(layers=s.layers if v.method != "composable" else None,
-                               edit_steps=s.edit_steps if v.method not in ("composable", "dense") else None)
+                takes = METHODS[v.method].takes   # the run's settings for the methods that take them
+                options = dict(layers=s.layers if "layers" in takes else None,
+                               edit_steps=s.edit_steps if "edit_steps" in takes else None)
                 run = set_up(v.method, pipe, prompt, s.steps, targets=targets or None, seed=seed,
                              layout=renderer_layout(item, seed, s.size) if v.method == "dense" else None,
                              height=s.size, width=s.size, guidance=s.guidance, log=quiet,

@@ -8,9 +8,9 @@ each given the same tuning budget on a validation set disjoint from the test set
 The protocol (docs/evaluation.md states it, with the decision rules, before any run):
   - Validation: the 20 held-out pairs that the 100 test prompts do not name, two prompts each (their own
     templates and order), image seeds 100 and 101: 80 images per setting. No test prompt, pair or seed.
-  - Each method's one knob (regulation.editors.KNOBS: the one its authors' README or demo tells users to turn) at
-    the same four multiples of its authors' default, 1/4, 1/2, 1 and 2 (Attention Regulation's edit steps rounded
-    half up: 6, 13, 25, 50 of 50).
+  - Each method's one knob (its `knob` in regulation.editors.METHODS: the one its authors' README or demo tells
+    users to turn) at the same four multiples of its authors' default, 1/4, 1/2, 1 and 2 (Attention Regulation's
+    edit steps rounded half up: 6, 13, 25, 50 of 50).
   - Choice: the highest presence on validation; ties: the higher strict; then the authors' default if tied, else
     the smaller value (nearer the plain model). Frozen in choices.json before the test stage reads it.
   - Test: the 100 test prompts x seeds 0..3 once, every method at its authors' default and at its choice (the
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from regulation.editors import KNOBS, NAMES
+from regulation.editors import METHODS as TABLE
 from tools.eval import evaluate
 from tools.testbed import shapes
 
 MULTIPLES = (0.25, 0.5, 1.0, 2.0)
-METHODS = ("regulate", "attend-excite", "syngen", "dense", "composable")
+METHODS = tuple(TABLE)   # every method of the table, in the paper's order
 VALIDATION_SEED = 100   # image seeds 100, 101: none of the test's 0..3
 TEST_PROMPTS, TEST_SEEDS = 100, 4
 JUDGE = "tools.testbed.judge:ShapesJudge"
@@ -70,14 +70,14 @@ def test_prompts():
 
 
 def default_value(method, guidance):
-    knob = KNOBS[method]
+    knob = TABLE[method].knob
     return guidance if knob.default is None else knob.default
 
 
 def grid_values(method, guidance):
     """The four values of a method's knob: MULTIPLES of its authors' default (edit steps: whole steps, half up)."""
     d = default_value(method, guidance)
-    if KNOBS[method].option == "edit_steps":
+    if TABLE[method].knob.option == "edit_steps":
         return [int(math.floor(d * m + 0.5)) for m in MULTIPLES]
     return [d * m for m in MULTIPLES]
 
@@ -87,12 +87,12 @@ def variant(method, value=None, guidance=5.0, **more):
     passed), named as the tables show it."""
     base = {"regulate": "regulate[nouns]", "attend-excite": "attend-excite[nouns]", "syngen": "syngen",
             "dense": "dense[layout given]", "composable": "composable"}[method]
-    targets = "nouns" if method in evaluate.TARGETED else ""
+    targets = "nouns" if evaluate.targeted(method) else ""
     options = dict(more)
     name = base
     if value is not None and value != default_value(method, guidance):
-        options[KNOBS[method].option] = value
-        name += f" {KNOBS[method].name}={value:g}"
+        options[TABLE[method].knob.option] = value
+        name += f" {TABLE[method].knob.name}={value:g}"
     if more.get("phrase_swap") is False:
         name += " no phrase swap"
     return evaluate.Variant(name, method, targets, options)
@@ -138,7 +138,7 @@ def validation_table(summary, grid, choices, guidance):
             t = summary[variant(method, v, guidance).name]["types"]
             mark = ("**chosen**" if v == choices[method] else "") + (" (authors' default)"
                                                                       if v == default_value(method, guidance) else "")
-            lines.append(f"| {NAMES[method]} | {KNOBS[method].name} | {v:g} | {pct(t['presence'][0])} | "
+            lines.append(f"| {TABLE[method].title} | {TABLE[method].knob.name} | {v:g} | {pct(t['presence'][0])} | "
                          f"{pct(t['strict'][0])} | {pct(t['exact'][0])} | {mark.strip()} |")
     return "\n".join(lines)
 
@@ -215,10 +215,10 @@ def paper_shape(summary, choices, guidance, methods):
     row("plain SD", "", "plain", "plain")
     for method in methods:
         d = default_value(method, guidance)
-        row(NAMES[method], "authors' defaults", variant(method, None, guidance).name, method)
+        row(TABLE[method].title, "authors' defaults", variant(method, None, guidance).name, method)
         if choices:
             same = choices[method] == d
-            row("", f"tuned: {KNOBS[method].name} {choices[method]:g}" + (" (= default)" if same else ""),
+            row("", f"tuned: {TABLE[method].knob.name} {choices[method]:g}" + (" (= default)" if same else ""),
                 variant(method, choices[method], guidance).name, method)
         if method == "dense":
             row("", "ablation: no phrase swap", variant(method, None, guidance, phrase_swap=False).name, method)
