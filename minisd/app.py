@@ -105,6 +105,8 @@ def page_argv(fields, tokenizer, defaults):
         argv += given
     if "weights" in entry.takes and str(weights or "").strip():
         argv += ["--concept-weights", weights]
+    if method == "regulate" and fields.get("compile"):
+        argv += ["--compile-optimizer"]
     if entry.maps_absent:
         return argv, base   # no maps: Composable Diffusion acts on no attention map
     return argv + ["--save-attention", MAPS_DIR], base + ["--save-attention", MAPS_DIR]
@@ -226,14 +228,15 @@ def build(app):
                  "composable": "concepts ('a green star | a yellow cross')"}.get(method, "target words ('star cross'; "
                                                                                   "'dog#2': the second dog)")
         return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=label),
-                gr.update(visible=method != "plain" and "weights" in METHODS[method].takes))
+                gr.update(visible=method != "plain" and "weights" in METHODS[method].takes),
+                gr.update(visible=method == "regulate"))
 
-    def run(prompt, seed, steps, guidance, method, targets, weights, checkpoint, view, progress=gr.Progress(),
-            request: gr.Request = None):
+    def run(prompt, seed, steps, guidance, method, targets, weights, compiled, checkpoint, view,
+            progress=gr.Progress(), request: gr.Request = None):
         session = request.session_hash if request else None
         app.stop[session] = False
         fields = dict(prompt=prompt, seed=seed, steps=steps, guidance=guidance, method=method, targets=targets,
-                      weights=weights)
+                      weights=weights, compile=compiled)
         lines, started, done = [], time.perf_counter(), [0]
         try:
             defaults = app.defaults(checkpoint.strip() or app.checkpoint)
@@ -308,7 +311,7 @@ def build(app):
     def redraw(shown, step, view):
         return maps_update(shown, step, view == "alone")
 
-    first, _ = targets_field(PRESET_PROMPT, "regulate")
+    first, _, _ = targets_field(PRESET_PROMPT, "regulate")
     defaults = app.defaults(app.checkpoint)
     with gr.Blocks(title="minisd: see inside the attention", analytics_enabled=False) as demo:
         gr.Markdown("## minisd: see inside the attention\nType a prompt, pick a method, Run: the plain image and "
@@ -326,6 +329,8 @@ def build(app):
                 targets = gr.Textbox(first["value"], label=first["label"], elem_id="targets")
                 weights = gr.Textbox("", label="concept weights ('7.5 | 3'; empty: the guidance scale each)",
                                      visible=False, elem_id="weights")
+                compiled = gr.Checkbox(False, label="compiled optimiser (--compile-optimizer: torch.compile, faster "
+                                       "on a GPU; the first steps pay the compile)", elem_id="compile-optimizer")
                 with gr.Row():
                     go = gr.Button("Run", variant="primary", elem_id="run")
                     halt = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -362,10 +367,10 @@ def build(app):
 
         # one listener, one at a time: the field ends as the last change asks (prompt and method changed together
         # would otherwise race), and never waits for a run
-        gr.on([prompt.change, method.change], targets_field, [prompt, method], [targets, weights],
+        gr.on([prompt.change, method.change], targets_field, [prompt, method], [targets, weights, compiled],
               concurrency_limit=1, concurrency_id="fill", trigger_mode="always_last")
         # one run at a time, whichever tab asks: a tab waits for at most the run in progress
-        go.click(run, [prompt, seed, steps, guidance, method, targets, weights, checkpoint, view],
+        go.click(run, [prompt, seed, steps, guidance, method, targets, weights, compiled, checkpoint, view],
                  [plain_image, method_image, commands, plain_png, method_png, shown, step, maps, maps_step, loss,
                   best_loss, tokens, status], concurrency_limit=1, concurrency_id="run")
         # not Gradio's cancel: the run stops itself at its next step and says so in the page

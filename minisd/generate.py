@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .checkpoint import DEFAULT_CHECKPOINT, file_hash
+from .config import sd3_preset
 from .images import UsageError, read_image
 from .pipeline import size_unit
 from .tokenizer import PromptTruncatedWarning
@@ -198,6 +199,8 @@ class Job:
     start: int = 0                             # image-to-image: the first step that runs
     pipe_options: dict = field(default_factory=dict)   # image-to-image's and skip-layer guidance's arguments
     image_settings: dict = field(default_factory=dict)  # and what they write beside the image
+    sampler: str = None                        # --sampler, else the model's default
+    shift: float = None                        # SD 3's rectified-flow shift (None for SD 1/2/XL)
 
 
 def prepare(args, pipe, log=print):
@@ -222,6 +225,10 @@ def prepare(args, pipe, log=print):
     if runs < 1:
         raise UsageError(f"--denoise {denoise} of {steps} steps runs none (int({steps} x {denoise}) = 0); raise "
                          f"--denoise or --steps")
+    sampler = args.sampler or cfg.default_sampler
+    if args.shift is not None and not cfg.is_sd3:
+        raise UsageError(f"--shift sets SD 3's rectified flow; {cfg.name} samples on SD's noise schedule")
+    shift = (cfg.shift if args.shift is None else args.shift) if cfg.is_sd3 else None
     if args.edit_steps is not None and args.edit_steps > runs:
         within = f"the {runs} steps that run of --steps {steps} at --denoise {denoise}" if image else \
             f"--steps ({steps})"
@@ -250,10 +257,16 @@ def prepare(args, pipe, log=print):
         tail = cut if what == "prompt" else pipe.tokenizer.kept(text)[1]
         if tail:
             warn(f"the {what} is longer than the text encoder's {pipe.tokenizer.max_length} tokens; cut: \"{tail}\"")
+    if cfg.is_sd3:
+        if pipe.model.text_encoders.has_t5:
+            for what, text in (("prompt", args.prompt), ("negative prompt", args.negative_prompt)):
+                if tail := pipe.t5_tokenizer.cut(text):
+                    warn(f"T5 reads the {what}'s first 226 characters, as Stability's reference; cut: \"{tail}\"")
+        log(sd3_settings(args, pipe, steps, guidance, sampler, shift))
 
     seeds = [args.seed + i for i in range(args.n)]
     job = Job(args, pipe, seeds, size, steps, guidance, method, model_hash=model_hash(args.checkpoint),
-              show_steps=attention_steps(runs))
+              show_steps=attention_steps(runs), sampler=sampler, shift=shift)
     job.start = start
     if image:
         job.pipe_options.update(init_image=image, denoise=denoise)
@@ -277,10 +290,15 @@ def prepare(args, pipe, log=print):
             # built before sampling, so that a bad option is an error before any work; one per image (its seed)
             job.runs = [set_up(method, pipe, args.prompt, runs, targets=targets, seed=seed,
                                layers=args.regulate_layers, edit_steps=args.edit_steps, layout=args.layout,
-                               guidance=guidance, height=size[0], width=size[1], sampler=args.sampler,
+                               guidance=guidance, height=size[0], width=size[1], sampler=sampler,
                                spacing=args.spacing, strength=args.strength, layout_background=args.layout_background,
                                weights=args.concept_weights, log=log if i == 0 else None)
                         for i, seed in enumerate(seeds)] if method else []
+        if args.compile_optimizer:   # Attention Regulation's hooks read their config at every step
+            for run in job.runs:
+                for hook in run.hooks:
+                    hook.config = replace(hook.config, compile=True)
+                run.settings["Regulation optimiser"] = "compiled"
         # the maps shown are those the method acts on (the same layers in the plain run beside them)
         job.select = job.runs[0].select if job.runs else layer_selector(pipe, args.regulate_layers)
         shown = job.runs[0].shown if job.runs else shown
@@ -292,13 +310,25 @@ def prepare(args, pipe, log=print):
     return job
 
 
+def sd3_settings(args, pipe, steps, guidance, sampler, shift):
+    """The line that says which settings an SD 3 run uses and where they come from: they differ by file
+    (Stability's reference keys them by the file's name, minisd/config.py: SD3_PRESETS)."""
+    found = sd3_preset(args.checkpoint, getattr(pipe.model, "metadata", None))
+    origin = f"{pipe.cfg.name}'s defaults" + (f" (recognised by {found[1]}, as Stability's sd3_infer.py picks them "
+                                               f"by the file's name)" if found else "")
+    given = lambda flag: f" ({flag})" if getattr(args, flag[2:]) is not None else ""
+    return (f"SD 3 settings: {steps} steps{given('--steps')}, guidance {guidance:g}{given('--guidance')}, "
+            f"{SAMPLER_NAMES.get(sampler, sampler)}{given('--sampler')}, shift {shift:g}{given('--shift')}; "
+            f"the others {origin}")
+
+
 def settings(job, seed, extra=None):
     """What is written beside an image (AUTOMATIC1111's keys first, then minisd's)."""
     args = job.args
-    return {"Steps": job.steps, "Sampler": SAMPLER_NAMES.get(args.sampler, args.sampler),
+    return {"Steps": job.steps, "Sampler": SAMPLER_NAMES.get(job.sampler, job.sampler), "Shift": job.shift,
             "Timestep spacing": args.spacing, "CFG scale": job.guidance, "Seed": seed,
             "Size": f"{job.size[1]}x{job.size[0]}", "Model hash": job.model_hash, "Model": Path(args.checkpoint).stem,
-            "Eta": args.eta if args.sampler == "ddim" else None, "Prediction": job.pipe.cfg.prediction,
+            "Eta": args.eta if job.sampler == "ddim" else None, "Prediction": job.pipe.cfg.prediction,
             "Dtype": args.dtype, "Decoder": args.decoder, **job.image_settings,
             **(extra or {}), "Version": f"minisd {__version__}"}
 
@@ -335,8 +365,9 @@ def generate(job, i, callback=None, with_plain=None):
 
     def sample(hooks, options=None):
         return job.pipe(args.prompt, negative_prompt=args.negative_prompt, steps=job.steps, guidance=job.guidance,
-                        seed=seed, height=job.size[0], width=job.size[1], sampler=args.sampler, spacing=args.spacing,
-                        hooks=hooks, callback=callback, **({"eta": args.eta} if args.sampler == "ddim" else {}),
+                        seed=seed, height=job.size[0], width=job.size[1], sampler=job.sampler, spacing=args.spacing,
+                        hooks=hooks, callback=callback, **({"eta": args.eta} if job.sampler == "ddim" else {}),
+                        **({"shift": job.shift} if job.shift is not None else {}),
                         **job.pipe_options, **(options or {})).images[0]
 
     with warnings.catch_warnings():

@@ -45,6 +45,21 @@ def check_device(name):
     return device
 
 
+def check_sd3_args(args):
+    """SD 3's flags, before its model (gigabytes) is read: a T5 tokenizer that cannot be read, a length or shift
+    that means nothing."""
+    if args.t5_length is not None and args.t5_length < 1:
+        raise UsageError(f"--t5-length must be at least 1 (T5's end-of-text token), got {args.t5_length}")
+    if args.shift is not None and not (math.isfinite(args.shift) and args.shift > 0):
+        raise UsageError(f"--shift must be a finite number > 0, got {args.shift}")
+    if args.t5_tokenizer:
+        from .t5 import T5Tokenizer
+        try:
+            T5Tokenizer(args.t5_tokenizer)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
 def check_image_args(args):
     """Image-to-image's and skip-layer guidance's flags, as far as they can be judged without the model."""
     if args.init_image:
@@ -83,6 +98,7 @@ def check_args(args):
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise UsageError(f"--guidance must be a finite number >= 0 (1 or less: no classifier-free guidance), "
                          f"got {args.guidance}")
+    check_sd3_args(args)
     if args.guidance is not None and args.guidance <= 1 and args.negative_prompt:
         raise UsageError(f"--negative-prompt works through classifier-free guidance, which --guidance "
                          f"{args.guidance} turns off; use a scale above 1 or drop the negative prompt")
@@ -130,6 +146,8 @@ def check_args(args):
                          "--save-attention")
     if args.edit_steps is not None and args.edit_steps < 0:
         raise UsageError(f"--edit-steps must be between 0 and --steps, got {args.edit_steps}")
+    if args.compile_optimizer and method != "regulate":
+        raise UsageError("--compile-optimizer compiles Attention Regulation's optimiser; add --regulate")
     if args.save_attention:
         folder = Path(args.save_attention)
         if folder.exists() and not folder.is_dir():
@@ -199,7 +217,9 @@ def build_parser():
                          "micro-conditioning original = target = this size, crop 0,0)")
     ap.add_argument("--width", type=int, default=None, help="pixels, as --height (default: the model's size)")
     ap.add_argument("--n", type=int, default=1, help="number of images")
-    ap.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS), help="sampler")
+    ap.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                    help="sampler (default: the model's; SD: dpmpp_2m; SD 3: dpmpp_2m, or euler for SD 3.5 Large "
+                         "Turbo, docs/sd3.md)")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     ap.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace"],
                     help="timestep spacing")
@@ -229,7 +249,9 @@ def build_parser():
                         "checkpoint)")
     g.add_argument("--t5-length", type=int, default=None,
                    help="pad (and cut) T5's tokens to this length; default: Stability's reference, at least 77 "
-                        "and never cut (diffusers' pipeline: 256)")
+                        "and never cut, the prompt's first 226 characters (diffusers' pipeline: 256)")
+    g.add_argument("--shift", type=float, default=None,
+                   help="the rectified flow's shift, > 0 (default: the file's, docs/sd3.md; SD 3 and 3.5: 3.0)")
     g = ap.add_argument_group("SD 3.5 skip-layer guidance (Stability's reference; off by default)")
     g.add_argument("--slg-medium", action="store_true",
                    help="the reference's SD 3.5 Medium setting: layers 7,8,9, scale 2.5, from 1%% to 20%% of the "
@@ -282,6 +304,10 @@ def build_parser():
     g.add_argument("--save-attention", default=None, metavar="DIR",
                    help="write a PNG grid of each target word's cross-attention map per image, in the regulated "
                         "layers (with --regulate: plain and regulated side by side)")
+    g.add_argument("--compile-optimizer", action="store_true",
+                   help="run Attention Regulation's optimiser as one torch.compile graph (a CUDA graph on a GPU), "
+                        "equal to the eager loop; the first regulated step of each map size pays the compile "
+                        "(docs/speed.md)")
     return ap
 
 
