@@ -165,3 +165,185 @@ def test_start_without_an_image_is_refused():
         SAMPLERS["ddim"](fake_model, torch.zeros(SHAPE), Schedule(), 10, start=3)
     with pytest.raises(ValueError, match="step index in 0..9"):
         SAMPLERS["ddim"](fake_model, torch.zeros(SHAPE), Schedule(), 10, init=torch.zeros(SHAPE), start=10)
+
+
+def test_sd3_start_step_differs_from_diffusers_where_rounding_splits_them():
+    """The reference's own default, 10 steps at denoise 0.8: Stability runs 9 steps (int(10 x 0.2) = 1, as
+    10 x (1 - 0.8) is 1.9999...), diffusers' SD 3 img2img 8 (int(10 - 8.0) = 2); minisd follows the reference."""
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    _, runs = diffusers.StableDiffusion3Img2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), 10, 0.8, "cpu")
+    assert runs == 8 and 10 - SD3Pipeline.start_step(10, 0.8) == 9
+
+
+# ------------------------------------------------------------------------------------------ the whole pipelines
+
+PROMPTS = ["a red circle left of a blue square", "a hummingbird over a green hill"]
+NEGATIVE = ["blurry, grey", "a yellow star"]
+
+
+@pytest.fixture
+def draws_as_float32(monkeypatch):
+    """diffusers draws its noise (and the VAE's posterior sample) in the pipeline's dtype: its float64 twin must draw
+    the float32 run's numbers, so that the two differ by float32's rounding alone (the tolerance's floor)."""
+    import diffusers.models.autoencoders.vae as vae_module
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as sd
+    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as sd3
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as sdxl
+    from diffusers.utils.torch_utils import randn_tensor
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32, layout=layout).to(dtype)
+    for module in (vae_module, sd, sd3, sdxl):
+        monkeypatch.setattr(module, "randn_tensor", randn)
+
+
+def picture(px, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (px, px, 3), dtype=np.uint8))
+
+
+def compare_img2img(cls, theirs, mine, px, denoise, steps, guidance, negative, extra=None, sampler=None, **kw):
+    """diffusers' img2img pipeline `cls` on `theirs`'s parts (float32, and its float64 twin for the floor) against
+    minisd's pipeline: the same image for each prompt (a list: diffusers' SD 3 img2img encodes image i with
+    generator i and does not repeat one image), one generator per image seeded 5 + i, final latents."""
+    from tests.conftest import assert_within_floor, float64_twin
+    image = [picture(px)] * len(PROMPTS)
+    refs = []
+    for pipe in (theirs, float64_twin(theirs)):
+        ref = cls(**(pipe.components | (extra or {})))
+        ref.set_progress_bar_config(disable=True)
+        refs.append(ref(PROMPTS, image=image, strength=denoise, num_inference_steps=steps, guidance_scale=guidance,
+                        negative_prompt=negative, output_type="latent", **kw,
+                        generator=[torch.Generator().manual_seed(5 + i) for i in range(len(PROMPTS))]).images)
+    out = mine(PROMPTS, init_image=image, denoise=denoise, steps=steps, guidance=guidance, seed=5,
+               negative_prompt=negative or "", return_latents=True, decode=False,
+               **({"sampler": sampler} if sampler else {})).latents
+    assert_within_floor(refs[0], out, refs[1])
+    plain = mine(PROMPTS, steps=steps, guidance=guidance, seed=5, negative_prompt=negative or "", height=px, width=px,
+                 return_latents=True, decode=False, **({"sampler": sampler} if sampler else {})).latents
+    assert (out - plain).abs().max() > 0.1, "the image made no difference: the test could not see it"
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    from tests.conftest import tiny32
+    from tools.bench.generate import random_pipeline, save_folder
+    from tests.test_pipeline import diffusers_configs
+    cfg = tiny32("sd1")
+    cfg.unet.groups = cfg.vae.groups = 16
+    tmp = tmp_path_factory.mktemp("img2img-sd1")
+    theirs = random_pipeline(*diffusers_configs(cfg), tmp / "vocab", sampler="ddim", seed=11)
+    return SimpleNamespace(theirs=theirs, mine=Pipeline.from_checkpoint(save_folder(theirs, tmp / "folder")))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_sd1_equals_stable_diffusion_img2img_pipeline(sd1, draws_as_float32, sampler):
+    from tools.bench.generate import sd_scheduler
+    compare_img2img(diffusers.StableDiffusionImg2ImgPipeline, sd1.theirs, sd1.mine, 32, 0.6, 10, 7.5, NEGATIVE,
+                    extra={"scheduler": sd_scheduler(sampler), "requires_safety_checker": False}, sampler=sampler)
+
+
+def test_sdxl_equals_stable_diffusion_xl_img2img_pipeline(tmp_path, draws_as_float32):
+    from minisd.config import tiny_sdxl
+    from tests.test_sdxl import official_xl
+    from tools.bench.generate import clip_tokenizer, sd_scheduler
+    from tools.parity import save_official
+    cfg = tiny_sdxl(image_size=32)
+    state, unet, vae, clip, clip2 = official_xl(cfg)
+    save_official(tmp_path / "tiny-sdxl.safetensors", state, cfg)
+    theirs = diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip, text_encoder_2=clip2, tokenizer=clip_tokenizer(tmp_path / "v1", pad_with_eot=True),
+        tokenizer_2=clip_tokenizer(tmp_path / "v2", pad_with_eot=False), unet=unet, scheduler=sd_scheduler("ddim"),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    mine = Pipeline.from_checkpoint(tmp_path / "tiny-sdxl.safetensors")
+    compare_img2img(diffusers.StableDiffusionXLImg2ImgPipeline, theirs, mine, 32, 0.6, 6, 5.0, None,
+                    extra={"add_watermarker": False}, sampler="ddim")
+
+
+def test_sd3_equals_stable_diffusion_3_img2img_pipeline(tmp_path, draws_as_float32):
+    """Euler (diffusers' scheduler), 10 steps at denoise 0.6: both references start at step 4 here."""
+    from tests.test_sd3 import build
+    sd3 = build(tmp_path, dual=True)
+    compare_img2img(diffusers.StableDiffusion3Img2ImgPipeline, sd3.theirs, sd3.mine, 32, 0.6, 10, 5.0, NEGATIVE,
+                    sampler="euler", max_sequence_length=77)
+
+
+# ------------------------------------------------------------------------------------------ steps, batches, errors
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return Pipeline(build_model(tiny(image_size=32), seed=0).eval())
+
+
+def test_hooks_count_the_steps_that_run(tiny_pipe):
+    """10 steps at denoise 0.5: 5 run, and hooks (the methods' edit steps) and the callback see them as 0..4."""
+    class Recorder(AttentionHook):
+        def __init__(self):
+            self.steps = []
+
+        def begin_step(self, step, cond=slice(None)):
+            super().begin_step(step, cond)
+            self.steps.append(step)
+
+    rec, seen = Recorder(), []
+    tiny_pipe("a red circle", steps=10, guidance=5.0, init_image=picture(32), denoise=0.5, hooks=[rec],
+              callback=lambda d: seen.append(d["i"]), decode=False)
+    assert rec.steps == seen == [0, 1, 2, 3, 4]
+
+
+def test_image_i_of_a_batch_equals_its_seed_alone(tiny_pipe):
+    kw = dict(steps=6, guidance=5.0, init_image=picture(32), denoise=0.7, decode=False, return_latents=True)
+    batch = tiny_pipe("a red circle", n=2, seed=3, **kw).latents
+    for i in range(2):
+        alone = tiny_pipe("a red circle", seed=3 + i, **kw).latents
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-4 * max(1.0, alone.abs().max().item()), rtol=0)
+    assert (batch[0] - batch[1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"denoise": 0.0}, r"in \(0, 1\]"),
+    ({"denoise": 1.2}, r"in \(0, 1\]"),
+    ({"denoise": 0.05}, "runs no step"),
+    ({"height": 64}, "keeps the init image's size, 32x32"),
+    ({"init_image": picture(36)}, "the init image is 36x36 px; this model needs sides that are multiples of 8"),
+    ({"init_image": [picture(32)] * 3}, "3 init images for 1"),
+])
+def test_bad_image_to_image_is_refused(tiny_pipe, kw, says):
+    kw = {"init_image": picture(32), "denoise": 0.5} | kw
+    with pytest.raises(ValueError, match=says):
+        tiny_pipe("a red circle", steps=10, decode=False, **kw)
+
+
+def test_denoise_without_an_image_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="give init_image"):
+        tiny_pipe("a red circle", steps=2, denoise=0.5, decode=False)
+
+
+def test_command_line_records_and_counts(tmp_path):
+    """The PNG says `Denoising strength`; Attention Regulation's default edit steps are half of the steps that run
+    (6 steps at 0.5: 3 run, 2 edited); --edit-steps past the steps that run, a bad file and a bad size are refused."""
+    from minisd.images import UsageError
+    from minisd.sample import build_parser, run
+    picture(128).save(tmp_path / "in.png")
+
+    def go(*extra):
+        args = build_parser().parse_args(["--prompt", "a red circle and a blue square", "--steps", "6",
+                                          "--init-image", str(tmp_path / "in.png"), "--out", str(tmp_path / "out"),
+                                          *extra])
+        return run(args, log=lambda *a: None)
+
+    [path] = go("--denoise", "0.5", "--regulate")
+    text = Image.open(path).text["parameters"]
+    assert "Steps: 6," in text and "Denoising strength: 0.5," in text and "Regulation edit steps: 2," in text
+    with pytest.raises(UsageError, match="between 0 and the 3 steps that run of --steps 6"):
+        go("--denoise", "0.5", "--regulate", "--edit-steps", "4")
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(UsageError, match="is not an image"):
+        go("--init-image", str(tmp_path / "bad.png"))
+    picture(100).save(tmp_path / "odd.png")
+    with pytest.raises(UsageError, match="100x100 px; this model's sides are multiples of 32"):
+        go("--init-image", str(tmp_path / "odd.png"))
+    with pytest.raises(UsageError, match=r"--denoise is the fraction of the steps that run, in \(0, 1\]"):
+        go("--denoise", "0")
