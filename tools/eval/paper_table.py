@@ -82,6 +82,20 @@ def grid_values(method, guidance):
     return [d * m for m in MULTIPLES]
 
 
+def beyond_edge(method, grid, choice):
+    """Rule 8 (docs/evaluation.md): where the choice is the grid's smallest or largest value, the next two values
+    of the grid's own spacing past that edge (x1/2 below, x2 above; edit steps whole, half up, at least 1);
+    [] where it lies inside."""
+    lo, hi = min(grid), max(grid)
+    if choice not in (lo, hi):
+        return []
+    factors = (0.5, 0.25) if choice == lo else (2.0, 4.0)
+    values = [choice * f for f in factors]
+    if TABLE[method].knob.option == "edit_steps":
+        values = [max(1, int(math.floor(v + 0.5))) for v in values]
+    return [v for v in values if v not in grid]
+
+
 def variant(method, value=None, guidance=5.0, **more):
     """The tools.eval Variant of `method` with its knob at `value` (None: the authors' default, no option
     passed), named as the tables show it."""
@@ -147,6 +161,16 @@ def validate(args):
     out = Path(args.out)
     guidance = guidance_of(args)
     grid = {m: grid_values(m, guidance) for m in args.methods}
+    extended, before = {}, None
+    if args.extend:   # rule 8: the saved grid, each of args.methods whose choice sits on an edge given two more
+        path = out / "choices.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found: --extend extends a finished validation stage")
+        saved = json.loads(path.read_text())
+        grid, before = saved["grid"], saved.get("choices_before_extension", saved["choices"])
+        for m in args.methods:
+            extended[m] = beyond_edge(m, grid[m], saved["choices"][m])
+            grid[m] = sorted(grid[m] + extended[m])
     variants = [evaluate.Variant("plain", "plain", "")] + [variant(m, v, guidance) for m, vs in grid.items()
                                                            for v in vs]
     items = validation_prompts()[:args.limit]
@@ -155,9 +179,13 @@ def validate(args):
     if summary is None:   # a rank other than 0
         return None
     choices = choose(summary, grid, guidance)
-    (out / "choices.json").write_text(json.dumps(
-        {"rule": "highest validation presence; ties: higher strict, then the authors' default, then the smaller",
-         "guidance": guidance, "grid": grid, "choices": choices}, indent=1) + "\n")
+    record = {"rule": "highest validation presence; ties: higher strict, then the authors' default, then the smaller",
+              "guidance": guidance, "grid": grid, "choices": choices}
+    if args.extend:
+        record.update(rule_8="a choice on its grid's edge: two more values past it (x1/2 below, x2 above), chosen "
+                      "again over the extended grid", extended={m: v for m, v in extended.items() if v},
+                      choices_before_extension=before)
+    (out / "choices.json").write_text(json.dumps(record, indent=1) + "\n")
     text = ["# Validation: each method's knob at four values", "",
             "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
             f"{len(items)} prompts (the {len(items) // 2} held-out pairs the test prompts do not name, two prompts "
@@ -165,6 +193,12 @@ def validate(args):
             "Rule (docs/evaluation.md, written before the run): the highest presence; ties: the higher strict, "
             "then the authors' default, then the smaller value. Full table: validation/table.md.", "",
             validation_table(summary, grid, choices, guidance), ""]
+    if args.extend:
+        moved = [f"{TABLE[m].title} {before[m]:g} -> {choices[m]:g}" for m in grid if choices[m] != before[m]]
+        text[-2:-2] = ["Extended by rule 8 (docs/evaluation.md: a choice on its grid's edge gets the next two values "
+                       "past it): " + "; ".join(f"{TABLE[m].title} {', '.join(f'{v:g}' for v in vs)}"
+                                              for m, vs in extended.items() if vs)
+                       + ". Choices moved: " + ("; ".join(moved) or "none") + ".", ""]
     (out / "validation.md").write_text("\n".join(text))
     print("\n".join(text))
     return choices
@@ -279,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     ap.add_argument("--defaults-only", action="store_true", help="test stage: only plain, the authors' defaults and "
                     "the ablation (no choices needed); the full test stage then adds the tuned rows")
+    ap.add_argument("--extend", action="store_true", help="validate stage: rule 8, extend the saved grid past the "
+                    "edge where a method's choice (of --methods) sits on it, draw only the new values, choose again")
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of the stage (a quick look)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; a quick look)")
     args = ap.parse_args(argv)
