@@ -22,20 +22,18 @@ from minisd.model import StableDiffusion  # noqa: E402
 from minisd.pipeline import Pipeline  # noqa: E402
 from tools.bench.generate import clip_tokenizer, sd_scheduler  # noqa: E402
 from tools.parity import (CLIP, UNET, VAE, XL_CLIP, XL_OPENCLIP, XL_TEXT2, XL_UNET, LdmVAE, clip_state,  # noqa: E402
-                          clip_text, clip_with_projection_from_openclip, difference, diffusers_unet_config,
+                          clip_text, clip_with_projection_from_openclip, diffusers_unet_config,
                           diffusers_unet_from_official, diffusers_vae_from_official, openclip_text_shapes,
                           openclip_text_state, perturb, random_official, save_official, xl_time_ids)
 
-TOL = 1e-5
+try:
+    from conftest import assert_within_floor as assert_close, float64_twin
+except ImportError:
+    from tests.conftest import assert_within_floor as assert_close, float64_twin
+
 PX, STEPS = 32, 3
 PROMPTS = ["a red circle left of a blue square", "a hummingbird over a green hill"]
 NEGATIVE = ["blurry, grey", "a yellow star"]
-
-
-def assert_close(ref, out, tol=TOL):
-    assert ref.shape == out.shape, (ref.shape, out.shape)
-    d, rel = difference(ref, out)
-    assert rel <= tol, f"max abs difference {d:.3g} is {rel:.3g} of the output scale (tolerance {tol})"
 
 
 def text_params(t):
@@ -102,9 +100,10 @@ def test_unet_matches_diffusers_text_time(xl):
     ctx = torch.randn(2, 77, xl.cfg.unet.context_dim, generator=g)
     pooled = torch.randn(2, xl.cfg.text2.projection_dim, generator=g)
     t, ids = torch.tensor([3, 742]), torch.tensor([[64., 96, 0, 0, 64, 96], [1024, 768, 16, 32, 512, 512]])
-    ref = xl.theirs.unet(x, t, encoder_hidden_states=ctx,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
-    assert_close(ref, xl.model.unet(x, t, ctx, xl.model.vector(pooled, ids)))
+    ref, ref64 = (unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype),
+                       added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": ids.to(dtype)}).sample
+                  for unet, dtype in ((xl.theirs.unet, torch.float32), (float64_twin(xl.theirs).unet, torch.float64)))
+    assert_close(ref, xl.model.unet(x, t, ctx, xl.model.vector(pooled, ids)), ref64)
     other = xl.model.unet(x, t, ctx, xl.model.vector(pooled, ids.flip(0)))
     assert (other - ref).abs().max() > 1e-3, "the micro-conditioning does not matter: the test could not see it"
 
@@ -118,43 +117,50 @@ def test_text_encoders_match_transformers(xl):
     mine_ids = [tok(PROMPTS) for tok in xl.mine.tokenizers]
     assert all(torch.equal(a, b) for a, b in zip(ids, mine_ids))
     assert not torch.equal(ids[0], ids[1])  # end-of-text padding vs "!" padding
-    a = xl.theirs.text_encoder(ids[0], output_hidden_states=True)
-    b = xl.theirs.text_encoder_2(ids[1], output_hidden_states=True)
+    (a, b), (a64, b64) = ((pipe.text_encoder(ids[0], output_hidden_states=True),
+                           pipe.text_encoder_2(ids[1], output_hidden_states=True))
+                          for pipe in (xl.theirs, float64_twin(xl.theirs)))
     context, pooled = xl.model.encode_text(mine_ids)
-    assert_close(torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1), context)
-    assert_close(b.text_embeds, pooled)
+    assert_close(torch.cat([a.hidden_states[-2], b.hidden_states[-2]], dim=-1), context,
+                 torch.cat([a64.hidden_states[-2], b64.hidden_states[-2]], dim=-1))
+    assert_close(b.text_embeds, pooled, b64.text_embeds)
 
 
 @torch.no_grad()
 def test_vae_matches_diffusers(xl):
     z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(8))
-    assert_close(xl.theirs.vae.decode(z).sample, xl.model.vae.decode(z))
+    ref64 = float64_twin(xl.theirs).vae.decode(z.double()).sample
+    assert_close(xl.theirs.vae.decode(z).sample, xl.model.vae.decode(z), ref64)
     assert xl.model.cfg.vae.scale_factor == 0.13025
 
 
 def compare_pipelines(theirs, mine, guidance, negative, sampler="ddim"):
+    """Final latents and images of diffusers' pipeline (float32, and its float64 twin for the floor) and minisd's."""
     side = PX // mine.cfg.vae.downsample
     latents = torch.randn(len(PROMPTS), 4, side, side, generator=torch.Generator().manual_seed(3))
-    theirs.scheduler = sd_scheduler(sampler)
-    seen = {}
 
-    def keep_latents(pipe, i, t, kw):
-        seen["latents"] = kw["latents"]
-        return kw
+    def reference(pipe, dtype):
+        seen = {}
 
-    ref = theirs(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
-                 latents=latents.clone(), height=PX, width=PX, output_type="np", callback_on_step_end=keep_latents)
+        def keep_latents(pipe, i, t, kw):
+            seen["latents"] = kw["latents"]
+            return kw
+
+        pipe.scheduler = sd_scheduler(sampler)
+        ref = pipe(PROMPTS, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
+                   latents=latents.to(dtype), height=PX, width=PX, output_type="np", callback_on_step_end=keep_latents)
+        return seen["latents"], torch.from_numpy(ref.images)
+
+    (ref_latents, ref_images), (ref_latents64, ref_images64) = (reference(theirs, torch.float32),
+                                                                reference(float64_twin(theirs), torch.float64))
     out = mine(PROMPTS, negative_prompt=negative or "", steps=STEPS, guidance=guidance, latents=latents.clone(),
                height=PX, width=PX, sampler=sampler, decode=False, return_latents=True)
-    images = mine.decode(out.latents).permute(0, 2, 3, 1).numpy()
-    d_lat, rel_lat = difference(seen["latents"], out.latents)
-    d_img = np.abs(ref.images - images).max()
-    print(f"sdxl parity {sampler} guidance {guidance} negative {negative is not None}: "
-          f"latents {d_lat:.2e} ({rel_lat:.2e} of their scale), image {d_img:.2e}")
-    assert ref.images.shape == images.shape == (len(PROMPTS), PX, PX, 3)
-    assert rel_lat <= TOL and d_img <= TOL  # images are in [0, 1]: absolute = relative
+    images = mine.decode(out.latents).permute(0, 2, 3, 1)
+    assert ref_images.shape == images.shape == (len(PROMPTS), PX, PX, 3)
+    assert_close(ref_latents, out.latents, ref_latents64)
+    assert_close(ref_images, images, ref_images64)   # images are in [0, 1]: absolute = relative
     assert (out.latents - latents).abs().max() > 0.1
-    assert images.std() > 1e-3 and np.abs(images[0] - images[1]).max() > 1e-3
+    assert images.std() > 1e-3 and (images[0] - images[1]).abs().max() > 1e-3
     return out.latents
 
 
@@ -381,4 +387,7 @@ def test_benchmark_compares_equal_sdxl_unets():
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, unet.context_dim, generator=g)
     extra = (torch.randn(2, unet.adm_in_channels - 6 * micro, generator=g), xl_time_ids(64, 64, 2))
     (mine, _), (theirs, _) = build("minisd", unet, torch.float32, micro), build("diffusers", unet, torch.float32, micro)
-    assert_close(theirs(x, torch.tensor([10, 900]), ctx, extra), mine(x, torch.tensor([10, 900]), ctx, extra))
+    theirs64 = build("diffusers", unet, torch.float64, micro)[0]   # the same weights (drawn in float32), in float64
+    t = torch.tensor([10, 900])
+    assert_close(theirs(x, t, ctx, extra), mine(x, t, ctx, extra),
+                 theirs64(x.double(), t, ctx.double(), tuple(e.double() for e in extra)))
