@@ -206,3 +206,50 @@ def test_window_and_hooks(sd3):
 def test_bad_slg_is_refused(sd3, slg, says):
     with pytest.raises(ValueError, match=says):
         sd3.mine(PROMPTS[0], steps=2, slg=slg, decode=False)
+
+
+def test_command_line(sd3, tmp_path):
+    """--slg-layers on a tiny SD 3.5 file: the settings in the PNG, equal to the pipeline's run with them;
+    --slg-medium names blocks this file lacks (refused in one line); on a UNet the flags are refused."""
+    from PIL import Image
+
+    from minisd.images import UsageError
+    from minisd.sample import build_parser, run
+
+    def go(*extra, checkpoint=sd3.path):
+        args = build_parser().parse_args(["--prompt", PROMPTS[0], "--checkpoint", str(checkpoint), "--t5-tokenizer",
+                                          str(sd3.spiece), "--steps", "6", "--out", str(tmp_path / "out"), *extra])
+        return run(args, log=lambda *a: None)
+
+    [path] = go("--slg-layers", "1", "--slg-end", "0.5", "--sampler", "euler")
+    text = Image.open(path).text["parameters"]
+    assert "SLG scale: 2.5, SLG layers: 1, SLG start: 0.01, SLG end: 0.5," in text
+    mine = sd3.mine(PROMPTS[0], steps=6, sampler="euler", slg=SLG)
+    assert list(Image.open(path).getdata()) == list(mine.images[0].getdata())
+    with pytest.raises(UsageError, match=r"joint block numbers 0\.\.2 of this model; got 7, 8, 9"):
+        go("--slg-medium")
+    with pytest.raises(UsageError, match="--slg-scale must be a finite number >= 0"):
+        go("--slg-scale", "-1")
+    with pytest.raises(UsageError, match=r"--slg-end is a fraction of the steps, in \[0, 1\]"):
+        go("--slg-end", "2")
+    from minisd.checkpoint import build_model, save_checkpoint
+    from minisd.config import tiny
+    save_checkpoint(build_model(tiny()), tmp_path / "tiny.safetensors")
+    with pytest.raises(UsageError, match="skip-layer guidance over SD 3's joint blocks"):
+        args = build_parser().parse_args(["--prompt", "x", "--checkpoint", str(tmp_path / "tiny.safetensors"),
+                                          "--slg-scale", "2", "--out", str(tmp_path / "o2")])
+        run(args, log=lambda *a: None)
+
+
+def test_slg_medium_sets_the_reference_guidance(sd3, tmp_path, monkeypatch):
+    """--slg-medium brings the setting's guidance 4 unless --guidance says otherwise (the reference's CONFIGS name
+    it; its script assigns it after the guidance was read, so there it only takes effect through --cfg)."""
+    import minisd.pipeline_sd3 as p
+    from minisd.sample import build_parser
+    from minisd.generate import prepare
+    monkeypatch.setattr(p, "SLG_MEDIUM", SLG)   # the tiny file's blocks, the reference's guidance
+    base = ["--prompt", PROMPTS[0], "--checkpoint", str(sd3.path), "--steps", "2", "--slg-medium"]
+    job = prepare(build_parser().parse_args(base), sd3.mine, log=lambda *a: None)
+    assert job.guidance == p.SLG_MEDIUM_GUIDANCE == 4.0 and job.pipe_options["slg"] == SLG
+    job = prepare(build_parser().parse_args(base + ["--guidance", "6"]), sd3.mine, log=lambda *a: None)
+    assert job.guidance == 6.0
