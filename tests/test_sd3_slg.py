@@ -243,7 +243,7 @@ def test_command_line(sd3, tmp_path):
 
 def test_slg_medium_sets_the_reference_guidance(sd3, tmp_path, monkeypatch):
     """--slg-medium brings the setting's guidance 4 unless --guidance says otherwise (the reference's CONFIGS name
-    it; its script assigns it after the guidance was read, so there it only takes effect through --cfg)."""
+    it; its script assigns it to a variable it has already read, so the script runs at 5 unless given --cfg 4)."""
     import minisd.pipeline_sd3 as p
     from minisd.sample import build_parser
     from minisd.generate import prepare
