@@ -5,9 +5,13 @@ Every attention layer knows its name (its checkpoint path, e.g.
 the image-shaped map its queries come from. When no hook wants a layer it takes the fast path
 (`scaled_dot_product_attention`). When a hook wants it, it takes the explicit path: logits in float32, softmax in
 float32, then `probs @ v`, and the hooks see (and may change) the logits and the probabilities on the way.
+
+SD 3's joint attention (minisd/mmdit.py) takes the same side door in O(image x text) memory: hooked_joint_attention.
 """
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class AttentionHook:
@@ -15,11 +19,23 @@ class AttentionHook:
 
     The pipeline calls `begin_step` before each UNet call; `cond` says which rows of the batch are the
     conditional half under classifier-free guidance (editors must leave the other rows alone).
-    Tensors given to the hooks are float32 and shaped (batch, heads, queries, keys). In SD 3's joint attention
-    (`layer.joint`) queries and keys are both [text tokens, image tokens]; `cross_block` cuts out image x text.
+    Tensors given to the hooks are float32 (at least) and shaped (batch, heads, queries, keys).
+
+    SD 3's joint attention (`layer.joint`) runs one softmax over [text keys, image keys] for text and image queries
+    alike. A hook sees only the image queries' rows there (the text queries' rows are never hooked), in one of two
+    views:
+    - by default, as a UNet's cross-attention map: the image-query x text-key logits, and probabilities renormalised
+      over the text keys; the probabilities a hook returns are scaled back by each row's share of text, so the
+      share the image keys take stays as it was. A hook written for the UNet reads what it expects.
+    - with `understands_joint = True`, the joint rows themselves: keys are [text keys, one column standing for all
+      the image keys], whose logit is the log-sum-exp of the image keys' logits and whose probability is their
+      total. So the text columns hold the joint softmax's own probabilities, each row's normaliser runs over every
+      key, and an edit of the last column is an edit of every image key alike. `cross_block` cuts the text columns.
+    The (text + image)^2 square is never made.
     """
     step = 0
     cond = slice(None)
+    understands_joint = False
 
     def begin_step(self, step, cond=slice(None)):
         self.step, self.cond = step, cond
@@ -68,13 +84,18 @@ class Attention(nn.Module):
         return hooked_attention(self, q, k, v)
 
 
+def at_least_float32(t):
+    """Logits and softmax in float32 whatever the model's dtype; float64 stays float64 (the exactness tests')."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def hooked_attention(layer, q, k, v):
     """softmax(q k^T * layer.scale) v for any layer with `hooks`: SDPA unless a hook wants the layer, else the
-    explicit path in float32 with the hooks' edits. The UNet's Attention and SD 3's joint attention share it."""
+    explicit path in float32 with the hooks' edits."""
     active = [h for h in layer.hooks if h.wants(layer)]
     if not active:
         return F.scaled_dot_product_attention(q, k, v)
-    logits = (q.float() @ k.float().transpose(-1, -2)) * layer.scale
+    logits = (at_least_float32(q) @ at_least_float32(k).transpose(-1, -2)) * layer.scale
     edited = logits
     for h in active:
         edited = h.edit_logits(layer, edited)
@@ -84,12 +105,66 @@ def hooked_attention(layer, q, k, v):
     return probs.to(v.dtype) @ v
 
 
+def hooked_joint_attention(layer, q, k, v):
+    """Joint attention over [text, image] queries and keys (layer.text_keys: the text's), SDPA unless a hook wants
+    the layer. Then the text queries' rows go through SDPA untouched, and each image query's softmax over all keys is
+    computed in two parts merged by their log-sum-exps (the split-key merge of FlashAttention): the text keys'
+    logits explicitly in float32, where the hooks see them (AttentionHook), and the image keys folded into one
+    column (fold_keys) whose logit is their log-sum-exp and whose value is their own attention's output. Memory
+    grows as image tokens x (text tokens + a chunk of rows), not as (text + image)^2."""
+    active = [h for h in layer.hooks if h.wants(layer)]
+    if not active:
+        return F.scaled_dot_product_attention(q, k, v)
+    text, image = layer.text_keys, slice(layer.text_keys.stop, None)
+    text_rows = F.scaled_dot_product_attention(q[:, :, text], k, v)
+    qi = at_least_float32(q[:, :, image])
+    image_lse, image_out = fold_keys(qi, at_least_float32(k[:, :, image]), v[:, :, image], layer.scale)
+    # (b, heads, image tokens, text tokens + 1): the last column stands for every image key
+    logits = torch.cat([(qi @ at_least_float32(k[:, :, text]).transpose(-1, -2)) * layer.scale, image_lse], -1)
+    edited = logits
+    for h in active:
+        if h.understands_joint:
+            edited = h.edit_logits(layer, edited)
+        else:
+            edited = torch.cat([h.edit_logits(layer, edited[..., :-1]), edited[..., -1:]], -1)
+    probs = edited.softmax(-1)
+    for h in active:
+        if h.understands_joint:
+            probs = h.edit_probs(layer, logits, probs)
+        else:
+            share = probs[..., :-1].sum(-1, keepdim=True)
+            shown = h.edit_probs(layer, logits[..., :-1], probs[..., :-1] / share)
+            probs = torch.cat([shown * share, probs[..., -1:]], -1)
+    probs = probs.to(v.dtype)
+    image_rows = probs[..., :-1] @ v[:, :, text] + probs[..., -1:] * image_out
+    return torch.cat([text_rows, image_rows], 2)
+
+
+FOLD_CHUNK = 1 << 23   # logits per chunk of fold_keys: 32 MB in float32
+
+
+def fold_keys(q, k, v, scale):
+    """Each query's attention over these keys alone, folded to what a merge with other keys needs: the log-sum-exp
+    of its logits (..., queries, 1) and its output normalised over these keys (..., queries, d). Computed in chunks
+    of query rows, at most FOLD_CHUNK logits at a time; under autograd each chunk is recomputed in the backward pass
+    instead of kept, so the gradient needs no more memory."""
+    rows = max(1, FOLD_CHUNK // (k.shape[-2] * q.shape[:-2].numel()))
+
+    def chunk(qc):
+        s = (qc @ k.transpose(-1, -2)) * scale
+        lse = s.logsumexp(-1, keepdim=True)
+        return lse, (s - lse).exp().to(v.dtype) @ v
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    parts = [checkpoint(chunk, qc, use_reentrant=False) if grad else chunk(qc) for qc in q.split(rows, dim=-2)]
+    return torch.cat([lse for lse, _ in parts], -2), torch.cat([out for _, out in parts], -2)
+
+
 def cross_block(layer, t):
-    """The part of a hook's (batch, heads, queries, keys) tensor that is a cross-attention map: image queries x
-    text keys. A UNet's cross-attention is that already; SD 3's joint attention (`layer.joint`) holds it as one
-    block of its [text, image] x [text, image] square."""
+    """The part of a hook's (batch, heads, queries, keys) tensor that is a cross-attention map, image queries x text
+    keys: all of a UNet cross-attention layer's; the text columns of a joint layer's rows (AttentionHook)."""
     if getattr(layer, "joint", False):
-        return t[..., layer.image_queries, layer.text_keys]
+        return t[..., layer.text_keys]
     return t
 
 

@@ -15,7 +15,9 @@ class AttentionMaps(AttentionHook):
     as they come and divided at the end of the step, so nothing per layer is kept.
 
     blocks: block names (`input_blocks.7`, ...), or a function layer -> bool such as an editor's `select`, so that
-    the maps come from exactly the layers an editor regulates. `blocks_seen` says which blocks were observed."""
+    the maps come from exactly the layers an editor regulates. `blocks_seen` says which blocks were observed.
+    On SD 3's joint attention the maps are the joint softmax's own probabilities of the text keys."""
+    understands_joint = True
 
     def __init__(self, positions, steps, blocks):
         self.positions, self.steps = list(positions), set(steps)
@@ -33,7 +35,7 @@ class AttentionMaps(AttentionHook):
     def edit_probs(self, layer, logits, probs):
         h, w = layer.hw
         self.layers_seen.add(layer.name)
-        # SD 3: the image-to-text block of the joint attention; positions are text-key indices
+        # SD 3: the text columns of the joint rows; positions are text-key indices
         p = cross_block(layer, probs)[self.cond][..., self.positions].mean(dim=1)  # (b, heads, hw, k) -> (b, hw, k)
         m = p.transpose(1, 2).reshape(p.shape[0], len(self.positions), h, w).detach().float().cpu()
         if self.step in self.maps and self.maps[self.step].shape[-2:] != m.shape[-2:]:

@@ -13,8 +13,9 @@ block's text stream is "pre only": it only contributes keys and values. SD 3.5 M
 image-only attention (x_block.attn2) beside the joint one. A final adaLN layer and a linear map give each patch's
 velocity, put back into the latent's shape (unpatchify).
 
-The joint attention takes the hook side door of minisd/attention.py: a hook sees the joint logits and probabilities
-(float32, shaped (batch, heads, text + image, text + image)); `cross_block` cuts out the image-to-text block.
+The joint attention takes the hook side door of minisd/attention.py (hooked_joint_attention): a hook sees the image
+queries' rows, as a UNet cross-attention map or, if it says it understands joint attention, with the image keys
+folded into one column (AttentionHook); the (text + image)^2 square is never made.
 """
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import hooked_attention
+from .attention import hooked_joint_attention
 from .unet import timestep_embedding
 
 
@@ -131,8 +132,8 @@ class StreamBlock(nn.Module):
 
 class JointAttention(nn.Module):
     """The attention of a joint block (no weights) and its hook side door. Queries and keys are [text tokens, image
-    tokens]: `text_keys` says where the text is. A hook that does not know joint attention sees it as a UNet's
-    cross-attention layer (see `AttentionHook.understands_joint` in minisd/attention.py)."""
+    tokens]: `text_keys` says where the text is. A hook that does not say it understands joint attention sees it as
+    a UNet's cross-attention layer (AttentionHook in minisd/attention.py)."""
     is_cross = True   # it reads the text: observers and editors of cross-attention look here
     joint = True
 
@@ -142,11 +143,11 @@ class JointAttention(nn.Module):
         self.name = ""          # set by StableDiffusion3: `model.diffusion_model.joint_blocks.N`
         self.hooks = []
         self.hw = None          # (h, w) of the image tokens' patch grid at the current call
-        self.text_keys = self.image_queries = None
+        self.text_keys = None   # slice(0, text tokens) at the current call
 
     def forward(self, q, k, v, n_text, hw):
-        self.hw, self.text_keys, self.image_queries = hw, slice(0, n_text), slice(n_text, None)
-        return hooked_attention(self, q, k, v)
+        self.hw, self.text_keys = hw, slice(0, n_text)
+        return hooked_joint_attention(self, q, k, v)
 
 
 def heads_to_width(t):
@@ -208,6 +209,14 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+class Prepared(NamedTuple):
+    """The MMDiT's inputs that do not change between the steps of a run (MMDiT.prepare)."""
+    pooled: torch.Tensor    # y_embedder(pooled text), (b, dim): added to the timestep's embedding
+    context: torch.Tensor   # context_embedder(text states), (b, tokens, dim): the text stream's input
+    pos: torch.Tensor       # the position table cropped to the image, (1, patches, dim)
+    size: tuple             # the latent's (H, W) it was cropped for
+
+
 class MMDiT(nn.Module):
     def __init__(self, m):
         super().__init__()
@@ -233,22 +242,35 @@ class MMDiT(nn.Module):
         top, left = (big - h) // 2, (big - w) // 2
         return self.pos_embed.view(1, big, big, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
 
-    def forward(self, x, t, y=None, context=None, skip_layers=()):
-        """x: latents (b, 16, H, W); t: timesteps sigma * 1000, (b,) or a number; y: pooled text (b, 2048); context:
-        text states (b, tokens, 4096). The arguments of Stability's MMDiTX.forward, in its order. Returns the
-        predicted velocity (noise - clean latent), shaped like x."""
-        b, _, H, W = x.shape
+    def prepare(self, y, context, size):
+        """What stays the same through the steps of one run, for `forward(..., prepared=)`: y, the pooled text, and
+        context, the text states, embedded; the position table cropped to a latent of `size` (H, W)."""
+        H, W = size
         p = self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"latent sides must be multiples of the patch size {p}, got {H}x{W}")
+        dtype = self.context_embedder.weight.dtype
+        return Prepared(self.y_embedder(y.to(dtype)), self.context_embedder(context.to(dtype)),
+                        self.cropped_pos_embed(H // p, W // p).to(dtype), (H, W))
+
+    def forward(self, x, t, y=None, context=None, prepared=None, skip_layers=()):
+        """x: latents (b, 16, H, W); t: timesteps sigma * 1000, (b,) or a number; y: pooled text (b, 2048); context:
+        text states (b, tokens, 4096): the arguments of Stability's MMDiTX.forward, in its order. Or, instead of y
+        and context, `prepared` (MMDiT.prepare), made once per run. Returns the predicted velocity (noise - clean
+        latent), shaped like x."""
+        b, _, H, W = x.shape
+        if prepared is None:
+            prepared = self.prepare(y, context, (H, W))
+        elif prepared.size != (H, W):
+            raise ValueError(f"prepared for a {prepared.size[0]}x{prepared.size[1]} latent, given one of {H}x{W}")
+        p = self.cfg.patch_size
         h, w = H // p, W // p
         t = t.to(x.device) if torch.is_tensor(t) else torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
-        x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)
-        c = self.t_embedder(timestep_embedding(t, self.cfg.frequency_embedding_size).to(x.dtype))
-        c = c + self.y_embedder(y.to(x.dtype))
-        context = self.context_embedder(context.to(x.dtype))
+        x = self.x_embedder(x) + prepared.pos
+        c = self.t_embedder(timestep_embedding(t, self.cfg.frequency_embedding_size).to(x.dtype)) + prepared.pooled
+        context = prepared.context
         for i, block in enumerate(self.joint_blocks):
             if i not in skip_layers:   # skip-layer guidance's extra pass: both streams go past these blocks unchanged
                 context, x = block(context, x, c, (h, w))

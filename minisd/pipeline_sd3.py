@@ -162,6 +162,9 @@ class SD3Pipeline(BasePipeline):
         context, y = self.encode(texts)
         cond, pooled, rows = context[-b:], y[-b:], (slice(b, 2 * b) if cfg_on else slice(None))
         mmdit, hooks = self.model.mmdit, list(hooks)
+        with torch.set_grad_enabled(grad):   # the text's embeddings and the position table, once per run
+            guided = mmdit.prepare(y, context, latents.shape[-2:])
+            conditional = mmdit.prepare(pooled, cond, latents.shape[-2:])
         for h in hooks:
             if hasattr(h, "begin_run"):
                 h.begin_run(seeds)
@@ -171,7 +174,7 @@ class SD3Pipeline(BasePipeline):
                 h.begin_step(i, rows)
             x_in = torch.cat([x, x]) if cfg_on else x
             with torch.set_grad_enabled(grad):
-                out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), y=y, context=context).float()
+                out = mmdit(x_in.to(self.dtype), self.timesteps(t, x_in), prepared=guided).float()
             c = out
             if cfg_on:
                 uncond, c = out.chunk(2)
@@ -180,13 +183,13 @@ class SD3Pipeline(BasePipeline):
                 for h in hooks:
                     h.begin_step(i, slice(None))
                 with torch.set_grad_enabled(grad):
-                    skipped = mmdit(x.to(self.dtype), self.timesteps(t, x), y=pooled, context=cond,
+                    skipped = mmdit(x.to(self.dtype), self.timesteps(t, x), prepared=conditional,
                                     skip_layers=slg.layers).float()
                 out = out + slg.scale * (c - skipped)
             return out
 
         def cond_model(x, t):
-            return mmdit(x.to(self.dtype), self.timesteps(t, x), y=pooled, context=cond).float()
+            return mmdit(x.to(self.dtype), self.timesteps(t, x), prepared=conditional).float()
 
         final = sample(self.model, hooks, FLOW_SAMPLERS[sampler], model_fn, cond_model, latents, schedule, steps,
                        generators, progress, callback,

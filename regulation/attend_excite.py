@@ -303,6 +303,8 @@ class AttendExcite(ConditionalPassMaps):
 class JointAttendExcite(AttendExcite):
     """Attend-and-Excite reading the image-to-text block of the chosen joint blocks (its targets at their CLIP
     positions; regulation/joint_regulation.py)."""
+    understands_joint = True   # its maps are the joint softmax's own probabilities, not renormalised over the text
+
     def wants(self, layer):
         return getattr(layer, "joint", False) and super().wants(layer)
 

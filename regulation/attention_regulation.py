@@ -451,17 +451,13 @@ class AttentionRegulation(AttentionHook):
         cross_block(layer, out)[self.cond] = edited.view(images, heads, hw, num_tokens)
         return out
 
-    def restored_rows(self, layer, t):
-        """The rows of a hook's (batch, heads, queries, keys) tensor whose special columns edit_probs puts back:
-        the conditional images' (a view, written in place)."""
-        return t[self.cond]
-
     def edit_probs(self, layer, logits, probs):
         if not self.config.restore_special:
             return probs
         out = probs.clone()
-        restore_columns_(self.restored_rows(layer, out), self.restored_rows(layer, logits),
-                         on_device(self.specials, probs.device), self.config.keep_rows_normalised)
+        # the conditional rows, in place; on joint attention over every key (AttentionHook.understands_joint)
+        restore_columns_(out[self.cond], logits[self.cond], on_device(self.specials, probs.device),
+                         self.config.keep_rows_normalised)
         return out
 
     def loss_table(self):
@@ -475,16 +471,14 @@ class JointRegulation(AttentionRegulation):
     """Attention Regulation on the image-to-text block of joint attention (regulation/joint_regulation.py says
     what changes there). targets: text-key indices; specials: text-key columns restored after the softmax."""
 
+    understands_joint = True   # its rows' last column stands for the image keys: restoring takes mass from them too
+
     def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None):
         super().__init__(targets, specials[1], num_steps, config, select, generator)
         self.specials = [int(c) for c in specials]
 
     def wants(self, layer):
         return getattr(layer, "joint", False) and super().wants(layer)
-
-    def restored_rows(self, layer, t):
-        # the image queries' rows over every key: the joint softmax's own columns
-        return t[self.cond][:, :, layer.image_queries]
 
 
 # --- from a prompt to the hook ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""SD 3's joint attention through the hook protocol, and the methods that read it: the hooks see the joint logits
-and probabilities in float32, the image-to-text block is what AttentionMaps records, Attention Regulation on joint
-attention equals its float64 line-by-line reference (tests/reference_joint_regulation.py), and the editors run in
-a tiny SD 3.5 pipeline."""
+"""SD 3's joint attention through the hook protocol, and the methods that read it: the hooks see the image queries'
+rows in float32, the image-to-text block is what AttentionMaps records, Attention Regulation on joint attention
+equals its float64 line-by-line reference (tests/reference_joint_regulation.py), and the editors run in a tiny
+SD 3.5 pipeline. tests/test_joint_lean.py compares the hooked path with the whole square's."""
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +42,8 @@ def pipe(tmp_path_factory):
 
 
 class Recorder(AttentionHook):
+    understands_joint = True
+
     def __init__(self):
         self.seen = []
 
@@ -71,7 +73,7 @@ def test_hooks_see_joint_logits_in_float32_and_explicit_path_equals_sdpa(pipe):
     assert [r[0] for r in rec.seen] == [f"model.diffusion_model.joint_blocks.{i}" for i in range(m.depth)]
     for name, hw, dl, dp, shape, block, sums in rec.seen:
         assert hw == (4, 6) and dl == dp == torch.float32
-        assert shape == (2, m.num_heads, 154 + 24, 154 + 24)           # [text, image] x [text, image]
+        assert shape == (2, m.num_heads, 24, 154 + 1)                  # image queries x [text, all image keys]
         assert tuple(block) == (2, m.num_heads, 24, 154)               # image queries x text keys
         assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)  # one softmax over every key
 
@@ -81,6 +83,8 @@ def test_attention_maps_read_the_image_to_text_block(pipe):
     rec = []
 
     class Probe(AttentionHook):
+        understands_joint = True
+
         def wants(self, layer):
             return maps.wants(layer)
 
@@ -99,9 +103,15 @@ def test_attention_maps_read_the_image_to_text_block(pipe):
 
 
 def fake_layer(n_text, hw, block=1):
-    h, w = hw
     return SimpleNamespace(name=f"model.diffusion_model.joint_blocks.{block}", hw=hw, joint=True, is_cross=True,
-                           text_keys=slice(0, n_text), image_queries=slice(n_text, n_text + h * w))
+                           text_keys=slice(0, n_text))
+
+
+def image_rows(logits, n_text):
+    """What a hook that understands joint attention sees of the whole square: the image queries' rows over [text
+    keys, one column for all image keys, holding their log-sum-exp]."""
+    rows = logits[..., n_text:, :]
+    return torch.cat([rows[..., :n_text], rows[..., n_text:].logsumexp(-1, keepdim=True)], -1)
 
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "generator-per-image"])
@@ -121,16 +131,18 @@ def test_joint_regulation_equals_float64_reference(per_image):
     prev = None
     g = torch.Generator().manual_seed(3)
     for step in range(2):
-        logits = torch.randn(4, heads, q, q, generator=g, dtype=torch.float64) * 2
+        square = torch.randn(4, heads, q, q, generator=g, dtype=torch.float64) * 2
+        logits = image_rows(square, n_text)
         hook.begin_step(step, slice(2, 4))
-        assert hook.wants(layer)
+        assert hook.wants(layer) and hook.understands_joint
         edited = hook.edit_logits(layer, logits)
         probs = hook.edit_probs(layer, logits, edited.softmax(-1))
-        ref, prev = reference_joint_regulate(logits[2:].reshape(4, q, q), n_text, hw, targets, specials, step, prev,
+        ref, prev = reference_joint_regulate(square[2:].reshape(4, q, q), n_text, hw, targets, specials, step, prev,
                                              ref_gens)
-        assert (probs[2:].reshape(4, q, q) - ref).abs().max() < 1e-9
+        ref = ref[:, n_text:]   # the image queries' rows: text keys, and the image keys' total
+        assert (probs[2:].reshape(4, q - n_text, -1)[..., :n_text] - ref[..., :n_text]).abs().max() < 1e-9
+        assert (probs[2:].reshape(4, q - n_text, -1)[..., -1] - ref[..., n_text:].sum(-1)).abs().max() < 1e-9
         assert torch.equal(probs[:2], logits[:2].softmax(-1)), "the unconditional half must not change"
-        assert torch.equal(edited[2:, :, :n_text], logits[2:, :, :n_text]), "text-query rows must not change"
         changed = (edited[2:] != logits[2:]).any(0).any(0).any(0).nonzero().flatten().tolist()
         assert changed == targets, "only the target text columns take the Gaussian term"
 

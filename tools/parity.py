@@ -204,9 +204,10 @@ def clip_with_projection_from_openclip(state, params, prefix=XL_OPENCLIP):
     return clip
 
 
-def random_official(shapes, seed=0):
+def random_official(shapes, seed=0, dtype=torch.float32):
     """Random tensors for a key -> shape table, each drawn from a generator seeded by its name (the same in any
-    order): norm scales near 1, matrices and kernels scaled by 1/sqrt(fan-in), biases small."""
+    order): norm scales near 1, matrices and kernels scaled by 1/sqrt(fan-in), biases small. Each is cast to
+    `dtype` as it is drawn."""
     import zlib
     state = {}
     for k, shape in shapes.items():
@@ -218,7 +219,7 @@ def random_official(shapes, seed=0):
             r = 1 + 0.1 * r
         else:
             r *= 0.02
-        state[k] = r
+        state[k] = r.to(dtype)
     return state
 
 

@@ -8,11 +8,13 @@
     edges      where a tiny change of the logits moves the regulation optimiser to another result
     app        the page (python -m minisd.app) against the command line, on the plain + regulated pair
     launches   ops (kernel launches on a GPU) of a UNet call, plain and regulated, eager and compiled: no GPU needed
+    joint      peak memory of one regulated SD 3.5 joint block: the split-key path against the whole square
+    sd3        SD 3.5's MMDiT: one call and a 4-step run, minisd against diffusers
 """
 import importlib
 import sys
 
-COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges", "app", "launches")
+COMMANDS = ("unet", "generate", "methods", "optimizer", "load", "edges", "app", "launches", "joint", "sd3")
 
 
 def main(argv=None):
