@@ -60,6 +60,8 @@ class SD3Pipeline(BasePipeline):
         # CLIP-L pads with end-of-text, CLIP-G with "!" (id 0), as Stability's reference and diffusers' tokenizers
         self.tokenizers = [Tokenizer(pad_with_eot=c.pad_with_eot) for c in (self.cfg.text, self.cfg.text2)]
         self.tokenizer = self.tokenizers[0]
+        for tok in self.tokenizers:   # a long prompt cut as the reference cuts it: before a word, not inside it
+            tok.whole_words = True
         if model.text_encoders.has_t5 and t5_tokenizer is None:
             raise CheckpointError("this model has T5-XXL but no T5 tokenizer was given: pass --t5-tokenizer "
                                   "(spiece.model, as in a diffusers folder's tokenizer_3/)")

@@ -201,11 +201,29 @@ class Tokenizer:
             self.encoded[text] = tuple(ids)
         return list(self.encoded[text])
 
+    # SD 3 (Stability's reference, other_impls.py: SDTokenizer) puts words, split at spaces, whole into 77-token
+    # chunks, and its text encoders read the first chunk only: a long prompt is cut before the first word that does
+    # not fit, not inside it (a word of 8 tokens or more is split there), and padding fills the rest
+    whole_words = False
+
+    def room(self, prompt, ids):
+        """How many of `ids` (the encoding of `prompt`) the text encoder reads."""
+        room = self.max_length - 2
+        if len(ids) <= room or not self.whole_words:
+            return min(len(ids), room)
+        n = 0
+        for word in prompt.replace("\n", " ").split(" "):
+            k = len(self.encode(word))
+            if n + k > room:
+                return room if k >= 8 else n
+            n += k
+        return n
+
     def kept(self, prompt):
         """(the part of `prompt` the text encoder reads, the cut-off tail or None): its tokens up to the
         max_length positions, without a word cut in two."""
         ids = self.encode(prompt)
-        room = self.max_length - 2
+        room = self.room(prompt, ids)
         if len(ids) <= room:
             return prompt, None
         kept = ids[:room]
@@ -238,7 +256,7 @@ class Tokenizer:
     def ids(self, prompt):
         """One prompt -> the max_length ids the model sees (a list), cut with a warning if too long."""
         ids = self.encode(prompt)
-        room = self.max_length - 2
+        room = self.room(prompt, ids)
         if len(ids) > room:
             warnings.warn(f"prompt is longer than {self.max_length} tokens; cut: \"{self.decode(ids[room:])}\"",
                           PromptTruncatedWarning, stacklevel=3)

@@ -27,9 +27,12 @@ except ImportError:
 
 TAGS = ("masterpiece, best quality, 8k, hdr, 1girl, red circle, blue square, 3d render, studio photo, cat, dog, "
         "bird over hill, big star, x9, ultra-detailed, 35mm, f/1.8").split(" ")
-rng = random.Random(12)   # the seed whose 226th character falls between two words (see test_the_prompt_is_long)
-LONG = " ".join(rng.choice(TAGS) for _ in range(120))
+# seed 25: T5's 226 characters and CLIP's 75 tokens both end between two words (see test_the_prompt_is_long), where
+# diffusers' cuts equal the reference's; seed 12: CLIP's 75th token is inside a word, which the reference leaves out
+LONG, MID_WORD = (" ".join(rng.choice(TAGS) for _ in range(120)) for rng in (random.Random(25), random.Random(12)))
 SHORT = "a red circle left of a blue square"
+# a word of 8 or more CLIP tokens across the 75th: the reference splits it there
+SPLIT = " ".join(["red circle"] * 36) + " supercalifragilisticexpialidocious x9"
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +60,47 @@ def test_the_prompt_is_long(sd3):
     assert len(sd3.mine.t5_tokenizer.ids(LONG)) > 77, "the prompt's first 226 characters make no more than 77 tokens"
     assert len(sd3.mine.tokenizer.encode(LONG)) > 77
     assert LONG[226] == " ", "the 226-character cut must fall between words for the comparison with diffusers"
+    ids = sd3.mine.tokenizer.encode(LONG)
+    assert sd3.mine.tokenizer.room(LONG, ids) == 75, "CLIP's cut must fall between words, as diffusers' does"
+    assert sd3.mine.tokenizer.room(MID_WORD, sd3.mine.tokenizer.encode(MID_WORD)) < 75
+
+
+def reference_clip_ids(tokenizer, prompt, pad_with_end):
+    """The first 77-token chunk of Stability's SDTokenizer.tokenize_with_weights (other_impls.py), the only chunk
+    its CLIP encoders read (ClipTokenWeightEncoder.encode_token_weights), transcribed for prompts without
+    weight syntax: each space-separated word tokenized alone; a word that does not fit ends the chunk (end token,
+    then padding) unless it has 8 tokens or more, which is split at the edge."""
+    empty = tokenizer("")["input_ids"]
+    start, end = empty
+    pad = end if pad_with_end else 0
+    batch = [start]
+    for word in [w for w in prompt.replace("\n", " ").split(" ") if w]:
+        group = tokenizer(word)["input_ids"][1:-1]
+        if len(group) + len(batch) > 76:
+            remaining = 77 - len(batch) - 1
+            if len(group) >= 8:
+                batch.extend(group[:remaining])
+                batch.append(end)
+            else:
+                batch.append(end)
+                batch.extend([pad] * remaining)
+            return batch
+        batch.extend(group)
+    batch.append(end)
+    return batch + [pad] * (77 - len(batch))
+
+
+def test_clip_ids_are_the_references(sd3):
+    """Long prompts cut as the reference cuts them: before the word that does not fit (not inside it, as
+    diffusers' truncation does), a word of 8 or more tokens split at the edge; short ones padded."""
+    theirs = sd3.theirs
+    assert "(" not in LONG + MID_WORD + SPLIT   # the reference reads "(word:1.2)" as a weight (docs/sd3.md)
+    for prompt in (LONG, MID_WORD, SPLIT, SHORT):
+        mine = sd3.mine.ids([prompt])
+        for i, (tok, pad_with_end) in enumerate(((theirs.tokenizer, True), (theirs.tokenizer_2, False))):
+            assert mine[i][0].tolist() == reference_clip_ids(tok, prompt, pad_with_end), (prompt[:40], i)
+    diffusers = theirs.tokenizer(MID_WORD, padding="max_length", max_length=77, truncation=True).input_ids
+    assert sd3.mine.ids([MID_WORD])[0][0].tolist() != diffusers, "the prompt cannot show the two cuts apart"
 
 
 def test_t5_ids_are_the_references(sd3):
