@@ -236,9 +236,6 @@ def prepare(args, pipe, log=print):
     if args.regulate_layers and not cfg.is_sd3:   # SD 3's joint blocks are checked by name in its set-up
         check_layer_sizes(args.regulate_layers, cfg, *size)
     method = chosen_method(args)
-    if image and method == "dense":
-        raise UsageError("--method dense times its edits by the text-to-image steps' timesteps; it does not take "
-                         "--init-image yet")
     from regulation.editors import method_for
     entry = method_for(method, pipe) if method else None   # refused here if it does not run on this model
     texts = entry.texts(args.prompt) if entry and entry.texts else 1   # Composable Diffusion: one per concept
@@ -288,7 +285,7 @@ def prepare(args, pipe, log=print):
             elif "targets" in entry.takes:   # the method reads them itself (SynGen's pairs, Composable's concepts)
                 targets = args.targets
             # built before sampling, so that a bad option is an error before any work; one per image (its seed)
-            job.runs = [set_up(method, pipe, args.prompt, runs, targets=targets, seed=seed,
+            job.runs = [set_up(method, pipe, args.prompt, runs, start=start, targets=targets, seed=seed,
                                layers=args.regulate_layers, edit_steps=args.edit_steps, layout=args.layout,
                                guidance=guidance, height=size[0], width=size[1], sampler=sampler,
                                spacing=args.spacing, strength=args.strength, layout_background=args.layout_background,

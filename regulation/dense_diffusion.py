@@ -396,9 +396,10 @@ def resolve_phrases(pipe, prompt, phrases):
 
 
 def make_dense(pipe, prompt, steps, layout, config=None, *, height=None, width=None, sampler="dpmpp_2m",
-               spacing="leading"):
+               spacing="leading", start=0):
     """The DenseDiffusion hook for `prompt` run with `steps` steps of `sampler` under `spacing` (these give the
-    timesteps of the time decay: pass those of the run).
+    timesteps of the time decay: pass those of the run). Image-to-image: `steps` are the steps that run, the last of
+    a schedule of start + steps (its first `start` skipped), whose timesteps they keep.
 
     layout: a command-line string (parse_layout), or a list of LayoutEntry or (phrase, region) pairs, region a
     box, a mask file or a mask tensor (H, W). Boxes and mask files become masks at height x width (default: the
@@ -410,7 +411,7 @@ def make_dense(pipe, prompt, steps, layout, config=None, *, height=None, width=N
     height, width = height or pipe.cfg.image_size, width or pipe.cfg.image_size
     phrases, masks = layout_masks(layout, height, width)
     targets = resolve_phrases(pipe, prompt, phrases)
-    timesteps = step_timesteps(Schedule.for_model(pipe.cfg, spacing), steps, sampler)
+    timesteps = step_timesteps(Schedule.for_model(pipe.cfg, spacing), start + steps, sampler)[start:]
     return DenseDiffusion([(t.positions, m) for t, m in zip(targets, masks)], steps, config, timesteps=timesteps,
                           num_train_timesteps=pipe.cfg.num_train_timesteps, model_config=pipe.cfg)
 
@@ -449,7 +450,7 @@ def phrase_embeddings(pipe, prompt, phrases):
 
 
 def set_up(pipe, prompt, steps, layout=None, layers=None, strength=None, layout_background=None, phrase_swap=None,
-           height=None, width=None, sampler="dpmpp_2m", spacing="leading", **run):
+           height=None, width=None, sampler="dpmpp_2m", spacing="leading", start=0, **run):
     """regulation.editors.set_up's Run of DenseDiffusion: layout (see make_dense), layout_background ("region", the
     default, or "none"), phrase_swap (the phrases' own embeddings, default True); strength scales creg and sreg."""
     if not layout:
@@ -460,7 +461,7 @@ def set_up(pipe, prompt, steps, layout=None, layers=None, strength=None, layout_
     if strength is not None:
         config = replace(config, creg=config.creg * strength, sreg=config.sreg * strength)
     hook = make_dense(pipe, prompt, steps, list(zip(phrases, masks)), config,
-                      height=height, width=width, sampler=sampler, spacing=spacing)
+                      height=height, width=width, sampler=sampler, spacing=spacing, start=start)
     settings = {"Regulation layout": "; ".join(phrases), "Regulation layers": layers or "all",
                 "Regulation edit steps": hook.edit_steps}
     if config.background != "region":

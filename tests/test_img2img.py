@@ -323,7 +323,8 @@ def test_denoise_without_an_image_is_refused(tiny_pipe):
 
 def test_command_line_records_and_counts(tmp_path):
     """The PNG says `Denoising strength`; Attention Regulation's default edit steps are half of the steps that run
-    (6 steps at 0.5: 3 run, 2 edited); --edit-steps past the steps that run, a bad file and a bad size are refused."""
+    (6 steps at 0.5: 3 run, 2 edited), DenseDiffusion's 30% of them; --edit-steps past the steps that run, a bad
+    file and a bad size are refused."""
     from minisd.images import UsageError
     from minisd.sample import build_parser, run
     picture(128).save(tmp_path / "in.png")
@@ -337,6 +338,8 @@ def test_command_line_records_and_counts(tmp_path):
     [path] = go("--denoise", "0.5", "--regulate")
     text = Image.open(path).text["parameters"]
     assert "Steps: 6," in text and "Denoising strength: 0.5," in text and "Regulation edit steps: 2," in text
+    [path] = go("--denoise", "0.5", "--method", "dense", "--layout", "red circle:0,0,0.5,1;blue square:0.5,0,1,1")
+    assert "Regulation edit steps: 1," in Image.open(path).text["parameters"]   # 30% of the 3 steps that run
     with pytest.raises(UsageError, match="between 0 and the 3 steps that run of --steps 6"):
         go("--denoise", "0.5", "--regulate", "--edit-steps", "4")
     (tmp_path / "bad.png").write_text("not an image")
@@ -347,3 +350,22 @@ def test_command_line_records_and_counts(tmp_path):
         go("--init-image", str(tmp_path / "odd.png"))
     with pytest.raises(UsageError, match=r"--denoise is the fraction of the steps that run, in \(0, 1\]"):
         go("--denoise", "0")
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "plms"])
+def test_dense_diffusion_reads_the_timesteps_that_run(tiny_pipe, sampler):
+    """DenseDiffusion's time decay reads each step's timestep: under image-to-image those of the steps that run
+    (10 steps at 0.6: the last 6 of the 10-step schedule), which its hook, told the start, holds; its edit steps
+    are the first 30% of the steps that run."""
+    from regulation.dense_diffusion import make_dense
+    start, seen = Pipeline.start_step(10, 0.6), {}
+
+    def model(x, t, i):
+        seen.setdefault(i, t)
+        return fake_model(x, t, i)
+
+    SAMPLERS[sampler](model, torch.zeros(1, 4, 2, 2), Schedule(), 10, init=torch.zeros(1, 4, 2, 2), start=start)
+    hook = make_dense(tiny_pipe, "a red circle and a blue square", 10 - start,
+                      "red circle:0,0,0.5,1;blue square:0.5,0,1,1", sampler=sampler, start=start, height=32, width=32)
+    assert hook.timesteps == [seen[i] for i in range(10 - start)] and len(hook.timesteps) == 6
+    assert hook.edit_steps == 2
