@@ -103,13 +103,13 @@ def test_folder_as_checkpoint_on_the_command_line(sd3, tmp_path, capsys):
 
 def test_sd3_medium_shaped_folder(tmp_path):
     """SD 3 Medium's shape (no qk norm, no attn2): the same weights as its single file, and SD 3 Medium's defaults
-    (Stability's shift 1, where the folder's scheduler config says 3)."""
+    (shift 3.0, as the code released with it and the folder's scheduler config; docs/sd3.md, defaults by file)."""
     s = build(tmp_path, dual=False)
     s.theirs.save_pretrained(tmp_path / "diffusers")
     model = load_model(tmp_path / "diffusers")
     mine, ref = model.state_dict(), s.model.state_dict()
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
-    assert (model.cfg.name, model.cfg.shift, model.cfg.default_sampler) == ("sd3-medium", 1.0, "dpmpp_2m")
+    assert (model.cfg.name, model.cfg.shift, model.cfg.default_sampler) == ("sd3-medium", 3.0, "dpmpp_2m")
 
 
 def test_sd_pipeline_names_the_sd3_one(sd3):
