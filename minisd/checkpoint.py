@@ -351,8 +351,13 @@ def build_model(cfg, device="cpu", dtype=torch.float32, seed=0):
 
 
 def save_checkpoint(model, path, metadata=None):
-    """Write the official single-file layout; our config goes into the metadata so it loads without guessing."""
+    """Write the official single-file layout; our config goes into the metadata so it loads without guessing.
+    T5's tied input embedding is written once, as `shared.weight`, as the official files hold it (rule 4 reads it
+    back under both names)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    shared, embed = SD3_TEXT["t5xxl"] + "shared.weight", SD3_TEXT["t5xxl"] + "encoder.embed_tokens.weight"
+    if embed in state and shared in state and torch.equal(state[embed], state[shared]):
+        del state[embed]
     meta = {"minisd_config": model.cfg.to_json(), **(metadata or {})}
     tmp = Path(str(path) + ".partial")
     save_file(state, str(tmp), metadata=meta)

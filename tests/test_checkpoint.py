@@ -288,3 +288,20 @@ def test_a_model_built_from_scratch_is_the_same_every_time():
     del junk
     again = build_model(tiny_sdxl(image_size=32), seed=4).state_dict()
     assert all(torch.isfinite(v).all() and torch.equal(v, again[k]) for k, v in first.items() if v.is_floating_point())
+
+
+def test_sd3_with_t5_is_written_and_reads_back_equal(tmp_path):
+    """T5's input embedding is one tensor under two names (tied): written once, as shared.weight (as the official
+    files hold it), read back under both names, still one tensor."""
+    from minisd.checkpoint import build_model, save_checkpoint
+    from minisd.config import tiny_sd3
+    model = build_model(tiny_sd3(dual=True))
+    path = tmp_path / "tiny-sd3.safetensors"
+    save_checkpoint(model, path)
+    t5 = "text_encoders.t5xxl.transformer."
+    written = read_checkpoint(path)[0]
+    assert t5 + "shared.weight" in written and t5 + "encoder.embed_tokens.weight" not in written
+    back = load_model(path)
+    mine, ref = back.state_dict(), model.state_dict()
+    assert mine.keys() == ref.keys() and [k for k in ref if not torch.equal(mine[k], ref[k])] == []
+    assert mine[t5 + "shared.weight"].data_ptr() == mine[t5 + "encoder.embed_tokens.weight"].data_ptr()
