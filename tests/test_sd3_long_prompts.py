@@ -3,9 +3,10 @@
 A 120-word tag-style prompt makes more than 77 T5 tokens within its first 226 characters (the part Stability's
 reference gives T5) and more than 77 CLIP tokens. Under guidance both halves are padded to one T5 length, the
 longest text's: the result equals diffusers' pipeline given that length as `max_sequence_length` (it pads both
-halves to it); T5's ids are the reference's tokenizer's (other_impls.py, transcribed). In a batch, each image is
-what its prompt gives alone when its prompt is the batch's longest, and otherwise what it gives alone at the
-batch's T5 length (`t5_length`), as docs/sd3.md says.
+halves to it); T5's and both CLIPs' ids are the reference's tokenizers' (other_impls.py, transcribed: CLIP reads the
+first 77-token chunk of whole words, so a long prompt is cut before a word, where diffusers cuts inside it). In a
+batch, each image is what its prompt gives alone when its prompt is the batch's longest, and otherwise what it
+gives alone at the batch's T5 length (`t5_length`), as docs/sd3.md says.
 """
 import random
 
