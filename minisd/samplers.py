@@ -115,12 +115,17 @@ class Schedule:
 def _prepare(x, schedule, steps, generator):
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a samplers.Schedule, got {type(schedule).__name__}")
+    _check_batch(x, generator)
+    schedule.timesteps(steps)  # validates steps
+    return x.float()
+
+
+def _check_batch(x, generator):
+    """Both kinds of sampler: starting noise with a batch dimension, and one generator per row if a list."""
     if not torch.is_tensor(x) or x.dim() < 1:
         raise ValueError("x must be a tensor of starting noise with a batch dimension")
     if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per row")
-    schedule.timesteps(steps)  # validates steps
-    return x.float()
 
 
 def _discrete(schedule, steps):
@@ -382,8 +387,7 @@ def _flow_prepare(x, schedule, steps, generator, init, start):
     scale_noise)."""
     if not isinstance(schedule, FlowSchedule):
         raise TypeError(f"schedule must be a samplers.FlowSchedule, got {type(schedule).__name__}")
-    if isinstance(generator, (list, tuple)) and len(generator) != x.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per row")
+    _check_batch(x, generator)
     sigmas = schedule.sigmas(steps)
     _check_start(init, start, steps)
     sigmas = sigmas[start:]

@@ -461,7 +461,8 @@ def failure(row, kind):
         return None
     t = json.loads(row["types"])
     if kind == "exact":
-        return int(t["strict"] and not t["extra"]) if "strict" in t and "extra" in t else None
+        from tools.testbed.judge import exact
+        return int(exact(t)) if "strict" in t and "extra" in t else None
     return t.get(kind)
 
 

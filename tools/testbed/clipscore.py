@@ -160,10 +160,10 @@ def train(args):
 def negatives(objects):
     """The hard negatives of a two-object prompt's objects, each kind once, in the prompt's own words:
     (kind, objects) for colours swapped, the second object's shape changed, its colour changed."""
-    (c1, s1), (c2, s2) = objects
-    shape = next(s for s in shapes.SHAPES if s not in (s1, s2))
-    colour = next(c for c in shapes.COLOURS if c not in (c1, c2))
-    return [("swap", [(c2, s1), (c1, s2)]), ("shape", [(c1, s1), (c2, shape)]), ("colour", [(c1, s1), (colour, s2)])]
+    keys = [tuple(o) for o in objects]
+    return [("swap", tinyclip.colours_swapped(keys, 0, 1)),
+            ("shape", tinyclip.shape_changed(keys, 1, tinyclip.other_shapes(keys)[0])),
+            ("colour", tinyclip.colour_changed(keys, 1, tinyclip.other_colours(keys)[0]))]
 
 
 def reword(prompt, objects, other):
@@ -182,7 +182,7 @@ def check(args):
     often the true prompt scores above each of its hard negatives (and above all of them). Also the same on the
     images that fail, as a contrast: their scores should sit lower."""
     from minisd.pipeline import Pipeline
-    from tools.testbed.judge import failure_types
+    from tools.testbed import judge
     if args.threads:
         torch.set_num_threads(args.threads)
     scorer = ClipScore(args.weights, args.checkpoint)
@@ -194,8 +194,7 @@ def check(args):
         image = np.asarray(pipe(item["prompt"], seed=args.seed).images[0].convert("RGB"))
         img = scorer.clip.encode_image(to_tower(image))[0]
         true = float(img @ scorer.text(item["prompt"]))
-        types = failure_types(image, objects)
-        exact = types["strict"] and not types["extra"]
+        exact = judge.exact(judge.failure_types(image, objects))
         (exact_scores if exact else failed_scores).append(true)
         if not exact:
             continue

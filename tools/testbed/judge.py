@@ -219,6 +219,12 @@ def failure_types(image, objects, config=JudgeConfig(), min_object=0.5, found=No
                 wrong_colour=colour_wrong and not swapped & pairs, extra=count > len(objects))
 
 
+def exact(types):
+    """failure_types' verdict that the image is the prompt: every named object in its colour (strict) and nothing
+    else (no extra object). The evaluation's "exact" column and the CLIP score's check both read it here."""
+    return types["strict"] and not types["extra"]
+
+
 class ShapesJudge:
     """The shapes-world implementation of the Judge protocol; `failures` says how an image fails its prompt."""
 

@@ -61,6 +61,31 @@ def _fmt(keys, template):
     return template.format(*[shapes.phrase(c, s) for c, s in keys])
 
 
+# The one-change rules, shared with tools/testbed/clipscore.py's check: (colour, shape) objects -> the same objects
+# with one thing changed; a new shape or colour is one the scene does not have.
+
+def colours_swapped(keys, i, j):
+    out = list(keys)
+    out[i], out[j] = (keys[j][0], keys[i][1]), (keys[i][0], keys[j][1])
+    return out
+
+
+def other_shapes(keys):
+    return [s for s in shapes.SHAPES if s not in {s for _, s in keys}]
+
+
+def other_colours(keys):
+    return [c for c in shapes.COLOURS if c not in {c for c, _ in keys}]
+
+
+def shape_changed(keys, k, shape):
+    return [(keys[k][0], shape) if m == k else o for m, o in enumerate(keys)]
+
+
+def colour_changed(keys, k, colour):
+    return [(colour, keys[k][1]) if m == k else o for m, o in enumerate(keys)]
+
+
 def hard_negatives(keys, template, rng):
     """Captions that differ from `keys` (in the same template where the count allows) in exactly one way:
     colours of two objects swapped, one object dropped, one shape changed, one colour changed."""
@@ -68,24 +93,15 @@ def hard_negatives(keys, template, rng):
     n = len(keys)
     if n >= 2:
         i, j = rng.choice(n, 2, replace=False)
-        sw = list(keys)
-        sw[i], sw[j] = (keys[j][0], keys[i][1]), (keys[i][0], keys[j][1])
+        sw = colours_swapped(keys, i, j)
         if len(set(sw)) == n:
             out.append(_fmt(sw, template))
         gone = rng.integers(n)
         drop = [k for m, k in enumerate(keys) if m != gone]
         out.append(shapes.caption_for(drop, rng))
     k = int(rng.integers(n))
-    used_shapes = {s for _, s in keys}
-    other = [s for s in shapes.SHAPES if s not in used_shapes]
-    ch = list(keys)
-    ch[k] = (keys[k][0], str(rng.choice(other)))
-    out.append(_fmt(ch, template))
-    used_colours = {c for c, _ in keys}
-    other = [c for c in shapes.COLOURS if c not in used_colours]
-    ch = list(keys)
-    ch[k] = (str(rng.choice(other)), keys[k][1])
-    out.append(_fmt(ch, template))
+    out.append(_fmt(shape_changed(keys, k, str(rng.choice(other_shapes(keys)))), template))
+    out.append(_fmt(colour_changed(keys, k, str(rng.choice(other_colours(keys)))), template))
     return out
 
 
