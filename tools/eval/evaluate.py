@@ -767,7 +767,8 @@ def _run(args, rank, world, group, log, items=None, variants=None):
     table = format_table(summary)
     header = [f"# Semantic fidelity: {len(items)} prompts x {args.seeds} seeds", "",
               "    " + (getattr(args, "command", None) or "python -m tools.eval " + shlex.join(args.argv)), "",
-              f"Checkpoint `{repo_path(ckpt)}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, {s.size} px, "
+              f"Checkpoint `{repo_path(ckpt)}` (sha256 {ckpt_hash}), {s.steps} steps, guidance {s.guidance}, "
+              f"{s.size} px, "
               f"judge `{judges.settings}` ({summary['plain']['judged']} of {len(units)} plain images judged), "
               f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {world} rank(s), {torch.get_num_threads()} torch "
               f"threads each on {args.device if world == 1 else torch.device(args.device).type}.",

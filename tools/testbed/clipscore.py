@@ -10,7 +10,8 @@ it as `weights/tinyclip-image.safetensors`. The text tower is read from the chec
     python -m tools.testbed.clipscore train                 # about 10 minutes on 2 cores; writes the weights
     python -m tools.testbed.clipscore check --n 200         # on generated images: true prompt vs hard negatives
 
-`ClipScore` is a scorer for `python -m tools.eval --judge tools.testbed.judge:ShapesJudge,tools.testbed.clipscore:ClipScore`.
+`ClipScore` is a scorer for the benchmark:
+`python -m tools.eval --judge tools.testbed.judge:ShapesJudge,tools.testbed.clipscore:ClipScore`.
 """
 import argparse
 import json
@@ -133,7 +134,8 @@ def train(args):
         ids, neg_ids = tok(list(caps)), tok([n for ns in negs for n in ns])
         n = int(max((ids == clip.eot_id).int().argmax(1).max(), (neg_ids == clip.eot_id).int().argmax(1).max())) + 1
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+            warmup, cosine = min(1.0, (step + 1) / 100), 1 + math.cos(math.pi * step / args.steps)
+            group["lr"] = args.lr * warmup * (0.1 + 0.9 * 0.5 * cosine)
         flip = torch.rand(len(idx)) < 0.5   # mirror images: captions do not say left or right
         batch = torch.where(flip[:, None, None, None], images[idx].flip(-1), images[idx])
         loss, acc = tinyclip.contrastive_loss(clip, batch, ids[:, :n], neg_ids[:, :n])
