@@ -6,6 +6,7 @@ before each MMDiT call (rows: the conditional half), and are removed after. Hook
 Excite) get a conditional MMDiT pass they can differentiate through at the start of each step. Skip-layer
 guidance's extra pass is conditional throughout: hooks are told so (rows: all) and edit or observe it as any other.
 """
+import base64
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ class SD3Pipeline(BasePipeline):
             raise ValueError(f"--t5-length must be at least 1 (T5's end-of-text token), got {t5_length}")
         self.t5_tokenizer = t5_tokenizer if isinstance(t5_tokenizer, (T5Tokenizer, type(None))) else \
             T5Tokenizer(t5_tokenizer)
+        if self.t5_tokenizer is not None:
+            # the reference's 77, or what the file's config says its T5 was trained with (the tiny SD 3.5)
+            self.t5_tokenizer.min_length = self.cfg.t5.min_length if self.cfg.t5 else 77
         if self.t5_tokenizer is not None and t5_length is not None:
             self.t5_tokenizer.length = t5_length
         if self.t5_tokenizer is not None and model.text_encoders.has_t5:
@@ -86,12 +90,16 @@ class SD3Pipeline(BasePipeline):
 
     @classmethod
     def from_model(cls, model, path, t5_tokenizer=None, t5_length=None):
-        """T5's tokenizer: the one given, else a diffusers folder's `tokenizer_3/spiece.model` (the folder's own,
-        or one beside the checkpoint file)."""
+        """T5's tokenizer: the one given, else the one the file carries in its metadata (minisd's tiny SD 3.5:
+        `minisd_t5_spiece`), else a diffusers folder's `tokenizer_3/spiece.model` (the folder's own, or one beside
+        the checkpoint file)."""
         folder = Path(path) if Path(path).is_dir() else Path(path).parent
         beside = folder / "tokenizer_3" / "spiece.model"
+        carried = (getattr(model, "metadata", None) or {}).get("minisd_t5_spiece")
         if t5_tokenizer is None and model.text_encoders.has_t5:
-            if beside.is_file():
+            if carried:
+                t5_tokenizer = base64.b64decode(carried)
+            elif beside.is_file():
                 t5_tokenizer = beside
             elif Path(path).is_dir():
                 # transformers 5 saves T5's tokenizer as tokenizer.json only; the SentencePiece model is what we read

@@ -46,6 +46,20 @@ class T5Tokenizer:
                                       "pip install sentencepiece") from None
         if length is not None and length < 1:
             raise ValueError(f"--t5-length must be at least 1 (T5's end-of-text token), got {length}")
+        self.sp = sentencepiece.SentencePieceProcessor()
+        if isinstance(model_file, bytes):   # a model file's own tokenizer (minisd's tiny SD 3.5 carries it)
+            path = "the checkpoint's T5 tokenizer"
+            self.sp.LoadFromSerializedProto(model_file)
+        else:
+            path = self._load(model_file)
+        # T5's ids: padding 0 and end-of-text 1, which the model's weights were trained with; another
+        # SentencePiece model (LLaMA's: <unk> 0, <s> 1) would give ids of other meanings without any error
+        if (self.sp.pad_id(), self.sp.eos_id()) != (PAD, EOS):
+            raise ValueError(f"--t5-tokenizer {path} is not T5's tokenizer: its padding and end-of-text ids are "
+                             f"{self.sp.pad_id()} and {self.sp.eos_id()}, T5's are {PAD} and {EOS}")
+        self.path, self.min_length, self.length = path, min_length, length
+
+    def _load(self, model_file):
         path = Path(model_file)
         if path.is_dir():
             if not (path / "spiece.model").is_file():
@@ -54,17 +68,11 @@ class T5Tokenizer:
             path = path / "spiece.model"
         if not path.is_file():
             raise ValueError(f"--t5-tokenizer {path}: no such file (T5's SentencePiece model, spiece.model)")
-        self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(str(path))
         except (RuntimeError, OSError):   # sentencepiece says "could not parse ModelProto" and the like
             raise ValueError(f"--t5-tokenizer {path} is not a SentencePiece model (T5's spiece.model)") from None
-        # T5's ids: padding 0 and end-of-text 1, which the model's weights were trained with; another
-        # SentencePiece model (LLaMA's: <unk> 0, <s> 1) would give ids of other meanings without any error
-        if (self.sp.pad_id(), self.sp.eos_id()) != (PAD, EOS):
-            raise ValueError(f"--t5-tokenizer {path} is not T5's tokenizer: its padding and end-of-text ids are "
-                             f"{self.sp.pad_id()} and {self.sp.eos_id()}, T5's are {PAD} and {EOS}")
-        self.path, self.min_length, self.length = path, min_length, length
+        return path
 
     def check_vocabulary(self, rows):
         """Every id this tokenizer makes must have a row in T5's embedding (`rows`; T5-XXL's 32128 hold

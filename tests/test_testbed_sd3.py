@@ -1,0 +1,85 @@
+"""The tiny SD 3.5 testbed's tools (tools/testbed/train_sd3.py, tools/testbed/diagnose_sd3.py) on a toy budget: every
+stage runs, resumes, and writes an official-layout SD 3.5 file that the loader, the pipeline and the command line
+read as they read a real one, its T5 tokenizer carried in the file."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from minisd.loading import load_model
+from minisd.pipeline_sd3 import SD3Pipeline
+from tools.testbed import diagnose_sd3, train_sd3
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "minisd-shapes.safetensors"
+TOY = ["--threads", "1", "--t5-steps", "2", "--t5-batch", "8", "--t5-pool", "32", "--t5-eval", "4",
+       "--dataset", "64", "--batch", "4", "--depth", "2", "--width", "32", "--save-every", "1", "--base", str(SHIPPED)]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd3testbed")
+    out, run = tmp / "m.safetensors", tmp / "run"
+    train_sd3.main(["--out", str(out), "--run", str(run), "--mmdit-steps", "2"] + TOY)
+    first = load_model(out).mmdit.state_dict()
+    # rerun with more steps: the run resumes from its state (the T5 stage is not repeated)
+    t5_state = (run / "t5.pt").stat().st_mtime
+    train_sd3.main(["--out", str(out), "--run", str(run), "--mmdit-steps", "3"] + TOY)
+    assert (run / "t5.pt").stat().st_mtime == t5_state
+    return out, run, first
+
+
+def test_training_writes_the_official_sd35_layout_with_frozen_text_encoders(toy):
+    out, run, first = toy
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"model", "first_stage_model", "text_encoders"}
+    assert {k.split(".")[1] for k in keys if k.startswith("text_encoders.")} == {"clip_l", "clip_g", "t5xxl"}
+    model = load_model(out)
+    base = load_model(SHIPPED)
+    assert model.cfg.mmdit.patch_size == 1 and model.cfg.prediction == "flow" and model.cfg.shift == 3.0
+    # the shipped tiny CLIP in both CLIP slots, its VAE: unchanged by training
+    mine = model.text_encoders.clip_l.text_model.state_dict()
+    for k, v in base.cond_stage_model.text_model.state_dict().items():
+        assert torch.equal(mine[k].float(), v.half().float()), k
+        assert torch.equal(model.text_encoders.clip_g.text_model.state_dict()[k], mine[k])
+    for k, v in base.first_stage_model.state_dict().items():
+        assert torch.equal(model.first_stage_model.state_dict()[k].float(), v.half().float()), k
+    # the MMDiT moved on between the two runs (resumed, not restarted from the same state)
+    assert any(not torch.equal(v, model.mmdit.state_dict()[k]) for k, v in first.items())
+
+
+def test_the_written_file_generates_through_the_pipeline_with_its_own_t5_tokenizer(toy):
+    out, run, _ = toy
+    pipe = SD3Pipeline.from_checkpoint(out)
+    assert pipe.t5_tokenizer.pieces("a red circle")[1:3] == ["▁red", "▁circle"]
+    r = pipe("a red circle and a blue square", steps=2, seed=0)
+    assert np.asarray(r.images[0]).shape == (128, 128, 3)
+
+
+def test_flow_timesteps_follow_the_shift():
+    g = torch.Generator().manual_seed(0)
+    plain = train_sd3.flow_timesteps(20000, 1.0, g)
+    g = torch.Generator().manual_seed(0)
+    shifted = train_sd3.flow_timesteps(20000, 3.0, g)
+    assert 0 < plain.min() and plain.max() < 1 and abs(plain.median() - 0.5) < 0.02
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
+    assert shifted.median() > 0.7   # more of training at high noise, where sampling with shift 3 spends its steps
+
+
+def test_sincos_table_is_distinct_per_position():
+    t = train_sd3.sincos_2d(32, 8)
+    assert t.shape == (64, 32)
+    assert torch.cdist(t, t).add(torch.eye(64) * 10).min() > 0.1
+
+
+def test_diagnose_sd3_reports_every_block_and_band(toy, capsys):
+    out, _, _ = toy
+    res = diagnose_sd3.diagnose(out, steps=3, seeds_a=1, n_two=2, seeds_b=1, log=print)
+    rows = res["bd"]["blocks"]
+    assert {(r["block"], r["band"]) for r in rows} == {(b, s) for b in range(2) for s in range(diagnose_sd3.BANDS)}
+    # every image query gives the text keys a share of its attention, and a noun's mass splits over CLIP and T5
+    assert all(0 < r["text_share"] < 1 and 0 < r["clip_share"] < 1 for r in rows)
+    assert "block  band" in capsys.readouterr().out
