@@ -23,6 +23,7 @@ from .images import UsageError, read_image, check_writable, output_paths, parame
 from .pipeline import NonFiniteError
 from .samplers import SAMPLERS
 from regulation.editors import METHODS, and_list   # the command line and the page are where minisd meets regulation
+from regulation.registry import flag as option_flag
 
 # --- checks that need only the arguments, or the model's config -----------------------------------------------
 
@@ -136,8 +137,8 @@ def check_args(args):
     if args.strength is not None and not math.isfinite(args.strength):
         raise UsageError(f"--strength must be a finite number, got {args.strength}")
     for option in entry.needs if entry else ():
-        if not getattr(args, ARGS.get(option, option)):
-            raise UsageError(f"--method {method} ({entry.title}) needs {NEEDED.get(option, '--' + option)}")
+        if not getattr(args, option_flag(option)[2:].replace("-", "_")):
+            raise UsageError(f"--method {method} ({entry.title}) needs {NEEDED.get(option, option_flag(option))}")
     if entry and entry.self_attention and args.backend != "eager":
         raise UsageError(f"--method {method} edits self-attention, which --backend {args.backend} keeps inside its "
                          "compiled graph; use --backend eager")
@@ -157,8 +158,7 @@ def check_args(args):
     check_device(args.device)
 
 
-# set_up's options whose command-line argument has another name, and what a method that needs one is told
-ARGS = {"layers": "regulate_layers", "weights": "concept_weights"}
+# what a method that needs an option is told
 NEEDED = {"layout": 'a layout: --layout "circle:0.1,0.1,0.5,0.5;square:0.5,0.5,0.9,0.9" (phrase:box as fractions '
                     'x0,y0,x1,y1) or "circle=mask.png;..."'}
 
