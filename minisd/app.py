@@ -9,6 +9,7 @@ minisd/generate.py, as the command line does. Only the model stays loaded betwee
 import argparse
 import html
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -34,7 +35,7 @@ PRESET_PROMPT, PRESET_SEED = "a picture of a green star and a yellow cross", 1
 RATE = (f"The preset, \"{PRESET_PROMPT}\" at seed {PRESET_SEED}, is where the shipped model's plain image drops "
         "the star and Attention Regulation brings it back: the first such case in the benchmark's order. One picture "
         "is not the rate: over the benchmark's 400 images (100 held-out prompts x 4 seeds) presence goes "
-        "**49.2% -> 58.2%** (+9.0 points, 95% CI [+4.0, +14.2]; eval/shapes-methods/table.md in the repository).")
+        "**49.2% -> 58.2%** (+9.0 points, 95% CI [+4.0, +14.2]; eval/paper-table/table.md in the repository).")
 MAPS_DIR = "outputs/maps"   # what the shown command writes its grid to; the page itself writes no grid
 CELL = 160                  # pixels of one map in the page
 # the shipped model's images are 128 px: shown larger, with their pixels kept sharp
@@ -51,6 +52,24 @@ class Stopped(Exception):
 def title(method):
     """The method's title (regulation.editors.METHODS), or "plain"."""
     return "plain" if method == "plain" else METHODS[method].title
+
+
+def targets_label(method):
+    """The targets field's label: what it holds for the method (the command line's --targets or --layout)."""
+    return {"syngen": "modifier-noun pairs ('green star; yellow cross')",
+            "dense": "layout: phrase:x0,y0,x1,y1 per region, as fractions of the image ('star:0.1,0.1,0.5,0.5;"
+                     "cross:0.5,0.5,0.9,0.9'), or phrase=mask.png",
+            "composable": "concepts ('a green star | a yellow cross')"}.get(method, "target words ('star cross'; "
+                                                                             "'dog#2': the second dog)")
+
+
+def page_words(message, method):
+    """A command line's error as the page says it: a flag that a field of the page fills is named by that field."""
+    targets = re.split(r" \(|:", targets_label(method))[0]
+    fields = {"--prompt": "prompt", "--seed": "seed", "--steps": "steps", "--guidance": "guidance",
+              "--method": "method", "--targets": targets, "--layout": targets, "--concept-weights": "concept weights",
+              "--compile-optimizer": "compiled optimiser", "--checkpoint": "checkpoint"}
+    return re.sub(r"--[a-z][a-z0-9-]*", lambda m: f'the "{fields[m[0]]}" field' if m[0] in fields else m[0], message)
 
 
 def default_targets(tokenizer, method, prompt):
@@ -222,12 +241,7 @@ def build(app):
     import gradio as gr
 
     def targets_field(prompt, method):
-        label = {"syngen": "modifier-noun pairs ('green star; yellow cross')",
-                 "dense": "layout: phrase:x0,y0,x1,y1 per region, as fractions of the image ('star:0.1,0.1,0.5,0.5;"
-                          "cross:0.5,0.5,0.9,0.9'), or phrase=mask.png",
-                 "composable": "concepts ('a green star | a yellow cross')"}.get(method, "target words ('star cross'; "
-                                                                                  "'dog#2': the second dog)")
-        return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=label),
+        return (gr.update(value=default_targets(app.pipe.tokenizer, method, prompt), label=targets_label(method)),
                 gr.update(visible=method != "plain" and "weights" in METHODS[method].takes),
                 gr.update(visible=method == "regulate"))
 
@@ -253,7 +267,7 @@ def build(app):
         except Stopped as e:
             return error_outputs(f"{e}; nothing was kept", error=False)
         except (UsageError, CheckpointError, NonFiniteError, ValueError, OSError, MemoryError) as e:
-            return error_outputs(f"error: {one_line(e, argparse.Namespace(checkpoint=checkpoint))}")
+            return error_outputs(f"error: {page_words(one_line(e, argparse.Namespace(checkpoint=checkpoint)), method)}")
         except Exception as e:   # a bug: its traceback goes to the server's console, the page gets one line
             traceback.print_exc()
             return error_outputs(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

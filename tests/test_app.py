@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minisd.app import MAPS_DIR, PRESET_PROMPT, PRESET_SEED, App, default_targets, page_argv, plain_command
+from minisd.app import MAPS_DIR, PRESET_PROMPT, PRESET_SEED, App, default_targets, page_argv, page_words, plain_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -197,7 +197,8 @@ def test_errors_are_the_command_lines_one_line(page, tmp_path):
     line = page.locator("#status").inner_text().strip()
     screenshot(page, "error.png", tmp_path)
     r = cli(["--prompt", "it is raining", "--regulate"], tmp_path / "x.png", tmp_path)
-    assert r.returncode == 2 and line == r.stderr.strip() and "no object words" in line
+    assert r.returncode == 2 and line == page_words(r.stderr.strip(), "regulate") and "no object words" in line
+    assert '"target words" field' in line and "--targets" not in line   # the page's field, not the flag
     assert "Traceback" not in page.content()
 
     # a layout that is not four numbers
@@ -210,7 +211,7 @@ def test_errors_are_the_command_lines_one_line(page, tmp_path):
     page.wait_for_function("document.querySelector('#status').innerText.includes('four numbers')")
     r = cli(["--prompt", "a red circle and a blue square", "--method", "dense", "--layout", "red circle:0.1,0.1,0.5"],
             tmp_path / "y.png", tmp_path)
-    assert page.locator("#status").inner_text().strip() == r.stderr.strip()
+    assert page.locator("#status").inner_text().strip() == page_words(r.stderr.strip(), "dense")
 
     # a checkpoint that does not load
     page.click("#method label:has-text('plain')")
@@ -221,7 +222,7 @@ def test_errors_are_the_command_lines_one_line(page, tmp_path):
     page.click("#run")
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('error:')")
     r = cli(["--prompt", "a red circle and a blue square", "--checkpoint", str(bad)], tmp_path / "z.png", tmp_path)
-    assert r.returncode == 2 and page.locator("#status").inner_text().strip() == r.stderr.strip()
+    assert r.returncode == 2 and page.locator("#status").inner_text().strip() == page_words(r.stderr.strip(), "plain")
 
 
 def test_stop_and_a_second_tab_that_is_not_blocked(browser, server, tmp_path):
@@ -285,6 +286,17 @@ def test_page_argv_is_the_command_a_person_types(tokenizer):
     assert "--save-attention" not in argv + plain   # Composable Diffusion has no maps to show
     argv, _ = page_argv(fields(prompt="-a dog", method="plain", targets=""), tokenizer, DEFAULTS)
     assert argv[0] == "--prompt=-a dog"   # a prompt that starts with "-" is not taken for a flag
+
+
+def test_page_errors_name_the_pages_fields():
+    """The page has no flags: a command line's error names the field that fills the flag, as the page labels it."""
+    line = "found no object words in 'it is raining'; name them with --targets"
+    assert page_words(line, "regulate") == \
+        "found no object words in 'it is raining'; name them with the \"target words\" field"
+    assert page_words(line, "syngen").endswith('the "modifier-noun pairs" field')
+    assert page_words("--layout needs a box", "dense") == 'the "layout" field needs a box'
+    assert page_words("--concept-weights: 2 for 3 concepts", "composable").startswith('the "concept weights" field')
+    assert page_words("--height 30 is not a multiple of 8", "regulate").startswith("--height 30")   # no such field
 
 
 def test_targets_are_filled_by_the_command_lines_rule(tokenizer):
