@@ -79,7 +79,7 @@ def default_targets(tokenizer, method, prompt):
     from regulation.targets import auto_targets, modifier_noun_pairs
     kept = tokenizer.kept(prompt)[0]
     try:
-        if method == "plain" or ("targets" in METHODS[method].takes and METHODS[method].target_words):
+        if method == "plain" or METHODS[method].takes_words:
             return " ".join(auto_targets(kept))
         if method == "composable":
             return " | ".join(split_concepts(prompt))

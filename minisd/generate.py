@@ -279,7 +279,7 @@ def prepare(args, pipe, log=print):
         targets = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PromptTruncatedWarning)
-            if entry is None or ("targets" in entry.takes and entry.target_words):   # words: the maps to show
+            if entry is None or entry.takes_words:   # words: the maps to show
                 words = args.targets.split() if args.targets else None
                 targets = shown = pick_targets(pipe, args.prompt, words, log=log)
             elif "targets" in entry.takes:   # the method reads them itself (SynGen's pairs, Composable's concepts)

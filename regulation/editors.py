@@ -21,7 +21,7 @@ read in CLIP and T5, the layers are joint blocks, and a method that does not run
 import math
 
 # imported for their registration, in the paper's order (the table's order)
-from . import attention_regulation, attend_excite, syngen, dense_diffusion, composable  # noqa: F401
+from . import attention_regulation, attend_excite, syngen, dense_diffusion, composable
 from .joint_regulation import JointBlockSelector, choose_joint_targets, is_joint
 from .layers import LayerSelector
 from .registry import METHODS, OPTIONS, flag

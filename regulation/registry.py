@@ -70,6 +70,11 @@ class Method:
     texts: object = None
     make_editor: object = None
 
+    @property
+    def takes_words(self):
+        """Whether it takes target words, which the caller resolves (regulation.editors.pick_targets)."""
+        return "targets" in self.takes and self.target_words
+
     def __post_init__(self):
         object.__setattr__(self, "takes", frozenset(self.takes))
         if self.joint_takes is not None:

@@ -265,8 +265,8 @@ def methods(pipe, device, latents, run, runs, res, compiled):
         elif method:
             r = set_up(method, pipe, METHOD_PROMPT, steps, seed=0, log=_quiet, guidance=run["guidance"],
                        height=run["height"], width=run["width"],
-                       targets=targets if method in ("regulate", "attend-excite") else None,
-                       layout=LAYOUT if method == "dense" else None)
+                       targets=targets if METHODS[method].takes_words else None,
+                       layout=LAYOUT if "layout" in METHODS[method].takes else None)
             hooks, options, context = r.hooks, r.options, r.context
         with context or contextlib.nullcontext():   # no inference_mode: A&E and SynGen take gradients
             pipe(METHOD_PROMPT, latents=latents.clone(), hooks=hooks, decode=True, **run, **options)

@@ -74,8 +74,8 @@ def make_hook(method, pipe, prompt, targets, steps, seed, layers=None):
     if method == "plain":
         return None
     entry = METHODS[method]
-    run = set_up(method, pipe, prompt, steps, targets=targets if entry.target_words and "targets" in entry.takes
-                 else None, seed=seed, layers=layers, layout=LAYOUT if "layout" in entry.takes else None, log=None)
+    run = set_up(method, pipe, prompt, steps, targets=targets if entry.takes_words else None, seed=seed,
+                 layers=layers, layout=LAYOUT if "layout" in entry.takes else None, log=None)
     return run.hooks[0] if run.hooks else None
 
 

@@ -168,7 +168,7 @@ def load_prompts(path=None, n=120, seed=0):
 def targeted(method):
     """Whether --targets chooses the method's target words (Attention Regulation, Attend-and-Excite): it takes
     words, which regulation.editors.choose_targets resolves."""
-    return "targets" in METHODS[method].takes and METHODS[method].target_words
+    return METHODS[method].takes_words
 
 
 def parse_variants(methods, targets):
