@@ -1,6 +1,7 @@
 """The app (minisd/app.py) in a real browser: headless Chromium, Debian's package, driven by Playwright. The page
 runs a prompt with Attention Regulation, shows both images and the maps, moves along the steps, and its PNGs are
-the command line's, bit for bit, with the same parameters; errors are the command line's one line.
+the command line's, bit for bit, with the same parameters; errors are the command line's one line, naming the
+page's fields where it names flags.
 
 Needs the test extra (Gradio and Playwright) and `apt-get install -y chromium` (.ci/run does both). Set
 MINISD_SCREENSHOTS=eval/app to keep the page's screenshots there (docs/app.md)."""
