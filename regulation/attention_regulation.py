@@ -61,6 +61,10 @@ class RegulationConfig:
     layers: tuple | None = None     # layer specs for regulation.layers.LayerSelector; None = the model's default
     seed: int | None = None         # seeds the generator of the random initial W when none is given
     compile: bool = False           # run the iterations as one compiled graph (torch.compile; CUDA graphs on a GPU)
+    # One map per target word instead of one per token column (an option; the released code has one per column):
+    # a word's columns (its sub-tokens; on joint attention its CLIP and its T5 columns) share one W, the loss reads
+    # the sum of their probabilities, and tau counts words. Editors pass each column's word (`words`).
+    per_word: bool = False
 
     def __post_init__(self):
         if self.sigma_rule not in ("released", "max1"):
@@ -183,7 +187,7 @@ def _quantile_positions(n, q, dtype=torch.float32):
     return lo, hi, float(rank - lo)
 
 
-def optimise_weights(logits, targets, g, w0, config, groups=1):
+def optimise_weights(logits, targets, g, w0, config, groups=1, words=None):
     """Gradient descent on W for one layer and step. logits: float32 (N, HW, L); g: (C, HW); w0: (N, C, k).
     Returns the W with the lowest loss seen (each W is scored before its update; the last update is never
     scored), the first loss and that lowest loss. With groups > 1 (one per image), each image keeps its own best
@@ -197,16 +201,22 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
       dL/dz[n,t,p] = A[n,t,p] (dL/dA[n,t,p] - sum_t' dL/dA[n,t',p] A[n,t',p])   (softmax backward; rest is fixed)
       dL/dW[n,t,c] = sum_p dL/dz[n,t,p] G[c,p] + 2 wr/(NCk) W[n,t,c]
     The step lr * N cancels the 1/N of the means: each row's update is the same whatever the batch.
+
+    words (RegulationConfig.per_word): each target column's word, 0..k-1 with k words (w0: (N, C, k)). Then word t's
+    Delta is added to each of its columns, A[n,t] is the sum of its columns' probabilities, and dL/dz of a column
+    is the softmax backward of its word's dL/dA; dL/dW[n,t] sums its columns' dL/dz. None: one word per column.
     """
     n, hw, _ = logits.shape
-    c, k = g.shape[0], len(targets)
+    c = g.shape[0]
+    word_of = None if words is None else on_device(words, logits.device)
+    k = len(targets) if words is None else max(words) + 1
     dev = logits.device
     idx = on_device(targets, dev)
     # The log-sum-exp of the non-target columns, read off a log_softmax (one fused pass, about twice as fast as
     # torch.logsumexp here) at column 0, which is never a target: x_0 - log_softmax(x)_0 = logsumexp(x).
     others = logits.index_fill(-1, idx, float("-inf"))
     rest = logits[..., :1] - others.log_softmax(-1)[..., :1]                           # (N, HW, 1)
-    base = (logits.index_select(-1, idx) - rest).transpose(1, 2).reshape(n * k, hw)   # (N*k, HW)
+    base = (logits.index_select(-1, idx) - rest).transpose(1, 2).reshape(-1, hw)     # (N * columns, HW)
     # The quantile reads ascending ranks lo and hi; in a descending topk(hw - lo) they sit at hw-1-lo and hw-1-hi.
     lo, hi, frac = _quantile_positions(hw, config.quantile, logits.dtype)
     top, at_lo, at_hi = hw - lo, hw - 1 - lo, hw - 1 - hi
@@ -218,7 +228,7 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
     shrink = 1 - step * 2 * config.reg_weight / (n * c * k)   # the L2 term's gradient, folded into the update
     w = w0.transpose(1, 2).reshape(n * k, c)   # (N*k, C): rows of W, one per (n, t)
     args = (base, w, g, goals, score, slopes, lerp_share, at, n, k, top, at_lo, at_hi, frac, step, shrink,
-            config.iterations, groups)
+            config.iterations, groups, word_of)
     if config.compile:
         # a CUDA graph's outputs live in its own memory, which its next replay overwrites: keep copies
         best_w, first, best = (t.clone() for t in _compiled_descent(logits.device)(*args))
@@ -228,15 +238,18 @@ def optimise_weights(logits, targets, g, w0, config, groups=1):
 
 
 def _descend(base, w, g, goals, score, slopes, lerp_share, at, n, k, top, at_lo, at_hi, frac, step, shrink,
-             iterations, groups):
+             iterations, groups, word_of=None):
     """The iterations of optimise_weights on prepared tensors: (best W (groups, ...), first loss, best loss).
     Plain tensor code with Python numbers as constants, so that torch.compile can take it as one graph."""
     hw = base.shape[-1]
     gt = g.t()
     ws, losses = [], []
     for it in range(iterations):
-        z = torch.addmm(base, w, g).view(n, k, hw)
+        per_column = w if word_of is None else w.view(n, k, -1)[:, word_of].flatten(0, 1)
+        z = torch.addmm(base, per_column, g).view(n, -1, hw)
         a = F.pad(z, (0, 0, 1, 0)).softmax(1)[:, 1:]   # row 0 stands for the L - k other tokens
+        if word_of is not None:   # each word's map: its columns' probabilities summed
+            column_a, a = a, a.new_zeros(n, k, hw).index_add_(1, word_of, a)
         top_vals, top_idx = a.topk(top, -1)
         q = torch.lerp(top_vals[..., at_lo], top_vals[..., at_hi], frac)
         x = torch.cat([q.flatten(), a.mean(-1).flatten(), w.flatten()]) - goals   # [q - goal, m - tau/k, W]
@@ -246,8 +259,13 @@ def _descend(base, w, g, goals, score, slopes, lerp_share, at, n, k, top, at_lo,
             break
         gq, gm = (x[:2 * n * k] * slopes).view(2, n, k, 1)
         ga = torch.scatter_add(gm.expand(n, k, hw), -1, top_idx.index_select(-1, at), gq * lerp_share)  # dL/dA
-        ga_a = ga * a
-        gz = torch.addcmul(ga_a, a, ga_a.sum(1, keepdim=True), value=-1)                     # dL/dz
+        if word_of is None:
+            ga_a = ga * a
+            gz = torch.addcmul(ga_a, a, ga_a.sum(1, keepdim=True), value=-1)                 # dL/dz
+        else:   # a column's dL/dA is its word's; a word's dL/dz sums its columns'
+            ga_a = ga[:, word_of] * column_a
+            gz = torch.addcmul(ga_a, column_a, ga_a.sum(1, keepdim=True), value=-1)
+            gz = gz.new_zeros(n, k, hw).index_add_(1, word_of, gz)
         w = torch.addmm(w, gz.view(n * k, hw), gt, beta=shrink, alpha=-step)
     # The best W is picked once at the end, on the device (no host sync per iteration on a GPU). argmin takes the
     # first of equal minima, as the released `if loss < best` does; a NaN loss is never the best.
@@ -292,7 +310,7 @@ def _constants(n, k, c, hw, groups, numbers, device, dtype):
     return goals, score, slopes
 
 
-def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
+def regulate_logits(logits, hw, targets, step, prev, generator, config=None, words=None):
     """One layer, one sampling step of Attention Regulation.
 
     logits: the conditional half's logits, (N, h*w, L) with N = images x heads (image-major).
@@ -305,6 +323,8 @@ def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
     best iteration for every image. With a list of generators each image is its own problem: its own draw of W
     and its own best iteration (each row's gradient step does not depend on the batch), so image i of a batch
     gives the result it gives alone with the same seed.
+
+    words: each target's word (RegulationConfig.per_word; optimise_weights): one W and one map per word.
     """
     config = config or RegulationConfig()
     if logits.dim() != 3:
@@ -317,16 +337,21 @@ def regulate_logits(logits, hw, targets, step, prev, generator, config=None):
     # Optimise in float32 whatever the model's dtype; float64 stays float64 (the tests check the math with it).
     s = logits if logits.dtype == torch.float64 else logits.float()
     g = gaussian_maps(h, w, gaussian_sigma(h, w, config.sigma_rule), s.device, s.dtype)
-    w0 = initial_weights(generator, n, g.shape[0], len(targets), s.device, s.dtype)
+    if words is not None and (len(words) != len(targets) or sorted(set(words)) != list(range(max(words) + 1))):
+        raise ValueError(f"words must give each of the {len(targets)} targets its word 0..k-1, got {list(words)}")
+    k = len(targets) if words is None else max(words) + 1
+    w0 = initial_weights(generator, n, g.shape[0], k, s.device, s.dtype)
     groups = len(generator) if isinstance(generator, (list, tuple)) else 1
-    best_w, first_loss, best_loss = optimise_weights(s, targets, g, w0, config, groups)
+    best_w, first_loss, best_loss = optimise_weights(s, targets, g, w0, config, groups, words)
 
     prev_w = w0 if prev is None else prev.weights   # step 0: the Delta of the initial random W
     if prev_w.shape != best_w.shape:
         raise ValueError(f"the previous state has weights {tuple(prev_w.shape)} but this call needs "
                          f"{tuple(best_w.shape)}: the batch, the map or the targets changed between steps")
     blended = (config.blend * prev_w + (1 - config.blend) * best_w).transpose(1, 2)      # (N, k, C)
-    applied = (blended.reshape(-1, g.shape[0]) @ g).view(n, len(targets), hwn)     # (N, k, HW)
+    applied = (blended.reshape(-1, g.shape[0]) @ g).view(n, k, hwn)               # (N, k, HW)
+    if words is not None:   # each column gets its word's Delta
+        applied = applied[:, on_device(words, s.device)]
     out = s.clone()
     out.index_add_(-1, on_device(targets, s.device), applied.transpose(1, 2), alpha=config.decay ** step)
     return out.to(logits.dtype), RegulationState(best_w, first_loss, best_loss)
@@ -381,9 +406,12 @@ class AttentionRegulation(AttentionHook):
     `edit_steps` sampling steps. State is kept per layer name; a layer called twice in one step (a sampler that
     evaluates the UNet twice per step) reuses that step's prev, and the next step continues from the last call."""
 
-    def __init__(self, targets, eot, num_steps, config=None, select=None, generator=None, model_config=None):
+    def __init__(self, targets, eot, num_steps, config=None, select=None, generator=None, model_config=None,
+                 words=None):
         config = self.config = config or RegulationConfig()
         self.targets = check_targets(targets)
+        # each target position's word (RegulationConfig.per_word); None: each position its own word
+        self.words = list(range(len(self.targets))) if words is None else [int(i) for i in words]
         if eot in self.targets or eot < 1:
             raise ValueError(f"end-of-text position {eot} must be > 0 and not a target ({self.targets})")
         self.eot = int(eot)
@@ -444,7 +472,8 @@ class AttentionRegulation(AttentionHook):
         else:
             prev = rec.prev_out
         edited, state = regulate_logits(cond.reshape(images * heads, hw, num_tokens), layer.hw, self.targets,
-                                        self.step, prev, self.generator, self.config)
+                                        self.step, prev, self.generator, self.config,
+                                        self.words if self.config.per_word else None)
         self.records[layer.name] = _LayerRecord(self.step, prev, state)
         self.history.setdefault(layer.name, {})[self.step] = (state.first_loss.detach(), state.best_loss.detach())
         out = logits.clone()   # the attention passes the unedited logits on to edit_probs: never edit in place
@@ -473,8 +502,8 @@ class JointRegulation(AttentionRegulation):
 
     understands_joint = True   # its rows' last column stands for the image keys: restoring takes mass from them too
 
-    def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None):
-        super().__init__(targets, specials[1], num_steps, config, select, generator)
+    def __init__(self, targets, specials, num_steps, config=None, select=None, generator=None, words=None):
+        super().__init__(targets, specials[1], num_steps, config, select, generator, words=words)
         self.specials = [int(c) for c in specials]
 
     def wants(self, layer):
@@ -491,11 +520,12 @@ def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=No
     config = replace(config, layers=layers or config.layers,
                      edit_steps=config.edit_steps if edit_steps is None else edit_steps)
     positions = [p for t in targets for p in t.positions]
+    words = [i for i, t in enumerate(targets) for _ in t.positions]
     if is_joint(pipe.cfg):
         return JointRegulation(positions, special_columns(pipe, prompt), steps, config,
-                               JointBlockSelector(config.layers, pipe.cfg), generator=seed)
+                               JointBlockSelector(config.layers, pipe.cfg), generator=seed, words=words)
     return AttentionRegulation(positions, eot_position(pipe.tokenizer, prompt), steps, config=config,
-                               model_config=pipe.cfg, generator=seed)
+                               model_config=pipe.cfg, generator=seed, words=words)
 
 
 def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, seed=0, **run):

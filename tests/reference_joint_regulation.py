@@ -7,22 +7,28 @@ import torch
 from tools.bench.reference_regulation import reference_gaussians, reference_weights
 
 
-def reference_joint_regulate(logits, n_text, hw, targets, specials, step, prev, generator, dtype=torch.float64):
+def reference_joint_regulate(logits, n_text, hw, targets, specials, step, prev, generator, dtype=torch.float64,
+                             words=None):
     """logits: the conditional rows' joint logits (N, Q, K), text first. Returns (probabilities (N, Q, K) after
-    the edit, the best Delta (N, Q, K) to pass as the next step's prev)."""
+    the edit, the best Delta (N, Q, K) to pass as the next step's prev).
+
+    words (RegulationConfig.per_word): each target's word 0..k-1. Then W has one column per word, each of a
+    word's targets takes its word's Delta, the loss reads each word's map (its targets' renormalised probabilities
+    summed) and tau counts words."""
     n, q, kk = logits.shape
     h, w = hw
     assert q == kk == n_text + h * w
     sigma = max(1, min(h, w) // 16)
     gauss = reference_gaussians(h, w, sigma, dtype).reshape(-1, h * w)   # (C, h*w), image tokens row-major
-    k = len(targets)
+    words = list(range(len(targets))) if words is None else list(words)
+    k = max(words) + 1
     s = logits.to(dtype)
     weights = reference_weights(generator, n, len(gauss), k).to(dtype)
 
     def delta_of(wts):
         d = torch.zeros(n, q, kk, dtype=dtype)
         for ti, t in enumerate(targets):
-            d[:, n_text:, t] = wts[:, :, ti] @ gauss      # image-query rows, target text column
+            d[:, n_text:, t] = wts[:, :, words[ti]] @ gauss      # image-query rows, target text column
         return d
 
     tau = min(1.0, 0.2 * k)
@@ -42,7 +48,9 @@ def reference_joint_regulate(logits, n_text, hw, targets, specials, step, prev, 
             delta = delta_of(weights)
             edited = s + delta
             # the maps the loss reads: image queries' attention renormalised over the text keys
-            a = torch.softmax(edited[:, n_text:, :n_text], dim=-1)[..., targets]   # (N, h*w, k)
+            columns = torch.softmax(edited[:, n_text:, :n_text], dim=-1)[..., targets]   # (N, h*w, targets)
+            a = torch.stack([sum(columns[..., i] for i in range(len(targets)) if words[i] == word)
+                             for word in range(k)], -1)                                   # (N, h*w, k)
             loss = loss_of(a, weights)
             for i in range(images):
                 part = slice(i * rows, (i + 1) * rows)

@@ -1,0 +1,64 @@
+"""The joint loss's variants (issue: regulation on joint attention, measured): each equals its float64 line-by-line
+reference (tests/reference_joint_regulation.py), and the default is unchanged."""
+import pytest
+import torch
+
+from regulation.attention_regulation import JointRegulation, RegulationConfig, regulate_logits
+
+try:
+    from reference_joint_regulation import reference_joint_regulate
+    from test_sd3_regulation import fake_layer, image_rows
+except ImportError:
+    from tests.reference_joint_regulation import reference_joint_regulate
+    from tests.test_sd3_regulation import fake_layer, image_rows
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["one-generator", "generator-per-image"])
+def test_one_map_per_word_equals_float64_reference(per_image):
+    """A word's CLIP and T5 columns (here 2 + 13 and 3 + 14) share one W; the loss reads their summed map and tau
+    counts the two words. Two steps, 2 images x 2 heads under guidance, float64."""
+    n_text, hw, heads = 20, (8, 8), 2
+    q = n_text + 64
+    targets, words, specials = [2, 3, 13, 14], [0, 1, 0, 1], [0, 5, 16]
+    layer = fake_layer(n_text, hw)
+    hook = JointRegulation(targets, specials, num_steps=4, config=RegulationConfig(per_word=True),
+                           select=lambda _: True, words=words,
+                           generator=11 if per_image else torch.Generator().manual_seed(11))
+    hook.begin_run([0, 1])
+    ref_gens = [torch.Generator().manual_seed(s) for s in (11, 12)] if per_image else \
+        torch.Generator().manual_seed(11)
+    prev = None
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        square = torch.randn(4, heads, q, q, generator=g, dtype=torch.float64) * 2
+        logits = image_rows(square, n_text)
+        hook.begin_step(step, slice(2, 4))
+        edited = hook.edit_logits(layer, logits)
+        probs = hook.edit_probs(layer, logits, edited.softmax(-1))
+        ref, prev = reference_joint_regulate(square[2:].reshape(4, q, q), n_text, hw, targets, specials, step, prev,
+                                             ref_gens, words=words)
+        ref = ref[:, n_text:]
+        assert (probs[2:].reshape(4, q - n_text, -1)[..., :n_text] - ref[..., :n_text]).abs().max() < 1e-9
+        assert (probs[2:].reshape(4, q - n_text, -1)[..., -1] - ref[..., n_text:].sum(-1)).abs().max() < 1e-9
+        # a word's columns take the same Delta
+        delta = (edited - logits)[2:]
+        assert torch.allclose(delta[..., 2], delta[..., 13]) and torch.allclose(delta[..., 3], delta[..., 14])
+        assert not torch.allclose(delta[..., 2], delta[..., 3])
+
+
+def test_one_word_per_column_is_the_released_optimiser():
+    """words = each column its own word gives the per-column result exactly (the default path)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 64, 30, generator=g, dtype=torch.float64) * 2
+    a, sa = regulate_logits(logits, (8, 8), [3, 7, 9], 0, None, torch.Generator().manual_seed(5))
+    b, sb = regulate_logits(logits, (8, 8), [3, 7, 9], 0, None, torch.Generator().manual_seed(5),
+                            RegulationConfig(per_word=True), words=[0, 1, 2])
+    assert torch.equal(a, b) and torch.equal(sa.weights, sb.weights)
+
+
+def test_words_must_name_each_target():
+    logits = torch.randn(2, 64, 30, dtype=torch.float64)
+    with pytest.raises(ValueError, match="words must give each"):
+        regulate_logits(logits, (8, 8), [3, 7], 0, None, None, words=[0])
+    with pytest.raises(ValueError, match="words must give each"):
+        regulate_logits(logits, (8, 8), [3, 7], 0, None, None, words=[0, 2])
