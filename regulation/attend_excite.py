@@ -75,8 +75,14 @@ class AttendExciteConfig:
     subtokens: str = "max"          # how a target's sub-tokens combine: "max" or "sum" (module docstring)
     layers: tuple | None = None     # regulation.layers.LayerSelector specs; None = default_layers(model config)
     measure_after: bool = False     # also measure the loss after each step's update (one more conditional pass)
+    # On joint attention (SD 3), which maps the temperature and softmax read: "joint", the joint softmax's own
+    # probabilities of the text keys (each row's text share below 1, so the x100 acts as a smaller temperature where
+    # the image keys take more); "text", renormalised over the text keys, as a UNet's cross-attention map
+    joint_maps: str = "joint"
 
     def __post_init__(self):
+        if self.joint_maps not in ("joint", "text"):
+            raise ValueError(f"joint_maps must be 'joint' or 'text', got {self.joint_maps!r}")
         if self.softmax_span not in ("all", "prompt"):
             raise ValueError(f"softmax_span must be 'all' or 'prompt', got {self.softmax_span!r}")
         if self.subtokens not in ("max", "sum"):
@@ -303,7 +309,11 @@ class AttendExcite(ConditionalPassMaps):
 class JointAttendExcite(AttendExcite):
     """Attend-and-Excite reading the image-to-text block of the chosen joint blocks (its targets at their CLIP
     positions; regulation/joint_regulation.py)."""
-    understands_joint = True   # its maps are the joint softmax's own probabilities, not renormalised over the text
+
+    @property
+    def understands_joint(self):
+        # "joint": the joint softmax's own probabilities; "text": renormalised over the text keys (AttentionHook)
+        return self.config.joint_maps == "joint"
 
     def wants(self, layer):
         return getattr(layer, "joint", False) and super().wants(layer)

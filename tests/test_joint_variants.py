@@ -3,6 +3,7 @@ reference (tests/reference_joint_regulation.py), and the default is unchanged.""
 import pytest
 import torch
 
+from minisd.attention import AttentionHook
 from regulation.attention_regulation import JointRegulation, RegulationConfig, regulate_logits
 
 try:
@@ -62,3 +63,51 @@ def test_words_must_name_each_target():
         regulate_logits(logits, (8, 8), [3, 7], 0, None, None, words=[0])
     with pytest.raises(ValueError, match="words must give each"):
         regulate_logits(logits, (8, 8), [3, 7], 0, None, None, words=[0, 2])
+
+
+class JointRows(AttentionHook):
+    """Records each joint layer's image rows (text keys and the image keys' total), per head."""
+    understands_joint = True
+
+    def __init__(self):
+        self.rows = []
+
+    def wants(self, layer):
+        return True
+
+    def edit_probs(self, layer, logits, probs):
+        self.rows.append(probs.detach().clone())
+        return probs
+
+
+@pytest.mark.parametrize("joint_maps", ["joint", "text"])
+def test_attend_excite_reads_joint_or_text_renormalised_maps(joint_maps, monkeypatch):
+    """Attend-and-Excite's maps on joint attention, float64: "joint" the joint softmax's text columns (rows sum below
+    1), "text" each head's row renormalised over the text keys before the mean over heads and blocks (rows sum to 1),
+    both from the joint rows that a recording hook sees in the same pass."""
+    from minisd.checkpoint import build_model
+    from minisd.config import tiny_sd3
+    from regulation.attend_excite import AttendExciteConfig, JointAttendExcite
+    try:
+        from test_joint_lean import TEXT, run
+    except ImportError:
+        from tests.test_joint_lean import TEXT, run
+
+    model = build_model(tiny_sd3(True), seed=0).eval()
+
+    def collect(hooks, mmdit, xs):
+        x, t, y, ctx = xs
+        hooks[1].rows.clear()   # only the conditional pass's rows
+        return hooks[0]._attention(x[1:], t[1:], lambda x, t: mmdit(x, t, y=y[1:], context=ctx[1:])), hooks[1]
+    make = lambda: [JointAttendExcite([[2], [5, 6]], 4, AttendExciteConfig(joint_maps=joint_maps),
+                                      select=lambda layer: True), JointRows()]
+    maps, recorder = run(model, torch.float64, make, False, monkeypatch, then=collect)
+    text = [r[..., :TEXT] for r in recorder.rows]                      # (1, heads, image, text) per block
+    if joint_maps == "text":
+        text = [t / t.sum(-1, keepdim=True) for t in text]
+    want = torch.cat(text, 1).mean(1).view(maps.shape)
+    assert (maps - want).abs().max() < 1e-12
+    rows = maps.sum(-1)
+    assert (rows - 1).abs().max() < 1e-12 if joint_maps == "text" else rows.max() < 1 - 1e-3
+    with pytest.raises(ValueError, match="joint_maps"):
+        AttendExciteConfig(joint_maps="rows")
