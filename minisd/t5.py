@@ -86,9 +86,13 @@ class T5Tokenizer:
         """What of `prompt` T5 does not read (past the reference's 226 characters), or None."""
         return (prompt[226:].strip() or None) if self.length is None else None
 
+    def read(self, prompt):
+        """The part of the prompt T5 reads: Stability's reference its first 226 characters, `length` all of it."""
+        return prompt[:226] if self.length is None else prompt
+
     def ids(self, prompt):
         """A prompt's token ids with end-of-text, no padding."""
-        text = prompt[:226] if self.length is None else prompt
+        text = self.read(prompt)
         return self.sp.encode(" ".join(text.split())) + [EOS]
 
     def pieces(self, prompt):

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from minisd.attention import AttentionHook, cross_block
 from regulation.joint_regulation import JointBlockSelector, is_joint
 from regulation.registry import Knob, Method, editor_run, register
-from regulation.targets import eot_position
+from regulation.targets import TargetError, eot_position
 
 
 @dataclass
@@ -336,6 +336,10 @@ def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=No
     config = replace(config, layers=layers or config.layers,
                      max_iter_to_alter=config.max_iter_to_alter if edit_steps is None else edit_steps)
     if is_joint(pipe.cfg):
+        outside = [t.word for t in targets if not t.clip]
+        if outside:
+            raise TargetError(f"Attend-and-Excite reads its targets at their CLIP positions, and "
+                              f"{', '.join(map(repr, outside))} is not in CLIP's 77 tokens")
         return JointAttendExcite([t.clip for t in targets], steps, config, JointBlockSelector(config.layers, pipe.cfg),
                                  eot=eot_position(pipe.tokenizers, prompt))
     return AttendExcite([t.positions for t in targets], steps, config=config, model_config=pipe.cfg,

@@ -95,11 +95,16 @@ class JointTarget:
 
 
 def t5_words(t5_tokenizer, prompt):
-    """[(word, [its T5 positions])] for the prompt's words, each word tokenized alone as Stability's reference
-    tokenizes (so every T5 token belongs to exactly one word)."""
+    """[(word, [its T5 positions])] for the words T5 reads of the prompt (the first 226 characters as Stability's
+    reference, or the whole prompt with --t5-length), each word tokenized alone as the reference tokenizes (so every
+    T5 token belongs to exactly one word). Positions past the T5 tokens the model reads (--t5-length cuts) are
+    left out, with the words they belong to."""
     out, pos = [], 0
-    for word in prompt[:226].split():
+    kept = t5_tokenizer.length - 1 if t5_tokenizer.length is not None else None   # the last position is end-of-text
+    for word in t5_tokenizer.read(prompt).split():
         ids = t5_tokenizer.sp.encode(word)
+        if kept is not None and pos + len(ids) > kept:
+            break
         out.append((word, list(range(pos, pos + len(ids)))))
         pos += len(ids)
     return out
@@ -109,29 +114,55 @@ def _norm(word):
     return re.sub(r"[^\w]", "", word.lower())
 
 
+def t5_positions(t5_tokenizer, prompt, spec):
+    """A target (a word or a phrase, `#n` for its n-th occurrence) -> its T5 positions, or [] where T5 does not read
+    it n times. Words match whole and without punctuation or case ("Dog," is "dog"), a phrase word by word in a row:
+    the rule CLIP's targets follow (regulation/targets.py), so both streams count the same occurrences."""
+    phrase, nth = parse_target(spec)
+    want = [_norm(w) for w in phrase.split()]
+    words = t5_words(t5_tokenizer, prompt)
+    hits = [sum((p for _, p in words[i:i + len(want)]), []) for i in range(len(words) - len(want) + 1)
+            if [_norm(w) for w, _ in words[i:i + len(want)]] == want]
+    if len(hits) < nth:
+        return []
+    # the word's own pieces, not the punctuation written onto it ("hill," is "hill" and ","), as CLIP's targets
+    ids = t5_tokenizer.ids(prompt)
+    return [p for p in hits[nth - 1] if _norm(t5_tokenizer.sp.decode([ids[p]]))]
+
+
 def resolve_joint_targets(pipe, prompt, words, log=print):
-    """Target words -> JointTargets, resolved with the CLIP tokenizers and with T5's; prints both tables."""
-    clip = resolve_targets(pipe.tokenizers, prompt, words)
+    """Target words -> JointTargets, resolved with the CLIP tokenizers and with T5's; prints both tables. A target
+    that only one stream reads (CLIP's 77 tokens cut it, or T5's length; or it is written so that the two read it
+    differently) is regulated in that stream, and a line says so; one that neither reads is an error with CLIP's
+    token table."""
+    if isinstance(words, str):
+        words = words.split()
     t5 = pipe.t5_tokenizer if pipe.model.text_encoders.has_t5 else None
-    targets = []
-    for c in clip:
-        word, nth = parse_target(c.word)
-        q = []
-        if t5 is not None:
-            hits = [p for w, p in t5_words(t5, prompt) if _norm(w) == _norm(word)]
-            if len(hits) < nth:
-                raise TargetError(f"target {c.word!r} is not in T5's reading of the prompt {nth} time(s)")
-            q = hits[nth - 1]
-            if q and q[-1] >= pipe.model.text_encoders.t5_tokens:
-                raise TargetError(f"target {c.word!r} lies beyond T5's {pipe.model.text_encoders.t5_tokens} tokens")
-        targets.append(JointTarget(c.word, list(c.positions) + [CLIP_TOKENS + p for p in q], list(c.positions), q,
-                                   list(c.tokens)))
+    targets, notes, clip_found = [], [], []
+    for spec in words:
+        try:
+            c = resolve_targets(pipe.tokenizers, prompt, [spec])[0]
+            clip_found.append(c)
+        except TargetError:
+            if t5 is None or not t5_positions(t5, prompt, spec):
+                raise
+            c = None
+        q = t5_positions(t5, prompt, spec) if t5 is not None else []
+        if t5 is not None and not q:
+            notes.append(f"target {spec!r} is not in T5's reading of the prompt: regulated in CLIP's columns only")
+        if c is None:
+            notes.append(f"target {spec!r} is not in CLIP's 77 tokens: regulated in T5's columns only")
+        clip_positions = list(c.positions) if c else []
+        targets.append(JointTarget(spec, clip_positions + [CLIP_TOKENS + p for p in q], clip_positions, q,
+                                   list(c.tokens) if c else []))
     if log:
-        log("CLIP tokens:\n" + token_table(pipe.tokenizers, prompt, clip))
+        log("CLIP tokens:\n" + token_table(pipe.tokenizers, prompt, clip_found))
         if t5 is not None:
             pieces = t5.pieces(prompt)
             rows = [f"{p:>8}  {pieces[p]:<16} {t.word}" for t in targets for p in t.t5]
             log("T5 tokens (key = 77 + position):\n position  token            word\n" + "\n".join(rows))
+        for note in notes:
+            log(note)
     return targets
 
 
@@ -150,6 +181,6 @@ def choose_joint_targets(pipe, prompt, words=None, log=print):
 def special_columns(pipe, prompt):
     """Text keys whose probabilities the released code restores: CLIP's start and end of text, T5's end of text."""
     cols = [0, eot_position(pipe.tokenizers, prompt)]
-    if pipe.model.text_encoders.has_t5:
-        cols.append(CLIP_TOKENS + pipe.t5_tokenizer.ids(prompt).index(1))
+    if pipe.model.text_encoders.has_t5:   # where the model reads it: --t5-length may cut the prompt before it
+        cols.append(CLIP_TOKENS + pipe.t5_tokenizer([prompt])[0].tolist().index(1))
     return cols

@@ -111,3 +111,71 @@ def test_attend_excite_reads_joint_or_text_renormalised_maps(joint_maps, monkeyp
     assert (rows - 1).abs().max() < 1e-12 if joint_maps == "text" else rows.max() < 1 - 1e-3
     with pytest.raises(ValueError, match="joint_maps"):
         AttendExciteConfig(joint_maps="rows")
+
+
+# --- targets in both streams -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    pytest.importorskip("sentencepiece")
+    from minisd.checkpoint import build_model
+    from minisd.config import tiny_sd3
+    from minisd.pipeline_sd3 import SD3Pipeline
+    try:
+        from test_sd3 import train_t5_tokenizer
+    except ImportError:
+        from tests.test_sd3 import train_t5_tokenizer
+    return SD3Pipeline(build_model(tiny_sd3(True), seed=0).eval(), train_t5_tokenizer(tmp_path_factory.mktemp("t5")))
+
+
+def t5_text(pipe, target):
+    return pipe.t5_tokenizer.sp.decode([pipe.t5_tokenizer.ids(PROMPT2)[p] for p in target.t5])
+
+
+PROMPT2 = "a big dog on a hill, a small dog under a blue cube"
+
+
+def test_phrases_and_occurrences_resolve_alike_in_clip_and_t5(pipe):
+    from regulation.joint_regulation import resolve_joint_targets
+    lines = []
+    phrase, second, comma = resolve_joint_targets(pipe, PROMPT2, ["blue cube", "dog#2", "hill"], log=lines.append)
+    assert t5_text(pipe, phrase) == "blue cube" and len(phrase.clip) == 2
+    assert t5_text(pipe, second) == "dog" and second.t5 != resolve_joint_targets(pipe, PROMPT2, ["dog"], None)[0].t5
+    assert second.clip == resolve_joint_targets(pipe, PROMPT2, ["dog#2"], None)[0].clip
+    assert t5_text(pipe, comma) == "hill" and comma.positions == comma.clip + [77 + p for p in comma.t5]
+    assert not any("only" in line for line in lines)
+
+
+def test_a_target_that_one_stream_does_not_read_is_regulated_in_the_other_said_in_one_line(pipe):
+    from regulation.joint_regulation import resolve_joint_targets
+    long = "a," * 80 + " on a hill"            # CLIP's 77 tokens end before "hill"; T5 reads it (170 characters)
+    lines = []
+    (t,) = resolve_joint_targets(pipe, long, ["hill"], log=lines.append)
+    assert t.clip == [] and t.t5 and t.positions == [77 + p for p in t.t5]
+    assert any(line == "target 'hill' is not in CLIP's 77 tokens: regulated in T5's columns only" for line in lines)
+    # --t5-length shorter than the prompt: T5 cuts "cube", CLIP reads it; T5's end-of-text is its last key
+    pipe.t5_tokenizer.length = 6
+    try:
+        lines = []
+        (t,) = resolve_joint_targets(pipe, PROMPT2, ["cube"], log=lines.append)
+        assert t.t5 == [] and t.clip and t.positions == t.clip
+        assert any("not in T5's reading of the prompt: regulated in CLIP's columns only" in line for line in lines)
+        from regulation.joint_regulation import special_columns
+        assert special_columns(pipe, PROMPT2)[-1] == 77 + 5
+    finally:
+        pipe.t5_tokenizer.length = None
+    # Attend-and-Excite reads CLIP's columns only: a target outside them is refused, said so
+    from regulation.attend_excite import make_editor
+    with pytest.raises(Exception, match="not in CLIP's 77 tokens"):
+        make_editor(pipe, long, [resolve_joint_targets(pipe, long, ["hill"], None)[0]], 4)
+
+
+def test_t5_reads_past_226_characters_with_a_length(pipe):
+    from regulation.joint_regulation import t5_positions
+    long = "a dog " * 40 + "on a hill"      # 249 characters: "hill" is past the reference's 226
+    assert t5_positions(pipe.t5_tokenizer, long, "hill") == []
+    pipe.t5_tokenizer.length = 256
+    try:
+        assert t5_positions(pipe.t5_tokenizer, long, "hill") != []
+    finally:
+        pipe.t5_tokenizer.length = None
