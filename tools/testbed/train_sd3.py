@@ -113,7 +113,8 @@ def train_spiece(args, run):
         # a word-level vocabulary: the shapes world has about forty words, each its own piece
         sentencepiece.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(run / "spiece"), vocab_size=args.t5_vocab,
-            model_type=args.t5_model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+            model_type=args.t5_model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+            minloglevel=2)
     tok = T5Tokenizer(path, min_length=args.t5_length, length=args.t5_length)
     longest = max(len(tok.ids(c)) for c in caption_corpus(args.seed + 31, 2000))
     if longest > args.t5_length:
