@@ -120,7 +120,7 @@ def hooked_joint_attention(layer, q, k, v):
     qi = at_least_float32(q[:, :, image])
     image_lse, image_out = fold_keys(qi, at_least_float32(k[:, :, image]), v[:, :, image], layer.scale)
     # (b, heads, image tokens, text tokens + 1): the last column stands for every image key
-    logits = torch.cat([(qi @ at_least_float32(k[:, :, text]).transpose(-1, -2)) * layer.scale, image_lse], -1)
+    logits = torch.cat([(qi @ at_least_float32(k[:, :, text]).transpose(-1, -2)).mul_(layer.scale), image_lse], -1)
     edited = logits
     for h in active:
         if h.understands_joint:
@@ -128,6 +128,7 @@ def hooked_joint_attention(layer, q, k, v):
         else:
             edited = torch.cat([h.edit_logits(layer, edited[..., :-1]), edited[..., -1:]], -1)
     probs = edited.softmax(-1)
+    del edited   # at the peak: the logits, the probabilities and a hook's edited copy of them
     for h in active:
         if h.understands_joint:
             probs = h.edit_probs(layer, logits, probs)
@@ -146,8 +147,9 @@ FOLD_CHUNK = 1 << 23   # logits per chunk of fold_keys: 32 MB in float32
 def fold_keys(q, k, v, scale):
     """Each query's attention over these keys alone, folded to what a merge with other keys needs: the log-sum-exp
     of its logits (..., queries, 1) and its output normalised over these keys (..., queries, d). Computed in chunks
-    of query rows, at most FOLD_CHUNK logits at a time; under autograd each chunk is recomputed in the backward pass
-    instead of kept, so the gradient needs no more memory."""
+    of query rows, at most FOLD_CHUNK logits at a time, written into tensors made beforehand (chunks kept in a list
+    fragment the CPU heap, which then grows by a chunk's temporaries at each chunk); under autograd each chunk is
+    recomputed in the backward pass instead of kept, so the gradient needs no more memory."""
     rows = max(1, FOLD_CHUNK // (k.shape[-2] * q.shape[:-2].numel()))
 
     def chunk(qc):
@@ -156,8 +158,12 @@ def fold_keys(q, k, v, scale):
         return lse, (s - lse).exp().to(v.dtype) @ v
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    parts = [checkpoint(chunk, qc, use_reentrant=False) if grad else chunk(qc) for qc in q.split(rows, dim=-2)]
-    return torch.cat([lse for lse, _ in parts], -2), torch.cat([out for _, out in parts], -2)
+    lse, out = q.new_empty(*q.shape[:-1], 1), v.new_empty(*q.shape[:-1], v.shape[-1])
+    for start in range(0, q.shape[-2], rows):
+        qc = q[..., start:start + rows, :]
+        lse[..., start:start + rows, :], out[..., start:start + rows, :] = \
+            checkpoint(chunk, qc, use_reentrant=False) if grad else chunk(qc)
+    return lse, out
 
 
 def cross_block(layer, t):

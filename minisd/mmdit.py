@@ -137,9 +137,9 @@ class JointAttention(nn.Module):
     is_cross = True   # it reads the text: observers and editors of cross-attention look here
     joint = True
 
-    def __init__(self, heads, dim_head):
+    def __init__(self, dim_head):
         super().__init__()
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.scale = dim_head ** -0.5
         self.name = ""          # set by StableDiffusion3: `model.diffusion_model.joint_blocks.N`
         self.hooks = []
         self.hw = None          # (h, w) of the image tokens' patch grid at the current call
@@ -160,7 +160,7 @@ class JointBlock(nn.Module):
         super().__init__()
         self.context_block = StreamBlock(dim, heads, mlp_ratio, pre_only, qk_norm)
         self.x_block = StreamBlock(dim, heads, mlp_ratio, False, qk_norm, with_attn2)
-        self.joint = JointAttention(heads, dim // heads)
+        self.joint = JointAttention(dim // heads)
 
     def forward(self, context, x, c, hw):
         (cq, ck, cv), _, context_mod = self.context_block.pre_attention(context, c)
