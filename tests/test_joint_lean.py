@@ -109,10 +109,17 @@ def test_the_edit_changes_the_output(model, monkeypatch):
 
 
 def test_any_chunk_of_image_rows_gives_the_same(model, monkeypatch):
-    whole, _ = regulated(model, torch.float64, False, monkeypatch)
+    """With and without gradient (Attend-and-Excite's pass recomputes each chunk in the backward pass)."""
+    whole, (loss, grad) = regulated(model, torch.float64, False, monkeypatch)[0], \
+        excited(model, torch.float64, False, monkeypatch)
     monkeypatch.setattr(minisd.attention, "FOLD_CHUNK", 7)   # one image row per chunk
-    chunked, _ = regulated(model, torch.float64, False, monkeypatch)
+    chunked, (chunked_loss, chunked_grad) = regulated(model, torch.float64, False, monkeypatch)[0], \
+        excited(model, torch.float64, False, monkeypatch)
     assert (whole - chunked).abs().max() < 1e-12
+    # the loss and its gradient run in float32 (Attend-and-Excite's rule): equal to float32's rounding
+    eps = torch.finfo(torch.float32).eps
+    assert (loss - chunked_loss).abs().max() <= 4 * eps
+    assert (grad - chunked_grad).abs().max() <= 8 * eps * grad.abs().max()
 
 
 class Shift(AttentionHook):
