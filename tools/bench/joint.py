@@ -10,11 +10,12 @@ batch 2 (the two halves of classifier-free guidance), 154 text tokens (77 CLIP +
             below: the path the joint attention took before the split-key merge).
 The figure is the growth of the process's peak resident memory during the call over its resident memory just
 before it (Linux: the peak is reset through /proc/self/clear_refs), so the block's weights and inputs are not
-counted. The 1024 px line (4096 image tokens) is computed, not measured: each variant's growth over plain divided by
-the size of the tensor that dominates it (explicit: one (batch, heads, text + image, text + image) float32 tensor;
-lean: one (batch, heads, image, text + 1)), times that tensor's size at 1024 px.
+counted. The explicit path's 1024 px figure (4096 image tokens) is computed, not measured (it needs about 18 GB
+more): its growth over plain divided by the size of one (batch, heads, text + image, text + image) float32 square,
+times that size at 1024 px. The other variants measure at 1024 px in a few minutes (--px 1024 --variants lean).
 
     python -m tools.bench joint                       # 512 px, SD 3.5 Large's width (about a minute on 2 cores)
+    python -m tools.bench joint --px 1024 --variants lean        # 1024 px measured, without the whole square's 18 GB
     python -m tools.bench joint --px 256 --width 256 --heads 4   # seconds: a check
 """
 import argparse
@@ -114,12 +115,9 @@ def run_child(variant, args):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def dominant_mb(variant, px, heads, batch=2):
-    """The size of the tensor that dominates a variant's growth over plain (module docstring), in MB."""
-    image = (px // 16) ** 2
-    keys = TEXT_TOKENS + image if variant == "explicit" else TEXT_TOKENS + 1
-    rows = TEXT_TOKENS + image if variant == "explicit" else image
-    return batch * heads * rows * keys * 4 / 2 ** 20
+def square_mb(px, heads, batch=2):
+    """One (batch, heads, text + image, text + image) float32 tensor, in MB."""
+    return batch * heads * (TEXT_TOKENS + (px // 16) ** 2) ** 2 * 4 / 2 ** 20
 
 
 def main(argv=None):
@@ -128,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=2432, help="the block's width (SD 3.5 Large: 2432)")
     ap.add_argument("--heads", type=int, default=38, help="attention heads (SD 3.5 Large: 38)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                    help="which to measure (plain is always measured: the others are given over it)")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.px % 16 or args.width % args.heads:
@@ -139,14 +139,14 @@ def main(argv=None):
     print(f"one joint block call, width {args.width}, {args.heads} heads, batch 2, {TEXT_TOKENS} text tokens, "
           f"{args.px} px ({(args.px // 16) ** 2} image tokens), float32, CPU, {args.threads} threads; "
           f"torch {torch.__version__}", flush=True)
-    rows = {v: run_child(v, args) for v in VARIANTS}
+    rows = {v: run_child(v, args) for v in VARIANTS if v == "plain" or v in args.variants}
     plain = rows["plain"]["mb"]
     print("\n| variant | peak growth MB | over plain MB | seconds | computed at 1024 px: over plain MB |\n"
           "|---|---|---|---|---|")
     for v, r in rows.items():
         over = r["mb"] - plain
-        at_1024 = "" if v == "plain" else \
-            f"{over / dominant_mb(v, args.px, args.heads) * dominant_mb(v, 1024, args.heads):.0f}"
+        at_1024 = f"{over / square_mb(args.px, args.heads) * square_mb(1024, args.heads):.0f}" \
+            if v == "explicit" else ""
         print(f"| {v} | {r['mb']:.0f} | {over:.0f} | {r['seconds']:.1f} | {at_1024} |")
     return rows
 
