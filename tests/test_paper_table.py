@@ -50,6 +50,18 @@ def test_choice_rule():
         assert pt.choose(summary, {"syngen": [5.0, 10.0, 20.0, 40.0]}, 5.0) == {"syngen": want}
 
 
+def test_rule_8_extends_a_choice_on_its_grids_edge():
+    assert pt.beyond_edge("syngen", [5.0, 10.0, 20.0, 40.0], 5.0) == [2.5, 1.25]          # below: x1/2, x1/4
+    assert pt.beyond_edge("attend-excite", [5.0, 10.0, 20.0, 40.0], 40.0) == [80.0, 160.0]  # above: x2, x4
+    assert pt.beyond_edge("composable", [1.25, 2.5, 5.0, 10.0], 2.5) == []                  # inside: nothing
+    assert pt.beyond_edge("regulate", [6, 13, 25, 50], 6) == [3, 2]                         # whole edit steps
+    name = lambda v: pt.variant("syngen", v).name
+    table = {1.25: (0.5, 0.1), 2.5: (0.7, 0.1), 5: (0.6, 0.1), 10: (0.6, 0.2), 20: (0.4, 0.3), 40: (0.3, 0.3)}
+    summary = summary_of({name(v): ps for v, ps in table.items()})
+    grid = {"syngen": sorted([5.0, 10.0, 20.0, 40.0] + pt.beyond_edge("syngen", [5.0, 10.0, 20.0, 40.0], 5.0))}
+    assert pt.choose(summary, grid, 5.0) == {"syngen": 2.5}                                  # rule 5 over them all
+
+
 class FakeScore:
     """A scorer with the ClipScore interface (the shipped tiny CLIP matches only the shipped model's text tower)."""
     settings = "fake"
