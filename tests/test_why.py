@@ -40,6 +40,15 @@ def test_probe_records_the_hooks_loss_and_refinement(pipe):
         assert s["push"] > 0 and s["move"] > 0
 
 
+def test_plain_only_summary(pipe, tmp_path):
+    items = validation_prompts()[:1]
+    out = why.attend_excite(pipe, items, [100], steps=2, out=tmp_path, plain_only=True, log=lambda *a: None)
+    assert [r["step"] for r in out["per_step"]] == [0, 1]
+    for r in out["per_step"]:   # dropping a column can only raise the others' shares
+        assert r["maxima_first_dropped"]["weaker"] >= r["maxima"]["weaker"] - 1e-6
+    assert (tmp_path / "records.jsonl").read_text().count("\n") == 1
+
+
 def test_auc():
     assert why.auc([0.1, 0.2, 0.9], [False, True, True]) == 1.0
     assert why.auc([0.5, 0.5], [True, False]) == 0.5

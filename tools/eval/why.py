@@ -100,16 +100,16 @@ def attend_excite_run(pipe, item, seed, strength=None, steps=50, observe_only=Fa
     def attention(x, t, cond_unet):   # every conditional pass: the maxima the loss reads, and the raw ones
         attn = inner_attention(x, t, cond_unet)
         a = attn.detach()[0]
-        sinkless = a.clone()   # the first word's column dropped too (its softmax mass 0), as A&E drops <sot>'s
+        # the first word's column dropped too (its softmax share 0), as A&E drops <sot>'s: on the shapes world the
+        # first word is always an article, never a target
+        sinkless = a.clone()
         sinkless[..., 1] = -1e4
+        shares = (a[..., 1:-1] * hook.config.temperature).softmax(-1)[..., :hook.eot - 1]   # the prompt's tokens
         calls.append(dict(i=current[0], maxima=target_maxima(a[None], hook.targets, hook.config, hook.eot)[0].tolist(),
                           maxima_first_dropped=target_maxima(sinkless[None], hook.targets, hook.config, hook.eot)[0]
                           .tolist(),
                           raw=[a[..., p].amax().item() for p in hook.targets],
-                          prompt_share=(a[..., 1:-1] * hook.config.temperature).softmax(-1)[..., :hook.eot - 1]
-                          .sum(-1).mean().item(),
-                          token_max=(a[..., 1:-1] * hook.config.temperature).softmax(-1)[..., :hook.eot - 1]
-                          .amax(dim=(0, 1)).tolist()))
+                          prompt_share=shares.sum(-1).mean().item(), token_max=shares.amax(dim=(0, 1)).tolist()))
         return attn
 
     def loss_and_grad(x, t, cond_unet):
@@ -191,7 +191,7 @@ def attend_excite(pipe, items, seeds, strength=None, out=None, check=None, steps
         name = "attend-excite[nouns]" + ("" if strength in (None, config.scale_factor) else f" step size={strength:g}")
         rows = {(r["prompt"], int(r["seed"]), r["method"]): json.loads(r["types"]) for r in csv.DictReader(open(check))}
         pairs = [(rows.get((r["prompt"], r["seed"], m)), r[k]["types"]) for r in records
-                 for m, k in (("plain", "plain"), (name, "ae"))]
+                 for m, k in (("plain", "plain"), (name, "ae")) if k in r]
         summary["same_as_check"] = dict(file=check, compared=sum(a is not None for a, _ in pairs),
                                         same=sum(a is not None and all(bool(a[t]) == b[t] for t in a)
                                                  for a, b in pairs))
