@@ -103,51 +103,63 @@ def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=True) if Path(path).is_file() else None
 
 
-def train_clip(model, args, run):
-    """Contrastive caption <-> render training of the text tower (tools/testbed/tinyclip.py). Returns held-out
-    retrieval."""
+def train_contrastive(model, tokenize, tok, run, name, key, seed, save_every, steps, batch, lr, pool, n_eval):
+    """Contrastive caption <-> render training of a text tower in a tinyclip model (TinyCLIP, or train_sd3's T5CLIP),
+    each image also against hard negatives of its caption; resumable from run/{name}.pt (the weights under `key`).
+    tokenize(captions, negatives) -> (ids, negative ids). Returns held-out retrieval (run/{name}_eval.json)."""
     from tools.testbed import tinyclip
-    tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
-    clip = tinyclip.TinyCLIP(model.cond_stage_model, tok.eos_id)
-    opt = torch.optim.AdamW(clip.parameters(), lr=args.clip_lr, weight_decay=0.01)
-    state, step = load_state(run / "clip.pt"), 0
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    state, step = load_state(run / f"{name}.pt"), 0
     if state:
-        clip.load_state_dict(state["clip"]), opt.load_state_dict(state["opt"])
+        model.load_state_dict(state[key]), opt.load_state_dict(state["opt"])
         step = state["step"]
-    if step < args.clip_steps:
-        pool, objs, _ = render_pool(args.seed + 20, args.clip_pool, size=64)
-        pool = to_pixels(pool)
-        rng = np.random.default_rng(args.seed + 21 + step)
-        torch.manual_seed(args.seed + 22 + step)
-        bar = tqdm(total=args.clip_steps, initial=step, desc="clip")
-        clip.train()
-        while step < args.clip_steps:
-            idx = rng.integers(0, len(pool), args.clip_batch)
+    if step < steps:
+        images, objs, _ = render_pool(seed + 20, pool, size=64)
+        images = to_pixels(images)
+        rng = np.random.default_rng(seed + 21 + step)
+        torch.manual_seed(seed + 22 + step)
+        bar = tqdm(total=steps, initial=step, desc=name)
+        model.train()
+        while step < steps:
+            idx = rng.integers(0, len(images), batch)
             caps, negs = zip(*[tinyclip.caption_and_negatives(objs[k], rng) for k in idx])
-            ids, neg_ids = tok(list(caps)), tok([n for ns in negs for n in ns])
-            # the text tower is causal: states up to the end-of-text token do not depend on what follows, so
-            # training on the used length only gives exactly the states of the full 77 positions, 4x cheaper
-            n = int(max((ids == clip.eot_id).int().argmax(1).max(), (neg_ids == clip.eot_id).int().argmax(1).max())) + 1
-            cosine = 0.5 * (1 + math.cos(math.pi * step / args.clip_steps))
-            lr = args.clip_lr * min(1.0, (step + 1) / 100) * (cosine * 0.9 + 0.1)
+            ids, neg_ids = tokenize(list(caps), [n for ns in negs for n in ns])
+            cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
             for group in opt.param_groups:
-                group["lr"] = lr
-            loss, acc = tinyclip.contrastive_loss(clip, pool[idx], ids[:, :n], neg_ids[:, :n])
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * (cosine * 0.9 + 0.1)
+            loss, acc = tinyclip.contrastive_loss(model, images[idx], ids, neg_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
-            if step % args.save_every == 0 or step == args.clip_steps:
-                save_state(run / "clip.pt", clip=clip.state_dict(), opt=opt.state_dict(), step=step)
+            if step % save_every == 0 or step == steps:
+                save_state(run / f"{name}.pt", **{key: model.state_dict()}, opt=opt.state_dict(), step=step)
         bar.close()
-    path = run / "clip_eval.json"
+    path = run / f"{name}_eval.json"
     if not path.is_file():
-        path.write_text(json.dumps(tinyclip.evaluate(clip, tok, n=args.clip_eval)))
+        path.write_text(json.dumps(tinyclip.evaluate(model, tok, n=n_eval)))
     result = json.loads(path.read_text())
-    print("tiny CLIP, held-out retrieval (true caption beats its hard negatives):", result)
+    print(f"tiny {name.upper()}, held-out retrieval (true caption beats its hard negatives):", result)
     return result
+
+
+def train_clip(model, args, run):
+    """The tiny CLIP (tools/testbed/tinyclip.py) by train_contrastive. Returns held-out retrieval."""
+    from tools.testbed import tinyclip
+    tok = Tokenizer(pad_with_eot=model.cfg.text.pad_with_eot)
+    clip = tinyclip.TinyCLIP(model.cond_stage_model, tok.eos_id)
+
+    def tokenize(caps, negs):
+        ids, neg_ids = tok(caps), tok(negs)
+        # the text tower is causal: states up to the end-of-text token do not depend on what follows, so
+        # training on the used length only gives exactly the states of the full 77 positions, 4x cheaper
+        n = int(max((ids == clip.eot_id).int().argmax(1).max(), (neg_ids == clip.eot_id).int().argmax(1).max())) + 1
+        return ids[:, :n], neg_ids[:, :n]
+
+    return train_contrastive(clip, tokenize, tok, run, "clip", "clip", args.seed, args.save_every, args.clip_steps,
+                             args.clip_batch, args.clip_lr, args.clip_pool, args.clip_eval)
 
 
 def train_vae(model, args, run):

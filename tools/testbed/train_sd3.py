@@ -43,10 +43,10 @@ from minisd.checkpoint import save_checkpoint
 from minisd.loading import load_model
 from minisd.config import MMDiTConfig, ModelConfig, T5Config
 from minisd.model_sd3 import StableDiffusion3
-from minisd.t5 import T5Encoder, T5Tokenizer
+from minisd.t5 import T5Tokenizer
 from minisd.tokenizer import Tokenizer
 from tools.testbed import shapes, tinyclip
-from tools.testbed.train import encode_dataset, load_state, render_pool, save_state, swap_tail, to_pixels
+from tools.testbed.train import encode_dataset, load_state, save_state, swap_tail, train_contrastive
 
 UNET_TESTBED = "weights/minisd-shapes.safetensors"
 
@@ -143,44 +143,10 @@ class T5CLIP(nn.Module):
 
 
 def train_t5(t5, tok, args, run):
-    """Contrastive caption <-> render training of the T5 tower, as train.py's train_clip trains the tiny CLIP."""
-    model = T5CLIP(t5)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.t5_lr, weight_decay=0.01)
-    state, step = load_state(run / "t5.pt"), 0
-    if state:
-        model.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        step = state["step"]
-    if step < args.t5_steps:
-        pool, objs, _ = render_pool(args.seed + 20, args.t5_pool, size=64)
-        pool = to_pixels(pool)
-        rng = np.random.default_rng(args.seed + 21 + step)
-        torch.manual_seed(args.seed + 22 + step)
-        bar = tqdm(total=args.t5_steps, initial=step, desc="t5")
-        model.train()
-        while step < args.t5_steps:
-            idx = rng.integers(0, len(pool), args.t5_batch)
-            caps, negs = zip(*[tinyclip.caption_and_negatives(objs[k], rng) for k in idx])
-            lr = args.t5_lr * min(1.0, (step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * step / args.t5_steps))
-                                                            * 0.9 + 0.1)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss, acc = tinyclip.contrastive_loss(model, pool[idx], tok(list(caps)),
-                                                  tok([n for ns in negs for n in ns]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
-            if step % args.save_every == 0 or step == args.t5_steps:
-                save_state(run / "t5.pt", model=model.state_dict(), opt=opt.state_dict(), step=step)
-        bar.close()
-    path = run / "t5_eval.json"
-    if not path.is_file():
-        path.write_text(json.dumps(tinyclip.evaluate(model, tok, n=args.t5_eval)))
-    result = json.loads(path.read_text())
-    print("tiny T5, held-out retrieval (true caption beats its hard negatives):", result)
-    return result
+    """Contrastive caption <-> render training of the T5 tower, as train.py trains the tiny CLIP."""
+    return train_contrastive(T5CLIP(t5), lambda caps, negs: (tok(caps), tok(negs)), tok, run, "t5", "model",
+                             args.seed, args.save_every, args.t5_steps, args.t5_batch, args.t5_lr, args.t5_pool,
+                             args.t5_eval)
 
 
 def flow_timesteps(n, shift, generator):
