@@ -60,6 +60,13 @@ def test_rule_8_extends_a_choice_on_its_grids_edge():
     summary = summary_of({name(v): ps for v, ps in table.items()})
     grid = {"syngen": sorted([5.0, 10.0, 20.0, 40.0] + pt.beyond_edge("syngen", [5.0, 10.0, 20.0, 40.0], 5.0))}
     assert pt.choose(summary, grid, 5.0) == {"syngen": 2.5}                                  # rule 5 over them all
+    # a second extension, of other methods, keeps the first one's values and the choices before any extension
+    first = {"grid": {"syngen": [1.25, 2.5, 5.0, 10.0, 20.0, 40.0], "dense": [0.25, 0.5, 1.0, 2.0]},
+             "choices": {"syngen": 2.5, "dense": 2.0}, "extended": {"syngen": [2.5, 1.25]},
+             "choices_before_extension": {"syngen": 5.0, "dense": 2.0}}
+    grid, extended, before = pt.extend_grid(first, ["dense"])
+    assert extended == {"syngen": [2.5, 1.25], "dense": [4.0, 8.0]} and before == {"syngen": 5.0, "dense": 2.0}
+    assert grid == {"syngen": [1.25, 2.5, 5.0, 10.0, 20.0, 40.0], "dense": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]}
 
 
 class FakeScore:

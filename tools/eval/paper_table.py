@@ -96,6 +96,18 @@ def beyond_edge(method, grid, choice):
     return [v for v in values if v not in grid]
 
 
+def extend_grid(saved, methods):
+    """Rule 8 on a finished validation stage's record (choices.json): each of `methods` whose choice sits on its
+    grid's edge gets beyond_edge's values. -> (grid, {method: every value added by rule 8 so far}, the choices
+    before any extension). An earlier extension's values stay on the record."""
+    grid = {m: list(v) for m, v in saved["grid"].items()}
+    extended = {m: list(v) for m, v in saved.get("extended", {}).items()}
+    for m in methods:
+        extended[m] = extended.get(m, []) + beyond_edge(m, grid[m], saved["choices"][m])
+        grid[m] = sorted(set(grid[m] + extended[m]))
+    return grid, extended, saved.get("choices_before_extension", saved["choices"])
+
+
 def variant(method, value=None, guidance=5.0, **more):
     """The tools.eval Variant of `method` with its knob at `value` (None: the authors' default, no option
     passed), named as the tables show it."""
@@ -162,15 +174,11 @@ def validate(args):
     guidance = guidance_of(args)
     grid = {m: grid_values(m, guidance) for m in args.methods}
     extended, before = {}, None
-    if args.extend:   # rule 8: the saved grid, each of args.methods whose choice sits on an edge given two more
+    if args.extend:
         path = out / "choices.json"
         if not path.is_file():
             raise SystemExit(f"error: {path} not found: --extend extends a finished validation stage")
-        saved = json.loads(path.read_text())
-        grid, before = saved["grid"], saved.get("choices_before_extension", saved["choices"])
-        for m in args.methods:
-            extended[m] = beyond_edge(m, grid[m], saved["choices"][m])
-            grid[m] = sorted(grid[m] + extended[m])
+        grid, extended, before = extend_grid(json.loads(path.read_text()), args.methods)
     variants = [evaluate.Variant("plain", "plain", "")] + [variant(m, v, guidance) for m, vs in grid.items()
                                                            for v in vs]
     items = validation_prompts()[:args.limit]
