@@ -46,7 +46,8 @@ from minisd.model_sd3 import StableDiffusion3
 from minisd.t5 import T5Tokenizer
 from minisd.tokenizer import Tokenizer
 from tools.testbed import shapes, tinyclip
-from tools.testbed.train import encode_dataset, load_state, save_state, swap_tail, train_contrastive
+from tools.testbed.train import (encode_dataset, load_state, optimizer_step, save_state, swap_tail,
+                                 train_contrastive)
 
 UNET_TESTBED = "weights/minisd-shapes.safetensors"
 
@@ -204,14 +205,7 @@ def train_mmdit(model, tok_t5, args, run, data):
         for group in opt.param_groups:
             group["lr"] = lr
         loss = F.mse_loss(mmdit(xt, t * 1000, context=context, y=pooled), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1 + step) / (10 + step))
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - d)
+        optimizer_step(loss, params, opt, ema, args.ema, step)
         step += 1
         losses.append(loss.item())
         bar.update(1)
