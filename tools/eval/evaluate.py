@@ -48,6 +48,7 @@ from minisd.blocks import block_of
 from minisd.maps import AttentionMaps, grid, word_maps
 from minisd.checkpoint import DEFAULT_CHECKPOINT, file_hash
 from regulation.editors import METHODS, choose_targets, set_up
+from regulation.joint_regulation import choose_joint_targets, is_joint
 from regulation.registry import Run
 from regulation.syngen import NoPairsError
 from regulation.targets import auto_targets, is_adjective
@@ -372,7 +373,9 @@ def evaluate_one(pipe, item, seed, variants, judge, s, want_maps=False, on_image
         hooks, observer, targets, run = [], None, [], None
         if v.method != "plain":
             if targeted(v.method):
-                targets = choose_targets(pipe.tokenizer, prompt, target_words(item, v.targets), log=quiet)
+                words = target_words(item, v.targets)
+                targets = (choose_joint_targets(pipe, prompt, words, log=None) if is_joint(pipe.cfg)
+                           else choose_targets(pipe.tokenizer, prompt, words, log=quiet))
             elif v.method == "composable":
                 targets = concepts(item)
             try:
@@ -686,8 +689,11 @@ def _run(args, rank, world, group, log, items=None, variants=None):
     ckpt = Path(args.checkpoint)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    from minisd.loading import load_model
     from minisd.pipeline import Pipeline
-    pipe = Pipeline.from_checkpoint(ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    from minisd.pipeline_sd3 import SD3Pipeline
+    model = load_model(ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    pipe = (SD3Pipeline if model.cfg.is_sd3 else Pipeline).from_model(model, ckpt)
     s = Settings(args.steps or pipe.cfg.default_steps, pipe.cfg.default_guidance if args.guidance is None
                  else args.guidance, args.size or pipe.cfg.image_size, args.layers, args.edit_steps)
     ckpt_hash = file_hash(ckpt)
