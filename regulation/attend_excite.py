@@ -346,11 +346,12 @@ def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=No
                         eot=eot_position(pipe.tokenizer, prompt))
 
 
-def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, strength=None, **run):
+def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, strength=None, config=None, **run):
     """regulation.editors.set_up's Run of Attend-and-Excite; strength: the latent step size (scale_factor)."""
     if not targets:
         raise ValueError("Attend-and-Excite needs target words")
-    config = None if strength is None else AttendExciteConfig(scale_factor=float(strength))
+    if strength is not None:
+        config = replace(config or AttendExciteConfig(), scale_factor=float(strength))
     hook = make_editor(pipe, prompt, targets, steps, layers=layers, edit_steps=edit_steps, config=config)
     return editor_run(hook, targets, is_joint(pipe.cfg))
 
@@ -358,5 +359,5 @@ def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, stre
 # The authors' config: the latent step size (scale_factor) is the knob.
 METHOD = register(Method(
     "attend-excite", "Attend-and-Excite", Knob("strength", "step size", 20.0, "the latent step size"),
-    takes={"targets", "layers", "edit_steps", "strength"}, joint_takes={"targets", "layers", "edit_steps"},
+    takes={"targets", "layers", "edit_steps", "strength", "config"},
     about="Attend-and-Excite (Chefer et al. 2023)", set_up=set_up, make_editor=make_editor))

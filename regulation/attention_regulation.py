@@ -528,14 +528,16 @@ def make_editor(pipe, prompt, targets, steps, seed=0, layers=None, edit_steps=No
                                model_config=pipe.cfg, generator=seed, words=words)
 
 
-def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, seed=0, **run):
+def set_up(pipe, prompt, steps, targets=None, layers=None, edit_steps=None, config=None, seed=0, **run):
     """regulation.editors.set_up's Run of Attention Regulation (the run's other settings are not needed here)."""
     if not targets:
         raise ValueError("Attention Regulation needs target words")
-    hook = make_editor(pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps)
+    if config is not None and not isinstance(config, RegulationConfig):
+        raise TypeError(f"regulate takes a RegulationConfig, got {type(config).__name__}")
+    hook = make_editor(pipe, prompt, targets, steps, seed=seed, layers=layers, edit_steps=edit_steps, config=config)
     return editor_run(hook, targets, is_joint(pipe.cfg))
 
 
 # Its README documents one option, --edit-steps (25 of 50); its optimiser's constants are not exposed.
 METHOD = register(Method("regulate", "Attention Regulation", Knob("edit_steps", "edit steps", 25),
-                         takes={"targets", "layers", "edit_steps"}, set_up=set_up, make_editor=make_editor))
+                         takes={"targets", "layers", "edit_steps", "config"}, set_up=set_up, make_editor=make_editor))

@@ -90,7 +90,7 @@ def make_editor(method, pipe, prompt, targets, steps, seed=0, layers=None, edit_
 
 def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_steps=None, layout=None,
            guidance=None, height=None, width=None, sampler="dpmpp_2m", spacing="leading", strength=None,
-           layout_background=None, phrase_swap=None, weights=None, start=0, log=print):
+           layout_background=None, phrase_swap=None, weights=None, config=None, start=0, log=print):
     """The Run of `method` for one image of `prompt` (seed: that image's seed) on `pipe`'s model, UNet or joint
     attention. targets: Targets from pick_targets (regulate, attend-excite), or for syngen a string of its pairs
     ("red circle; blue square", None: parsed from the prompt), for composable its concepts ("a red circle | a blue
@@ -98,13 +98,14 @@ def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_
     regulation/dense_diffusion.py); guidance: the run's scale (composable). strength: the method's knob
     (METHODS[method].knob; Attention Regulation's is edit_steps), None: its authors' default. DenseDiffusion:
     layout_background ("region", the default, or "none") and phrase_swap (the phrases' own embeddings, default
-    True). Composable: weights, one per concept ("7.5 | -5" or numbers). start: image-to-image's first step (the
+    True). Composable: weights, one per concept ("7.5 | -5" or numbers). config: the method's own config
+    (RegulationConfig, AttendExciteConfig) where it takes one; strength and the options above override it. start: image-to-image's first step (the
     methods count the `steps` that run from there; DenseDiffusion keeps those steps' timesteps). An option the
     method does not take, or a method that does not run on the model, is a ValueError naming it."""
     m = method_for(method, pipe)
     joint = is_joint(pipe.cfg)
     given = dict(targets=targets, layers=layers, edit_steps=edit_steps, layout=layout, strength=strength,
-                 layout_background=layout_background, phrase_swap=phrase_swap, weights=weights)
+                 layout_background=layout_background, phrase_swap=phrase_swap, weights=weights, config=config)
     takes = m.joint_takes if joint and m.joint_takes is not None else m.takes
     extra = [k for k in OPTIONS if given[k] is not None and k not in takes]
     if extra:

@@ -12,9 +12,11 @@ line (choices, help, refusals), the page (choices, titles) and the benchmark (me
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
-# set_up's options that a method may take; each is a command-line flag (`layers` is --regulate-layers, `weights`
-# --concept-weights, the others their own name)
-OPTIONS = ("targets", "layers", "edit_steps", "layout", "strength", "layout_background", "phrase_swap", "weights")
+# set_up's options that a method may take; each but `config` is a command-line flag (`layers` is --regulate-layers,
+# `weights` --concept-weights, the others their own name). `config` is the method's own config dataclass, for code
+# that changes what the command line does not expose (tools, forks).
+OPTIONS = ("targets", "layers", "edit_steps", "layout", "strength", "layout_background", "phrase_swap", "weights",
+           "config")
 
 
 def flag(option):

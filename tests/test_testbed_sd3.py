@@ -77,9 +77,49 @@ def test_sincos_table_is_distinct_per_position():
 
 def test_diagnose_sd3_reports_every_block_and_band(toy, capsys):
     out, _, _ = toy
-    res = diagnose_sd3.diagnose(out, steps=3, seeds_a=1, n_two=2, seeds_b=1, log=print)
+    res = diagnose_sd3.diagnose(out, steps=3, seeds_a=1, n_two=2, seeds_b=1, regulate=True, log=print)
     rows = res["bd"]["blocks"]
     assert {(r["block"], r["band"]) for r in rows} == {(b, s) for b in range(2) for s in range(diagnose_sd3.BANDS)}
     # every image query gives the text keys a share of its attention, and a noun's mass splits over CLIP and T5
     assert all(0 < r["text_share"] < 1 and 0 < r["clip_share"] < 1 for r in rows)
-    assert "block  band" in capsys.readouterr().out
+    # regulated: the maps are read after the edit, which moves the text share in the block it edits (block 0 of 2)
+    edited = res["bd_regulated"]["blocks"]
+    assert edited[0]["text_share"] != rows[0]["text_share"]
+    assert [r["text_share"] for r in edited[3:]] == pytest.approx([r["text_share"] for r in rows[3:]], abs=0.2)
+    out_text = capsys.readouterr().out
+    assert "block  band" in out_text and "two-object held-out prompts, regulated" in out_text
+
+
+def test_the_fair_tables_stages_run_on_the_sd3_testbed(toy, tmp_path, monkeypatch):
+    """tools.eval.paper_table on an SD 3 file: the blocks stage (regulation one band of joint blocks at a time),
+    the options stage (the joint loss's alternatives), the validation grid with Attend-and-Excite's step size on
+    joint attention, and the test stage."""
+    from tools.eval import paper_table as pt
+    monkeypatch.setattr(pt, "SCORER", "tests.test_paper_table:FakeScore")
+    out_file, _, _ = toy
+    out = tmp_path / "table"
+    common = ["--out", str(out), "--checkpoint", str(out_file), "--limit", "1", "--steps", "2", "--threads", "1"]
+    pt.main(["blocks", *common, "--bands", "2"])
+    blocks = (out / "blocks.md").read_text()
+    assert "| 0-0 | [0.00, 0.50) |" in blocks and "| 1-1 | [0.50, 1.00) |" in blocks
+    rows = (out / "blocks" / "results.csv").read_text()
+    assert "regulate[nouns] blocks 1-1" in rows
+    pt.main(["options", *common])
+    text = (out / "options.md").read_text()
+    for name in ("map per column", "map per word", "joint maps", "maps over the text"):
+        assert name in text, name
+    choices = pt.main(["validate", *common, "--methods", "regulate,attend-excite"])
+    assert set(choices) == {"regulate", "attend-excite"}
+    assert "attend-excite[nouns] step size=5" in (out / "validation" / "results.csv").read_text()
+    pt.main(["test", *common, "--methods", "regulate,attend-excite"])
+    assert "| Attend-and-Excite | authors' defaults |" in (out / "table.md").read_text()
+    with pytest.raises(SystemExit, match="not an SD 3 file"):
+        pt.main(["blocks", "--out", str(out), "--checkpoint", str(SHIPPED), "--limit", "1"])
+
+
+def test_bands_cut_the_depth_into_near_equal_runs():
+    from tools.eval.paper_table import bands
+    assert bands(6) == [[0, 1], [2, 3], [4, 5]]
+    assert bands(24) == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+    assert bands(7) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert sum(bands(38), []) == list(range(38))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from minisd.attention import AttentionHook
 from minisd.pipeline_sd3 import SD3Pipeline
+from regulation.editors import set_up
 from regulation.joint_regulation import CLIP_TOKENS, resolve_joint_targets
 from tools.testbed import judge as J
 from tools.testbed import shapes
@@ -69,7 +70,9 @@ def inside(m, mask):
     return float((m / m.sum() * region).sum()), float(region.mean())
 
 
-def gate_bd(pipe, prompts, seeds, steps, log):
+def gate_bd(pipe, prompts, seeds, steps, log, regulate=False):
+    """Gates b and d on plain runs; with `regulate`, the same images regulated (Attention Regulation at its
+    defaults, the nouns as targets) with the maps read after the edit: the text share it leaves (question b)."""
     depth = pipe.cfg.mmdit.depth
     both, present = [], []
     own = {(b, s): [] for b in range(depth) for s in range(BANDS)}
@@ -82,7 +85,11 @@ def gate_bd(pipe, prompts, seeds, steps, log):
         words = [(t.clip, [CLIP_TOKENS + q for q in t.t5]) for t in targets]
         for k in range(seeds):
             hook = BlockMaps(words, steps)
-            img = to_uint8(pipe(item["prompt"], steps=steps, seed=SEED0 + 1000 + k, hooks=[hook]).images[0])
+            hooks = [hook]
+            if regulate:   # the editor first: the maps are read from the probabilities it leaves
+                hooks = set_up("regulate", pipe, item["prompt"], steps, targets=targets, seed=SEED0 + 1000 + k,
+                               log=None).hooks + hooks
+            img = to_uint8(pipe(item["prompt"], steps=steps, seed=SEED0 + 1000 + k, hooks=hooks).images[0])
             found = J.judge(img, keys)
             both.append(all(found))
             shapes_seen = {c[1] for c in object_masks(img)}
@@ -111,7 +118,7 @@ def gate_bd(pipe, prompts, seeds, steps, log):
                               text_share=float(np.mean(text_share[k]))))
     res = dict(both=float(np.mean(both)), presence=float(np.mean(present)), n=len(both),
                object_area=float(np.median(area)) if area else None, blocks=table)
-    log(f"b: two-object held-out prompts, plain: both found (strict) {res['both']:.1%}, presence "
+    log(f"b: two-object held-out prompts, {'regulated' if regulate else 'plain'}: both found (strict) {res['both']:.1%}, presence "
         f"{res['presence']:.1%} of {res['n']}")
     log(f"d: share of a noun's map (text-renormalised, CLIP + T5 columns) inside its own object / inside the other "
         f"(a flat map: the object's area, median {res['object_area'] or 0:.1%}); text share; CLIP's part of the noun")
@@ -122,13 +129,15 @@ def gate_bd(pipe, prompts, seeds, steps, log):
     return res
 
 
-def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, log=print):
+def diagnose(checkpoint, steps=50, seeds_a=2, n_two=30, seeds_b=2, regulate=False, log=print):
     torch.manual_seed(0)
     pipe = SD3Pipeline.from_checkpoint(checkpoint)
     t0 = time.time()
     out = {"checkpoint": str(checkpoint), "steps": steps}
     out["a"] = gate_a(pipe, seeds_a, steps, log)
     out["bd"] = gate_bd(pipe, shapes.benchmark_prompts(n_two, seed=99), seeds_b, steps, log)
+    if regulate:
+        out["bd_regulated"] = gate_bd(pipe, shapes.benchmark_prompts(n_two, seed=99), seeds_b, steps, log, True)
     out["seconds"] = time.time() - t0
     out["pass"] = {"a": out["a"]["rate"] >= 0.9, "b": 0.25 <= out["bd"]["presence"] <= 0.7}
     log("gates: " + ", ".join(f"{g} {'pass' if ok else 'FAIL'}" for g, ok in out["pass"].items()))
@@ -144,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--two", type=int, default=30, help="two-object held-out prompts for gates b and d")
     ap.add_argument("--seeds-b", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer images: 1 seed, 12 two-object prompts")
+    ap.add_argument("--regulate", action="store_true", help="also b and d with Attention Regulation on (its "
+                    "defaults, the nouns as targets): the text share the edit leaves in each block")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -151,7 +162,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds_a, args.two, args.seeds_b = 1, 12, 1
-    out = diagnose(args.checkpoint, args.steps, args.seeds_a, args.two, args.seeds_b)
+    out = diagnose(args.checkpoint, args.steps, args.seeds_a, args.two, args.seeds_b, args.regulate)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
