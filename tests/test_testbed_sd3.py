@@ -123,3 +123,22 @@ def test_bands_cut_the_depth_into_near_equal_runs():
     assert bands(24) == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
     assert bands(7) == [[0, 1], [2, 3, 4], [5, 6]]
     assert sum(bands(38), []) == list(range(38))
+
+
+def test_training_goes_on_from_a_written_file_when_the_run_folder_is_lost(toy, tmp_path):
+    out, _, _ = toy
+    run, again = tmp_path / "run", tmp_path / "again.safetensors"
+    run.mkdir()
+    (run / "stray").write_text("")
+    with pytest.raises(SystemExit, match="not empty"):
+        train_sd3.main(["--out", str(again), "--run", str(run), "--mmdit-steps", "4", "--resume-from", str(out)] + TOY)
+    (run / "stray").unlink()
+    train_sd3.main(["--out", str(again), "--run", str(run), "--mmdit-steps", "4", "--resume-from", str(out)] + TOY)
+    a, b = load_model(out), load_model(again)
+    # the frozen T5 and its tokenizer carried over; the MMDiT took one more step (3 -> 4) from the file's weights
+    t5 = b.text_encoders.t5xxl.state_dict()
+    assert all(torch.equal(v, t5[k]) for k, v in a.text_encoders.t5xxl.state_dict().items())
+    assert a.metadata["minisd_t5_spiece"] == b.metadata["minisd_t5_spiece"]
+    assert b.metadata["minisd_mmdit_step"] == "4"
+    moved = [not torch.equal(v, b.mmdit.state_dict()[k]) for k, v in a.mmdit.state_dict().items()]
+    assert any(moved)

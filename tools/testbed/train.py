@@ -111,7 +111,9 @@ def train_contrastive(model, tokenize, tok, run, name, key, seed, save_every, st
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state, step = load_state(run / f"{name}.pt"), 0
     if state:
-        model.load_state_dict(state[key]), opt.load_state_dict(state["opt"])
+        model.load_state_dict(state[key])
+        if "opt" in state:   # a run seeded from a written file (train_sd3 --resume-from) has none
+            opt.load_state_dict(state["opt"])
         step = state["step"]
     if step < steps:
         images, objs, _ = render_pool(seed + 20, pool, size=64)

@@ -170,7 +170,9 @@ def train_mmdit(model, tok_t5, args, run, data):
     ema = [p.detach().clone() for p in params]
     state, step, before = load_state(run / "mmdit.pt"), 0, 0.0
     if state:
-        mmdit.load_state_dict(state["mmdit"]), opt.load_state_dict(state["opt"])
+        mmdit.load_state_dict(state["mmdit"])
+        if "opt" in state:   # none in a run seeded by --resume-from: the moments start afresh
+            opt.load_state_dict(state["opt"])
         ema, step, before = state["ema"], state["step"], state.get("seconds", 0.0)
     v = model.cfg.vae
     g = torch.Generator().manual_seed(args.seed + 2 + step)
@@ -240,6 +242,29 @@ def write_model(model, ema, path, args, run, extra=None):
     save_checkpoint(half.half(), path, metadata=meta)
 
 
+def seed_run(path, run, args):
+    """Start an empty `run` folder from a file this tool wrote (`--resume-from`): its T5 tokenizer, its frozen T5,
+    its MMDiT's (EMA) weights and the step it reached, so training goes on where a lost run folder stopped. The
+    optimiser's moments start afresh; the VAE latents are encoded again."""
+    if any(run.iterdir()):
+        raise SystemExit(f"--resume-from starts an empty --run folder; {run} is not empty")
+    src = load_model(path)
+    meta = getattr(src, "metadata", None) or {}
+    if "minisd_t5_spiece" not in meta or "minisd_mmdit_step" not in meta:
+        raise SystemExit(f"{path} was not written by tools/testbed/train_sd3.py (no tokenizer or step in its metadata)")
+    (run / "spiece.model").write_bytes(base64.b64decode(meta["minisd_t5_spiece"]))
+    tower = T5CLIP(src.text_encoders.t5xxl.float())
+    save_state(run / "t5.pt", model=tower.state_dict(), step=args.t5_steps)
+    (run / "t5_eval.json").write_text(meta.get("minisd_t5_heldout", "{}"))
+    mmdit = src.mmdit.float()
+    ema = [p.detach().clone() for p in mmdit.parameters()]
+    timings = json.loads(meta.get("minisd_timings", "{}"))
+    (run / "timings.json").write_text(json.dumps(timings))
+    save_state(run / "mmdit.pt", mmdit=mmdit.state_dict(), ema=ema, step=int(meta["minisd_mmdit_step"]),
+               seconds=timings.get("mmdit_s", 0.0))
+    print(f"--run {run} started from {path}: step {meta['minisd_mmdit_step']}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="weights/minisd-shapes-sd3.safetensors")
@@ -254,7 +279,7 @@ def main(argv=None):
     ap.add_argument("--t5-model-type", default="bpe",
                     help="SentencePiece model type (T5's is unigram; on this little text bpe keeps whole words)")
     ap.add_argument("--t5-length", type=int, default=24, help="T5 tokens (captions need up to about 20)")
-    ap.add_argument("--t5-steps", type=int, default=1000)
+    ap.add_argument("--t5-steps", type=int, default=800)
     ap.add_argument("--t5-batch", type=int, default=128)
     ap.add_argument("--t5-lr", type=float, default=2e-3)
     ap.add_argument("--t5-pool", type=int, default=5000)
@@ -264,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--shift", type=float, default=3.0, help="SD 3's timestep shift (SD 3.5's 3.0)")
-    ap.add_argument("--mmdit-steps", type=int, default=9000)
+    ap.add_argument("--mmdit-steps", type=int, default=4500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
@@ -273,11 +298,15 @@ def main(argv=None):
                     help="share of examples whose CLIP end-of-text and padding states come from another caption")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--snapshot-every", type=int, default=0)
+    ap.add_argument("--resume-from", help="a file this tool wrote: start an empty --run from it (its tokenizer, T5, "
+                    "MMDiT weights and step) and go on training, where the run folder itself was lost")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
+    if args.resume_from:
+        seed_run(args.resume_from, run, args)
     timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
 
     def timed(name, fn, *a):
@@ -318,7 +347,8 @@ def main(argv=None):
     ema, seconds = train_mmdit(model, tok_t5, args, run, data)
     timings["mmdit_s"] = seconds
     (run / "timings.json").write_text(json.dumps(timings))
-    write_model(model, ema, args.out, args, run, {"minisd_t5_heldout": json.dumps(t5_eval)})
+    write_model(model, ema, args.out, args, run, {"minisd_t5_heldout": json.dumps(t5_eval),
+                                                  "minisd_mmdit_step": str(args.mmdit_steps)})
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); times {timings}")
 
 
