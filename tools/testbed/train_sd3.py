@@ -169,11 +169,14 @@ def train_mmdit(model, tok_t5, args, run, data):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     state, step, before = load_state(run / "mmdit.pt"), 0, 0.0
+    warm_from = 0   # the warm-up runs again from here where the optimiser's moments start afresh
     if state:
         mmdit.load_state_dict(state["mmdit"])
-        if "opt" in state:   # none in a run seeded by --resume-from: the moments start afresh
-            opt.load_state_dict(state["opt"])
         ema, step, before = state["ema"], state["step"], state.get("seconds", 0.0)
+        if "opt" in state:
+            opt.load_state_dict(state["opt"])
+        else:   # a run seeded by --resume-from
+            warm_from = step
     v = model.cfg.vae
     g = torch.Generator().manual_seed(args.seed + 2 + step)
     rng = np.random.default_rng(args.seed + 3 + step)
@@ -202,7 +205,7 @@ def train_mmdit(model, tok_t5, args, run, data):
         t = flow_timesteps(args.batch, model.cfg.shift, g)
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (
+        lr = args.lr * min(1.0, (step + 1 - warm_from) / args.warmup) * (
             0.5 * (1 + math.cos(math.pi * step / args.mmdit_steps)) * 0.9 + 0.1)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -289,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--shift", type=float, default=3.0, help="SD 3's timestep shift (SD 3.5's 3.0)")
-    ap.add_argument("--mmdit-steps", type=int, default=4500)
+    ap.add_argument("--mmdit-steps", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
