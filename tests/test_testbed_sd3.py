@@ -142,3 +142,23 @@ def test_training_goes_on_from_a_written_file_when_the_run_folder_is_lost(toy, t
     assert b.metadata["minisd_mmdit_step"] == "4"
     moved = [not torch.equal(v, b.mmdit.state_dict()[k]) for k, v in a.mmdit.state_dict().items()]
     assert any(moved)
+
+
+SHIPPED_SD3 = SHIPPED.parent / "minisd-shapes-sd3.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED_SD3.is_file(), reason="the tiny SD 3.5 is not in this checkout")
+def test_the_shipped_sd3_file_runs_the_readme_command(tmp_path, capsys):
+    """The file in weights/: the official SD 3.5 layout, under 20 MB, its tokenizer and step in the metadata, and
+    the command line regulates on it, printing both tokenizers' tables and writing the maps."""
+    from minisd import sample
+    assert SHIPPED_SD3.stat().st_size < 20e6
+    model = load_model(SHIPPED_SD3)
+    assert model.cfg.is_sd3 and model.cfg.name == "minisd-shapes-sd3"
+    assert int(model.metadata["minisd_mmdit_step"]) > 0 and model.metadata["minisd_t5_spiece"]
+    out = tmp_path / "img.png"
+    sample.main(["--checkpoint", str(SHIPPED_SD3), "--prompt", "a picture of a green star and a yellow cross",
+                 "--regulate", "--save-attention", str(tmp_path / "maps"), "--steps", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "CLIP tokens:" in text and "T5 tokens (key = 77 + position):" in text and "▁star" in text
+    assert out.is_file() and any((tmp_path / "maps").iterdir())
