@@ -376,8 +376,8 @@ def test(args):
         return None
     table = ["# The paper's table, in miniature", "",
              "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
-             f"{len(items)} test prompts (one held-out pair each) x seeds 0..{TEST_SEEDS - 1}, run once, on the "
-             "shipped shapes model (50 steps, guidance 5, 128 px). Each method at its authors' defaults and at the "
+             f"{len(items)} test prompts (one held-out pair each) x seeds 0..{TEST_SEEDS - 1}, run once, on "
+             f"`{evaluate.repo_path(Path(args.checkpoint))}` (its defaults: steps, guidance, size). Each method at its authors' defaults and at the "
              "value chosen on the validation set (validation.md, choices.json); the full table with every failure "
              "type is test/table.md, the rows test/results.csv.", "",
              "- presence: every named shape drawn (any colour): the paper's detection rate. strict: every named "
