@@ -99,8 +99,9 @@ def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_
     (METHODS[method].knob; Attention Regulation's is edit_steps), None: its authors' default. DenseDiffusion:
     layout_background ("region", the default, or "none") and phrase_swap (the phrases' own embeddings, default
     True). Composable: weights, one per concept ("7.5 | -5" or numbers). config: the method's own config
-    (RegulationConfig, AttendExciteConfig) where it takes one; strength and the options above override it. start: image-to-image's first step (the
-    methods count the `steps` that run from there; DenseDiffusion keeps those steps' timesteps). An option the
+    (RegulationConfig, AttendExciteConfig) where it takes one; strength and the options above override it.
+    start: image-to-image's first step (the methods count the `steps` that run from there; DenseDiffusion keeps
+    those steps' timesteps). An option the
     method does not take, or a method that does not run on the model, is a ValueError naming it."""
     m = method_for(method, pipe)
     joint = is_joint(pipe.cfg)

@@ -212,6 +212,13 @@ def validate(args):
     return choices
 
 
+def type_cells(t):
+    """presence, strict and exact table cells, each with its difference from plain and interval."""
+    pct = lambda x: f"{100 * x:.1f}%"
+    ci = lambda c: "" if c is None else " ({:+.1f} [{:+.1f}, {:+.1f}])".format(*c)
+    return " | ".join(f"{pct(t[k][0])}{ci(t[k][1])}" for k in ("presence", "strict", "exact"))
+
+
 def bands(depth, n=3):
     """The joint blocks cut into `n` consecutive bands of (nearly) equal size: [[0, 1], [2, 3], [4, 5]] for 6."""
     edges = [round(k * depth / n) for k in range(n + 1)]
@@ -236,15 +243,11 @@ def blocks(args):
                            items=items, variants=variants)
     if summary is None:
         return None
-    pct = lambda x: f"{100 * x:.1f}%"
-    ci = lambda c: "" if c is None else " ({:+.1f} [{:+.1f}, {:+.1f}])".format(*c)
     lines = ["| blocks | fraction of depth | presence | strict | exact |", "|---|---|--:|--:|--:|"]
     for v, g in zip(variants, [None] + groups):
         t = summary[v.name]["types"]
         where = "" if g is None else f"[{g[0] / cfg.mmdit.depth:.2f}, {(g[-1] + 1) / cfg.mmdit.depth:.2f})"
-        lines.append(f"| {'plain' if g is None else f'{g[0]}-{g[-1]}'} | {where} | "
-                     f"{pct(t['presence'][0])}{ci(t['presence'][1])} | {pct(t['strict'][0])}{ci(t['strict'][1])} | "
-                     f"{pct(t['exact'][0])}{ci(t['exact'][1])} |")
+        lines.append(f"| {'plain' if g is None else f'{g[0]}-{g[-1]}'} | {where} | {type_cells(t)} |")
     text = ["# Which joint blocks: Attention Regulation one band at a time", "",
             "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
             f"{len(items)} validation prompts x image seeds {VALIDATION_SEED} and {VALIDATION_SEED + 1} (no test "
@@ -282,13 +285,10 @@ def options(args):
                            items=items, variants=variants)
     if summary is None:
         return None
-    pct = lambda x: f"{100 * x:.1f}%"
-    ci = lambda c: "" if c is None else " ({:+.1f} [{:+.1f}, {:+.1f}])".format(*c)
     lines = ["| variant | presence | strict | exact |", "|---|--:|--:|--:|"]
     for v in variants:
         t = summary[v.name]["types"]
-        lines.append(f"| {v.name} | {pct(t['presence'][0])}{ci(t['presence'][1])} | "
-                     f"{pct(t['strict'][0])}{ci(t['strict'][1])} | {pct(t['exact'][0])}{ci(t['exact'][1])} |")
+        lines.append(f"| {v.name} | {type_cells(t)} |")
     text = ["# The joint loss's options, on the validation set", "",
             "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
             f"{len(items)} validation prompts x image seeds {VALIDATION_SEED} and {VALIDATION_SEED + 1}; each method "
@@ -377,7 +377,8 @@ def test(args):
     table = ["# The paper's table, in miniature", "",
              "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
              f"{len(items)} test prompts (one held-out pair each) x seeds 0..{TEST_SEEDS - 1}, run once, on "
-             f"`{evaluate.repo_path(Path(args.checkpoint))}` (its defaults: steps, guidance, size). Each method at its authors' defaults and at the "
+             f"`{evaluate.repo_path(Path(args.checkpoint))}` (its defaults: steps, guidance, size). Each method at "
+             "its authors' defaults and at the "
              "value chosen on the validation set (validation.md, choices.json); the full table with every failure "
              "type is test/table.md, the rows test/results.csv.", "",
              "- presence: every named shape drawn (any colour): the paper's detection rate. strict: every named "

@@ -118,8 +118,8 @@ def gate_bd(pipe, prompts, seeds, steps, log, regulate=False):
                               text_share=float(np.mean(text_share[k]))))
     res = dict(both=float(np.mean(both)), presence=float(np.mean(present)), n=len(both),
                object_area=float(np.median(area)) if area else None, blocks=table)
-    log(f"b: two-object held-out prompts, {'regulated' if regulate else 'plain'}: both found (strict) {res['both']:.1%}, presence "
-        f"{res['presence']:.1%} of {res['n']}")
+    log(f"b: two-object held-out prompts, {'regulated' if regulate else 'plain'}: both found (strict) "
+        f"{res['both']:.1%}, presence {res['presence']:.1%} of {res['n']}")
     log(f"d: share of a noun's map (text-renormalised, CLIP + T5 columns) inside its own object / inside the other "
         f"(a flat map: the object's area, median {res['object_area'] or 0:.1%}); text share; CLIP's part of the noun")
     log(" block  band   own    other   text share  CLIP part")
