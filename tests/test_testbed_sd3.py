@@ -144,6 +144,17 @@ def test_training_goes_on_from_a_written_file_when_the_run_folder_is_lost(toy, t
     assert any(moved)
 
 
+def test_patch_2_and_the_shift_reach_the_written_file(tmp_path):
+    """SD 3's own patch size: the loader reads it back from the weights' shapes, 64 image tokens at 128 px."""
+    out = tmp_path / "p2.safetensors"
+    train_sd3.main(["--out", str(out), "--run", str(tmp_path / "run"), "--mmdit-steps", "1", "--patch", "2",
+                    "--shift", "1"] + TOY)
+    model = load_model(out)
+    assert model.cfg.mmdit.patch_size == 2 and model.cfg.shift == 1.0
+    r = SD3Pipeline.from_model(model, out)("a red circle", steps=1, seed=0)
+    assert np.asarray(r.images[0]).shape == (128, 128, 3)
+
+
 SHIPPED_SD3 = SHIPPED.parent / "minisd-shapes-sd3.safetensors"
 
 

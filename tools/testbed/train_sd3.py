@@ -53,15 +53,15 @@ UNET_TESTBED = "weights/minisd-shapes.safetensors"
 
 
 def sd3_shapes_config(base, t5_vocab, args):
-    """The tiny SD 3.5: SD 3.5 Large's block (qk RMSNorm, no image-only attn2) in miniature, patch 1 on the 16x16
-    latents (256 image tokens), CLIP's 77 tokens and a short T5 (`--t5-length`) beside them."""
+    """The tiny SD 3.5: SD 3.5 Large's block (qk RMSNorm, no image-only attn2) in miniature on the 16x16 latents
+    (`--patch` 1: 256 image tokens; 2, SD 3's own: 64), CLIP's 77 tokens and a short T5 (`--t5-length`) beside them."""
     clip = replace(base.text, penultimate=True, final_norm=False, key_layout="sd3")
     width = 2 * clip.hidden_size   # CLIP-L and CLIP-G side by side; T5's width is the context's
     return ModelConfig(
         name="minisd-shapes-sd3", unet=None, prediction="flow", image_size=128,
         text=clip, text2=replace(clip, projection_dim=clip.hidden_size),
         vae=replace(base.vae), shift=args.shift, default_steps=50, default_guidance=5.0, default_sampler="euler",
-        mmdit=MMDiTConfig(depth=args.depth, hidden_size=args.width, num_heads=args.heads, patch_size=1,
+        mmdit=MMDiTConfig(depth=args.depth, hidden_size=args.width, num_heads=args.heads, patch_size=args.patch,
                           in_channels=base.vae.z_channels, pos_embed_max_size=32, adm_in_channels=width,
                           context_dim=width, qk_norm=True),
         t5=T5Config(vocab_size=t5_vocab, d_model=width, d_kv=32, d_ff=2 * width, num_layers=3,
@@ -291,6 +291,7 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--patch", type=int, default=1, choices=[1, 2], help="latent cells a side per image token")
     ap.add_argument("--shift", type=float, default=3.0, help="SD 3's timestep shift (SD 3.5's 3.0)")
     ap.add_argument("--mmdit-steps", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=64)
