@@ -97,6 +97,22 @@ def test_training_one_stage_at_a_time(tmp_path):
     assert (run / "unet.pt").is_file() and Pipeline.from_checkpoint(out).cfg.name == "minisd-shapes"
 
 
+def test_gate_a_tells_a_model_that_has_the_colours_but_not_the_shapes():
+    """A stand-in model that draws every prompt's colour as a circle: only circles count as right, but the named
+    colour is drawn every time."""
+    from types import SimpleNamespace
+    from PIL import Image
+    rng = np.random.default_rng(0)
+
+    def pipe(prompt, steps, seed):
+        colour = prompt.split()[-2]
+        scene = shapes.sample_scene(rng, keys=[(colour, "circle")])
+        return SimpleNamespace(images=[Image.fromarray(shapes.render(scene))])
+    out = diagnose.gate_a(pipe, 1, 1, log=lambda m: None)
+    assert out["by_shape"]["circle"] > 0.8 and max(v for k, v in out["by_shape"].items() if k != "circle") == 0
+    assert out["colour_drawn"] > 0.9 and abs(out["rate"] - np.mean(list(out["by_shape"].values()))) < 1e-9
+
+
 def test_diagnose_runs_every_gate(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(build_model(tiny(image_size=32)), path)

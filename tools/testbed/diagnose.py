@@ -58,13 +58,19 @@ def single_prompts():
 
 
 def gate_a(pipe, seeds, steps, log):
-    hits = []
+    """Single objects, with where they fail: the rate per named shape, and how often the named colour is drawn at
+    all (as a blob of any shape), which tells a model that has the words but not the shapes."""
+    hits, shape_of, coloured = [], [], []
     for prompt, key in single_prompts():
         for k in range(seeds):
             img = to_uint8(pipe(prompt, steps=steps, seed=SEED0 + k).images[0])
             hits.append(J.judge(img, [key])[0])
-    log(f"a: single objects, strict judge: {np.mean(hits):.1%} of {len(hits)}")
-    return dict(rate=float(np.mean(hits)), n=len(hits))
+            shape_of.append(key[1])
+            coloured.append(any(c == key[0] for c, _ in object_masks(img)))
+    by_shape = {s: float(np.mean([h for h, t in zip(hits, shape_of) if t == s])) for s in shapes.SHAPES}
+    log(f"a: single objects, strict judge: {np.mean(hits):.1%} of {len(hits)}; the named colour drawn "
+        f"{np.mean(coloured):.1%}; by shape: " + ", ".join(f"{s} {r:.0%}" for s, r in by_shape.items()))
+    return dict(rate=float(np.mean(hits)), n=len(hits), colour_drawn=float(np.mean(coloured)), by_shape=by_shape)
 
 
 def swapped_context(pipe, words_prompt, pad_prompt):
