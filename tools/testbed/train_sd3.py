@@ -10,7 +10,7 @@ resumable from `--run` (rerun the same command after an interruption):
           negatives of its caption; then FROZEN, as SD 3 freezes T5-XXL.
   mmdit   the MMDiT alone on latents of the shipped UNet testbed's training scenes (the same seed, so the same
           10,000 scenes), rectified flow (x_t = (1 - t) x_0 + t noise, the model predicts noise - x_0) with SD 3's
-          logit-normal timesteps put through SD 3's shift, 10% empty captions for guidance, EMA.
+          logit-normal timesteps put through the shift it samples with, 10% empty captions for guidance, EMA.
 
 The text encoders and the VAE are the shipped testbed's (weights/minisd-shapes.safetensors), frozen: its tiny CLIP
 in both of SD 3's CLIP slots (clip_l and clip_g, read at the penultimate layer without the final LayerNorm as SD 3
@@ -289,11 +289,13 @@ def main(argv=None):
     ap.add_argument("--t5-eval", type=int, default=200)
     ap.add_argument("--dataset", type=int, default=10000, help="training scenes encoded (the UNet testbed's)")
     ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--patch", type=int, default=1, choices=[1, 2], help="latent cells a side per image token")
-    ap.add_argument("--shift", type=float, default=3.0, help="SD 3's timestep shift (SD 3.5's 3.0)")
-    ap.add_argument("--mmdit-steps", type=int, default=16000)
+    ap.add_argument("--width", type=int, default=96)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--patch", type=int, default=2, choices=[1, 2], help="latent cells a side per image token")
+    ap.add_argument("--shift", type=float, default=1.0,
+                    help="the timestep shift, trained and sampled: 1.0, SD 3's base schedule, at this size (its "
+                         "3.0 is for 1024 px; docs/testbed.md)")
+    ap.add_argument("--mmdit-steps", type=int, default=9000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
