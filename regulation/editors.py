@@ -101,8 +101,8 @@ def set_up(method, pipe, prompt, steps, targets=None, seed=0, layers=None, edit_
     True). Composable: weights, one per concept ("7.5 | -5" or numbers). config: the method's own config
     (RegulationConfig, AttendExciteConfig) where it takes one; strength and the options above override it.
     start: image-to-image's first step (the methods count the `steps` that run from there; DenseDiffusion keeps
-    those steps' timesteps). An option the
-    method does not take, or a method that does not run on the model, is a ValueError naming it."""
+    those steps' timesteps). An option the method does not take, or a method that does not run on the model, is a
+    ValueError naming it."""
     m = method_for(method, pipe)
     joint = is_joint(pipe.cfg)
     given = dict(targets=targets, layers=layers, edit_steps=edit_steps, layout=layout, strength=strength,

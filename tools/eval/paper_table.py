@@ -378,9 +378,8 @@ def test(args):
              "    python -m tools.eval.paper_table " + shlex.join(args.argv), "",
              f"{len(items)} test prompts (one held-out pair each) x seeds 0..{TEST_SEEDS - 1}, run once, on "
              f"`{evaluate.repo_path(Path(args.checkpoint))}` (its defaults: steps, guidance, size). Each method at "
-             "its authors' defaults and at the "
-             "value chosen on the validation set (validation.md, choices.json); the full table with every failure "
-             "type is test/table.md, the rows test/results.csv.", "",
+             "its authors' defaults and at the value chosen on the validation set (validation.md, choices.json); the "
+             "full table with every failure type is test/table.md, the rows test/results.csv.", "",
              "- presence: every named shape drawn (any colour): the paper's detection rate. strict: every named "
              "object in its colour. exact: strict and no extra object. In brackets: the difference from plain in "
              "points with its 95% paired-bootstrap interval over prompts.",

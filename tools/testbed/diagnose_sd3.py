@@ -92,9 +92,9 @@ def gate_bd(pipe, prompts, seeds, steps, log, regulate=False):
             img = to_uint8(pipe(item["prompt"], steps=steps, seed=SEED0 + 1000 + k, hooks=hooks).images[0])
             found = J.judge(img, keys)
             both.append(all(found))
-            shapes_seen = {c[1] for c in object_masks(img)}
-            present.append(all(s in shapes_seen for _, s in keys))
             masks = object_masks(img)
+            seen = {shape for _, shape in masks}
+            present.append(all(s in seen for _, s in keys))
             for key_, n in hook.count.items():
                 clip_share[key_].append(float((hook.clip[key_] / n).mean()))
                 text_share[key_].append(hook.text_share[key_] / n)
